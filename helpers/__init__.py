@@ -1,0 +1,29 @@
+"""Shared code of the notebooks: config, data, folds, models, training, stacking, ensembling.
+
+Every notebook starts with `cfg, logger = setup(config_path, experiment, overrides)`.
+"""
+from __future__ import annotations
+
+import logging
+
+from .config import CFG, ROOT, load_cfg, save_cfg
+
+
+def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
+          log_name: str = "train.log") -> tuple[CFG, logging.Logger]:
+    """Resolve the config (YAML + overrides), seed everything, open the experiment's logger
+    and save the config snapshot. Builds the demo competition on first use."""
+    from .utils import get_logger, seed_everything
+
+    cfg = load_cfg(config_path, experiment, overrides)
+    if not cfg.path(cfg.train_csv).exists() and cfg.path("") == ROOT / "inputs" / "digits":
+        from .demo import build_digits
+
+        build_digits(cfg.path(""))
+    seed_everything(cfg.seed)
+    logger = get_logger("kaggle", cfg.exp_dir / log_name)
+    save_cfg(cfg)
+    return cfg, logger
+
+
+__all__ = ["CFG", "ROOT", "load_cfg", "save_cfg", "setup"]

@@ -1,0 +1,257 @@
+"""The experiment config: one flat, typed dataclass with a default and a comment per field.
+
+A YAML file in configs/ overrides the defaults; papermill parameters or `--set key=value`
+override the YAML. Unknown keys and wrong types are errors that name the key. A YAML file
+may hold several experiments (one per model) under `experiments:`, each a mapping of
+overrides on top of the file's shared settings:
+
+    competition_dir: inputs/digits
+    experiments:
+      digits_resnet: {model_name: resnet18}
+      digits_hybrid: {arch: hybrid}
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .utils import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: relative paths start here
+
+
+@dataclass
+class CFG:
+    # --- data -------------------------------------------------------------------------
+    competition_dir: str = "inputs/digits"  # folder of the competition's CSVs and images
+    train_csv: str = "train.csv"  # relative to competition_dir (or absolute)
+    test_csv: str = "test.csv"  # test ids; if missing, ids come from sample_submission
+    sample_submission: str = "sample_submission.csv"  # the submission's shape: ids, order, columns
+    solution_csv: str = "solution.csv"  # held-back test labels, for a local LB (optional)
+    image_dir_train: str = "train"  # folder of training images, relative to competition_dir
+    image_dir_test: str = "test"  # folder of test images
+    id_col: str = "id"  # image id column; the file is <id><image_ext> (an id may carry its extension)
+    target_col: str = "label"  # target column in train.csv (strings allowed)
+    image_ext: str = ""  # image file extension; '' tries the id as is, then .jpg .jpeg .png
+    metadata_cols: list = field(default_factory=list)  # tabular columns fed to the stacker
+    group_col: str = ""  # rows sharing a group stay in one fold ((Stratified)GroupKFold)
+    task: str = "classification"  # 'classification' | 'regression'
+    metric: str = "accuracy"  # 'accuracy' | 'f1_macro' | 'rmse' | 'roc_auc'
+    # --- cross-validation ---------------------------------------------------------------
+    n_folds: int = 5  # number of CV folds
+    folds: list = field(default_factory=list)  # which folds to train; [] = all
+    n_bins: int = 10  # regression: quantile bins of the target to stratify on
+    seed: int = 42  # seed for python, numpy, torch and the folds
+    # --- experiment -------------------------------------------------------------------
+    experiment: str = "exp"  # output folder name under models/
+    models_dir: str = "models"  # where experiments live
+    submissions_dir: str = "submissions"  # where submission CSVs go
+    # --- model ------------------------------------------------------------------------
+    arch: str = "timm"  # model registry key: 'timm' (any timm backbone) | 'hybrid'
+    model_name: str = "resnet18"  # timm backbone name (arch 'timm')
+    pretrained: bool = False  # load pretrained weights (hub, or pretrained_path when offline)
+    pretrained_path: str = ""  # local .safetensors/.pth/.bin weights for internet-off kernels
+    img_size: int = 224  # images are resized to img_size x img_size
+    in_chans: int = 3  # 3 = RGB; 1 = grayscale
+    drop_rate: float = 0.1  # dropout before the classifier
+    # hybrid CNN-transformer (arch 'hybrid')
+    patch_size: int = 16  # side of the square patches the image is cut into
+    patch_channels: list = field(default_factory=lambda: [32, 64])  # widths of the shared patch CNN
+    featured_patch_dim: int = 32  # width of a patch feature (the patch CNN's output)
+    emb_dim: int = 24  # attention width of the decoder
+    num_heads: int = 4  # attention heads (must divide emb_dim)
+    # --- training ---------------------------------------------------------------------
+    batch_size: int = 32  # images per step
+    epochs: int = 10  # maximum epochs per fold
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-6  # learning rate at the end of the cosine schedule
+    weight_decay: float = 1e-2  # AdamW weight decay
+    warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    patience: int = 5  # early stopping: epochs without improvement of the CV metric
+    augment: str = "light"  # augmentation preset: 'none' | 'light'
+    num_workers: int = 2  # DataLoader worker processes
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
+    retrain: bool = False  # train a fold again even if it finished with this config
+    debug: bool = False  # tiny data, 1 epoch: check the whole path quickly
+    debug_rows: int = 64  # rows kept in debug mode
+    # --- stacking (LightGBM) ----------------------------------------------------------
+    lgbm_n_estimators: int = 2000  # maximum boosting rounds (early stopping picks the best)
+    lgbm_learning_rate: float = 0.05  # boosting learning rate
+    lgbm_num_leaves: int = 15  # leaves per tree
+    lgbm_feature_fraction: float = 0.5  # share of features per tree
+    lgbm_early_stopping: int = 50  # rounds without improvement before stopping
+    # --- ensemble -------------------------------------------------------------------
+    ensemble_iters: int = 50  # hill-climbing steps (forward selection with replacement)
+    submission_name: str = "submission"  # submissions/<name>.csv
+
+    # --- derived paths (not settings) ---------------------------------------------------
+    def path(self, name: str) -> Path:
+        """A data file or folder of the competition (absolute paths stay as they are)."""
+        p = Path(os.path.expanduser(name))
+        if p.is_absolute():
+            return p
+        comp = Path(os.path.expanduser(self.competition_dir))
+        return (comp if comp.is_absolute() else ROOT / comp) / p
+
+    @property
+    def exp_dir(self) -> Path:
+        """models/<experiment>: everything this experiment produced."""
+        return under_root(self.models_dir) / self.experiment
+
+    @property
+    def fold_ids(self) -> list[int]:
+        """The folds to train."""
+        return list(self.folds) if self.folds else list(range(self.n_folds))
+
+
+def under_root(p: str) -> Path:
+    path = Path(os.path.expanduser(p))
+    return path if path.is_absolute() else ROOT / path
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(CFG)}
+_HINTS = typing.get_type_hints(CFG)
+
+
+def _check_value(key: str, value: Any) -> Any:
+    """Coerce a value to the field's type, or raise naming the key."""
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KeyError(f"unknown config key '{key}'{hint}")
+    typ = _HINTS[key]
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # Optional[...]
+        if value is None:
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise TypeError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def parse_set(items: list[str]) -> dict:
+    """`key=value` strings (values read as YAML: 3, 0.1, true, [a, b]) to a dict."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The raw mapping of a config file."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def experiment_names(path: str | Path) -> list[str]:
+    """The experiments a config file defines (one when it has no `experiments:` mapping)."""
+    data = read_yaml(path)
+    exps = data.get("experiments")
+    if exps:
+        return list(exps)
+    return [data.get("experiment", CFG.experiment)]
+
+
+def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: dict | None = None) -> CFG:
+    """Defaults <- YAML shared settings <- the experiment's own settings <- overrides.
+
+    `experiment` picks one entry of the YAML's `experiments:` mapping ('' = the first).
+    """
+    data = read_yaml(path) if path else {}
+    exps = data.pop("experiments", None) or {}
+    values: dict = {}
+    for key, value in data.items():
+        values[key] = _check_value(key, value)
+    if exps:
+        if not isinstance(exps, dict):
+            raise ValueError(f"{path}: 'experiments' must map names to settings")
+        name = experiment or next(iter(exps))
+        if name not in exps:
+            raise KeyError(f"experiment '{name}' is not in {path}; it has {', '.join(exps)}")
+        for key, value in (exps[name] or {}).items():
+            values[key] = _check_value(key, value)
+        if "experiment" not in (exps[name] or {}):
+            values["experiment"] = name
+    elif experiment:
+        values["experiment"] = experiment
+    for key, value in (overrides or {}).items():
+        values[key] = _check_value(key, value)
+    cfg = CFG(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CFG) -> None:
+    """Check values that have a fixed set of choices, naming the key."""
+    choices = {
+        "task": ("classification", "regression"),
+        "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
+        "augment": ("none", "light"),
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {allowed}, got {getattr(cfg, key)!r}")
+    if cfg.task == "regression" and cfg.metric != "rmse":
+        raise ValueError(f"config key 'metric': regression supports 'rmse', got {cfg.metric!r}")
+    if cfg.n_folds < 2:
+        raise ValueError("config key 'n_folds' must be at least 2")
+    bad = [f for f in cfg.folds if not 0 <= f < cfg.n_folds]
+    if bad:
+        raise ValueError(f"config key 'folds' has folds outside 0..{cfg.n_folds - 1}: {bad}")
+    from .models import MODELS  # late import: models imports torch
+
+    if cfg.arch not in MODELS:
+        raise ValueError(f"config key 'arch' must be one of {list(MODELS)}, got {cfg.arch!r}")
+    if cfg.emb_dim % cfg.num_heads:
+        raise ValueError(f"config key 'num_heads' ({cfg.num_heads}) must divide emb_dim ({cfg.emb_dim})")
+
+
+def to_dict(cfg: CFG) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_cfg(cfg: CFG, path: Path | None = None) -> Path:
+    """Snapshot the resolved config as models/<experiment>/config.yaml."""
+    path = path or cfg.exp_dir / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def load_saved_cfg(exp_dir: str | Path) -> CFG:
+    """The config an experiment was run with (models/<exp>/config.yaml)."""
+    data = read_yaml(Path(exp_dir) / "config.yaml")
+    return CFG(**{k: _check_value(k, v) for k, v in data.items()})

@@ -1,0 +1,150 @@
+"""Competition data: read and check the CSVs, resolve image paths, read images as RGB,
+albumentations transforms, the Dataset, and the label encoding used for submissions."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .config import CFG
+
+IMG_EXTS = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV's own threads only contend
+
+
+# --- CSVs ----------------------------------------------------------------------------------
+def read_csv(path: Path, required: list[str], what: str) -> pd.DataFrame:
+    """Read a CSV and check it has the required columns (an error names file and column)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    df = pd.read_csv(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise KeyError(f"{path}: missing column(s) {missing}; it has {list(df.columns)}")
+    return df
+
+
+def read_train(cfg: CFG) -> pd.DataFrame:
+    """train.csv with `path` (resolved image file) and `target` (class index or float) added."""
+    path = cfg.path(cfg.train_csv)
+    required = [cfg.id_col, cfg.target_col, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
+    df = read_csv(path, required, "train CSV")
+    nan = df[cfg.target_col].isna()
+    if nan.any():
+        rows = (np.flatnonzero(nan) + 2).tolist()[:5]
+        raise ValueError(f"{path}: {int(nan.sum())} NaN value(s) in target column '{cfg.target_col}' (rows {rows})")
+    df["path"] = resolve_paths(df[cfg.id_col], cfg.path(cfg.image_dir_train), cfg.image_ext, path)
+    if cfg.task == "classification":
+        classes = get_classes(df, cfg)
+        df["target"] = df[cfg.target_col].map({c: i for i, c in enumerate(classes)}).astype(int)
+    else:
+        df["target"] = df[cfg.target_col].astype(float)
+    if cfg.debug:
+        df = df.sample(n=min(cfg.debug_rows, len(df)), random_state=cfg.seed).sort_index()
+    return df.reset_index(drop=True)
+
+
+def read_test(cfg: CFG) -> pd.DataFrame:
+    """Test ids (from test.csv, else from sample_submission) with their image `path`."""
+    test_path = cfg.path(cfg.test_csv)
+    if test_path.exists():
+        df = read_csv(test_path, [cfg.id_col, *cfg.metadata_cols], "test CSV")
+    else:
+        test_path = cfg.path(cfg.sample_submission)
+        df = read_csv(test_path, [cfg.id_col], "sample submission (no test CSV)")[[cfg.id_col]]
+    if len(df) == 0:
+        raise ValueError(f"{test_path}: the test set is empty")
+    df["path"] = resolve_paths(df[cfg.id_col], cfg.path(cfg.image_dir_test), cfg.image_ext, test_path)
+    return df.reset_index(drop=True)
+
+
+def read_sample_submission(cfg: CFG) -> pd.DataFrame:
+    return read_csv(cfg.path(cfg.sample_submission), [cfg.id_col], "sample submission")
+
+
+def get_classes(train: pd.DataFrame, cfg: CFG) -> list:
+    """The sorted class labels (strings or numbers) of a classification target."""
+    return sorted(train[cfg.target_col].unique().tolist())
+
+
+def pred_columns(cfg: CFG, classes: list | None) -> list[str]:
+    """Prediction columns of OOF/test files: one probability per class, or `pred`."""
+    if cfg.task == "regression":
+        return ["pred"]
+    return [f"prob_{c}" for c in classes]
+
+
+def resolve_paths(ids: pd.Series, image_dir: Path, image_ext: str, csv_path: Path) -> list[str]:
+    """Image file of every id: <id><image_ext>, or the id as is, or <id>.jpg/.jpeg/.png.
+
+    All missing files are reported at once, each with its CSV row and id.
+    """
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir} (images for {csv_path.name})")
+    listing = set(os.listdir(image_dir))
+    exists = lambda name: name in listing if "/" not in name else (image_dir / name).exists()  # noqa: E731
+    paths, missing = [], []
+    for row, value in enumerate(ids.astype(str)):
+        if image_ext:
+            candidates = [value if value.lower().endswith(image_ext.lower()) else value + image_ext]
+        else:
+            candidates = ([value] if value.lower().endswith(IMG_EXTS) else []) + [value + e for e in IMG_EXTS]
+        found = next((c for c in candidates if exists(c)), None)
+        if found is None:
+            missing.append(f"row {row + 2} id={value} (tried {', '.join(candidates)})")
+        else:
+            paths.append(str(image_dir / found))
+    if missing:
+        shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise FileNotFoundError(f"{csv_path}: {len(missing)} image(s) not found in {image_dir}:\n  {shown}")
+    return paths
+
+
+# --- images --------------------------------------------------------------------------------
+def read_image(path: str, in_chans: int = 3) -> np.ndarray:
+    """An image as uint8 HxWx3 RGB (or HxWx1 gray), whatever its mode: gray, RGBA, palette,
+    16-bit, CMYK; EXIF rotation applied. An unreadable file raises naming it."""
+    flag = cv2.IMREAD_GRAYSCALE if in_chans == 1 else cv2.IMREAD_COLOR
+    img = cv2.imread(str(path), flag)
+    if img is None:
+        reason = "file not found" if not os.path.exists(path) else "empty file" if os.path.getsize(path) == 0 else "not a readable image"
+        raise ValueError(f"cannot read image {path}: {reason}")
+    if in_chans == 1:
+        return img[:, :, None]
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def get_transforms(cfg: CFG, train: bool) -> A.Compose:
+    """Resize, the augmentation preset (train only), normalise, to tensor."""
+    ops: list = [A.Resize(cfg.img_size, cfg.img_size)]
+    if train and cfg.augment == "light":
+        ops += [
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10), p=0.7),
+            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+        ]
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_chans == 3 else ((0.449,), (0.226,))
+    ops += [A.Normalize(mean=mean, std=std), A.ToTensorV2()]
+    return A.Compose(ops)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, target) pairs; target is -1 where there is none (test)."""
+
+    def __init__(self, paths: list[str], targets: np.ndarray | None, transform: A.Compose, in_chans: int = 3):
+        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
+        self.targets = np.full(len(self.paths), -1.0) if targets is None else np.asarray(targets)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = self.transform(image=read_image(self.paths[i], self.in_chans))["image"]
+        return image, torch.as_tensor(self.targets[i])

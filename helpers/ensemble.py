@@ -1,0 +1,181 @@
+"""Ensembling: collect the experiments under models/, weight them on OOF by hill climbing
+(Caruana forward selection with replacement), judge the weights on held-out folds, the OOF
+correlation matrix, and the submission in sample_submission's shape."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import CFG, load_saved_cfg, under_root
+from .data import get_classes, read_csv, read_sample_submission
+from .train import oof_targets
+from .utils import HIGHER_IS_BETTER, atomic_to_csv, get_score
+
+
+@dataclass
+class Experiment:
+    name: str
+    cfg: CFG
+    oof: np.ndarray  # [n_train, n_cols] in the reference id order
+    test: np.ndarray  # [n_test, n_cols] in the reference id order
+    score: float
+
+
+@dataclass
+class Collection:
+    experiments: list[Experiment]
+    oof: pd.DataFrame  # id, target, fold of the OOF rows, in the order of every experiment's arrays
+    y_true: np.ndarray  # class indices or values of those rows
+    test_ids: pd.Series  # test ids, in the order of every experiment's test arrays
+
+
+def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Collection:
+    """Every experiment under models/ of this competition (same data, target and task) that has
+    oof.csv and test.csv. Ids are aligned to the first experiment; a mismatch is an error
+    naming the experiment."""
+    logger = logger or logging.getLogger("kaggle")
+    root = cfg.exp_dir.parent
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not all((d / f).exists() for f in ("oof.csv", "test.csv", "config.yaml")):
+            continue
+        exp_cfg = load_saved_cfg(d)
+        same = (exp_cfg.competition_dir, exp_cfg.train_csv, exp_cfg.target_col, exp_cfg.task) == \
+               (cfg.competition_dir, cfg.train_csv, cfg.target_col, cfg.task)
+        if same:
+            found.append((d.name, exp_cfg))
+    if not found:
+        raise FileNotFoundError(f"no experiment with oof.csv and test.csv for {cfg.competition_dir} under {root}")
+    experiments, ref_oof, ref_test = [], None, None
+    for name, exp_cfg in found:
+        oof = pd.read_csv(root / name / "oof.csv")
+        test = pd.read_csv(root / name / "test.csv")
+        cols = [c for c in oof.columns if c.startswith("prob_")] or ["pred"]
+        if ref_oof is None:
+            ref_oof, ref_test, ref_cols = oof[[cfg.id_col, cfg.target_col, "fold"]].copy(), test[[cfg.id_col]].copy(), cols
+        if cols != ref_cols:
+            raise ValueError(f"experiment '{name}': prediction columns {cols} differ from {ref_cols}")
+        oof, test = _align(oof, ref_oof[cfg.id_col], cfg.id_col, name, "oof.csv"), _align(test, ref_test[cfg.id_col], cfg.id_col, name, "test.csv")
+        if (oof["fold"].to_numpy() != ref_oof["fold"].to_numpy()).any():
+            logger.warning(f"experiment '{name}' used other folds than '{found[0][0]}': its held-out scores are optimistic")
+        y_true, y_pred = oof_targets(cfg, oof)
+        experiments.append(Experiment(name, exp_cfg, y_pred.reshape(len(oof), -1), test[cols].to_numpy(float),
+                                      get_score(cfg.metric, y_true, y_pred)))
+        ref_y = y_true if len(experiments) == 1 else ref_y
+    return Collection(experiments, ref_oof, ref_y, ref_test[cfg.id_col])
+
+
+def _align(df: pd.DataFrame, ids: pd.Series, id_col: str, name: str, what: str) -> pd.DataFrame:
+    """df reordered to `ids`; an error naming the experiment when the id sets differ."""
+    if df[id_col].duplicated().any():
+        raise ValueError(f"experiment '{name}': {what} has duplicate ids")
+    have, want = set(df[id_col].astype(str)), set(ids.astype(str))
+    if have != want:
+        raise ValueError(f"experiment '{name}': {what} ids differ from the other experiments "
+                         f"({len(want - have)} missing, {len(have - want)} extra, e.g. {sorted(want ^ have)[:3]})")
+    return df.set_index(df[id_col].astype(str)).loc[ids.astype(str)].reset_index(drop=True)
+
+
+def blend(preds: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    return sum(w * p for w, p in zip(weights, preds)) / weights.sum()
+
+
+def hill_climb(preds: list[np.ndarray], y_true: np.ndarray, metric: str, iters: int = 50) -> np.ndarray:
+    """Caruana's ensemble selection: start from the best model, then repeatedly add (with
+    replacement) the model that most improves the blend; weights are the selection counts.
+    Never worse in sample than the best single model."""
+    sign = 1 if HIGHER_IS_BETTER[metric] else -1
+    singles = [sign * get_score(metric, y_true, p) for p in preds]
+    counts = np.zeros(len(preds))
+    counts[int(np.argmax(singles))] = 1
+    best = max(singles)
+    for _ in range(iters):
+        trials = [sign * get_score(metric, y_true, blend(preds, counts + np.eye(len(preds))[i])) for i in range(len(preds))]
+        i = int(np.argmax(trials))
+        if trials[i] <= best:
+            break
+        counts[i] += 1
+        best = trials[i]
+    return counts / counts.sum()
+
+
+def fit_weights(experiments: list[Experiment], y_true: np.ndarray, folds: np.ndarray, metric: str, iters: int) -> dict:
+    """Weights fitted on all OOF rows (in-sample score), and judged honestly: for each fold,
+    weights fitted on the other folds score that fold (held-out score)."""
+    preds = [e.oof for e in experiments]
+    weights = hill_climb(preds, y_true, metric, iters)
+    held_out = np.zeros_like(preds[0])
+    for k in np.unique(folds):
+        trn, val = folds != k, folds == k
+        w = hill_climb([p[trn] for p in preds], y_true[trn], metric, iters)
+        held_out[val] = blend([p[val] for p in preds], w)
+    return {"weights": weights, "in_sample": get_score(metric, y_true, blend(preds, weights)),
+            "held_out": get_score(metric, y_true, held_out), "oof": blend(preds, weights)}
+
+
+def correlation(experiments: list[Experiment]) -> pd.DataFrame:
+    """Pearson correlation of the experiments' OOF predictions (all classes flattened)."""
+    return pd.DataFrame({e.name: e.oof.ravel() for e in experiments}).corr()
+
+
+def make_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classes: list | None) -> pd.DataFrame:
+    """The submission in sample_submission's shape: same ids, order and columns, labels decoded
+    (or one probability column per class when sample_submission has them), no NaN."""
+    sample = read_sample_submission(cfg)
+    pred = pd.DataFrame(test_pred, index=test_ids.astype(str).to_numpy())
+    missing = set(sample[cfg.id_col].astype(str)) - set(pred.index)
+    if missing:
+        raise ValueError(f"{cfg.sample_submission}: {len(missing)} id(s) have no prediction, e.g. {sorted(missing)[:3]}")
+    pred = pred.loc[sample[cfg.id_col].astype(str)].to_numpy()
+    sub = sample.copy()
+    value_cols = [c for c in sample.columns if c != cfg.id_col]
+    if cfg.task == "regression":
+        sub[value_cols[0]] = pred[:, 0]
+    elif classes is not None and len(value_cols) == len(classes) and set(map(str, value_cols)) == set(map(str, classes)):
+        for c in value_cols:  # one probability column per class
+            sub[c] = pred[:, [str(k) for k in classes].index(str(c))]
+    else:
+        target = cfg.target_col if cfg.target_col in sample.columns else value_cols[0]
+        sub[target] = np.asarray(classes, dtype=object)[pred.argmax(1)]
+        sub[target] = sub[target].astype(type(classes[0])) if not isinstance(classes[0], str) else sub[target]
+    if sub.isna().any().any():
+        raise ValueError(f"submission has NaN in columns {sub.columns[sub.isna().any()].tolist()}")
+    return sub
+
+
+def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float | None:
+    """The score of a submission against the held-back solution file, when there is one."""
+    path = cfg.path(cfg.solution_csv)
+    if not path.exists():
+        return None
+    solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution")
+    solution = solution[[cfg.id_col, cfg.target_col]].rename(columns={cfg.target_col: "__true"})
+    merged = solution.merge(submission, on=cfg.id_col)
+    if cfg.task == "regression":
+        return get_score(cfg.metric, merged["__true"], merged[cfg.target_col])
+    index = {str(c): i for i, c in enumerate(classes)}
+    y_true = merged["__true"].astype(str).map(index).to_numpy()
+    if cfg.target_col in submission.columns:
+        y_pred = np.eye(len(classes))[merged[cfg.target_col].astype(str).map(index).to_numpy()]
+    else:
+        y_pred = merged[[str(c) for c in classes]].to_numpy(float)
+    return get_score(cfg.metric, y_true, y_pred)
+
+
+def write_submission(cfg: CFG, sub: pd.DataFrame) -> list[Path]:
+    """submissions/submission.csv (the name Kaggle expects) and a named copy."""
+    out = under_root(cfg.submissions_dir)
+    paths = [out / "submission.csv"]
+    if cfg.submission_name != "submission":
+        paths.append(out / f"{cfg.submission_name}.csv")
+    for p in paths:
+        atomic_to_csv(sub, p)
+    return paths
+
+
+def classes_of(cfg: CFG, train: pd.DataFrame) -> list | None:
+    return get_classes(train, cfg) if cfg.task == "classification" else None

@@ -1,0 +1,155 @@
+"""Models. Every model has the same contract: `features(x)` -> pooled embedding
+[B, num_features] (width from the model, never hard-coded) and `forward(x)` -> outputs.
+
+MODELS is the registry (a plain dict): 'timm' wraps any timm backbone; 'hybrid' is the
+sewer-defect CNN-transformer (PatchConvEncoder -> CatsDecoder -> Classifier).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CFG
+
+
+class TimmModel(nn.Module):
+    """A timm backbone (global pooled, no head) + dropout + linear head."""
+
+    def __init__(self, cfg: CFG, num_outputs: int):
+        super().__init__()
+        kwargs = dict(pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans)
+        if cfg.pretrained and cfg.pretrained_path:
+            # internet-off kernels: timm loads the local file through its own pretrained mechanism
+            path = Path(cfg.pretrained_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"config key 'pretrained_path': weights file not found: {path}")
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        try:
+            self.backbone = timm.create_model(cfg.model_name, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                close = timm.list_models(f"*{cfg.model_name.split('_')[0]}*")[:8]
+                raise ValueError(f"config key 'model_name': unknown timm model '{cfg.model_name}'; close: {close}") from e
+            raise
+        self.num_features = self.backbone.num_features
+        self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, num_outputs))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+# --- the hybrid CNN-transformer -----------------------------------------------------------
+class PatchConvEncoder(nn.Module):
+    """Cut the image into patch_size patches (unfold), run one shared CNN over all patches
+    as one batch, AdaptiveAvgPool + Flatten + LayerNorm -> [B, num_patches, featured_patch_dim]."""
+
+    def __init__(self, in_chans: int, patch_size: int, channels: list[int], featured_patch_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        layers, c_in = [], in_chans
+        for c_out in [*channels, featured_patch_dim]:
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+            c_in = c_out
+        self.cnn = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(featured_patch_dim))
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B * num_patches, C, p, p], patches in row-major order."""
+        b, c, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {p}")
+        cols = F.unfold(x, kernel_size=p, stride=p)  # [B, C*p*p, L]
+        return cols.transpose(1, 2).reshape(-1, c, p, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        feats = self.pool(self.cnn(self.patches(x)))  # [B*L, D]
+        return feats.view(b, -1, feats.shape[-1])
+
+
+class CatsDecoder(nn.Module):
+    """Learnable queries (kept in featured_patch_dim space) cross-attend to the patch features.
+    Both are projected to emb_dim by the same W_feat2emb; patches get positional embeddings."""
+
+    def __init__(self, num_patches: int, num_labels: int, featured_patch_dim: int, emb_dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_queries = math.ceil(num_labels / featured_patch_dim)
+        self.W_feat2emb = nn.Linear(featured_patch_dim, emb_dim)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, num_patches, emb_dim))
+        self.queries = nn.Parameter(torch.randn(1, self.num_queries, featured_patch_dim) * 0.02)
+        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        self.attn = nn.MultiheadAttention(emb_dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(emb_dim)
+        self.ffn = nn.Sequential(nn.Linear(emb_dim, 4 * emb_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * emb_dim, emb_dim))
+        self.norm2 = nn.LayerNorm(emb_dim)
+
+    def kv(self, patch_feats: torch.Tensor) -> torch.Tensor:
+        return self.W_feat2emb(patch_feats) + self.pos_embedding  # [B, L, emb]
+
+    def q(self, batch: int) -> torch.Tensor:
+        return self.W_feat2emb(self.queries).expand(batch, -1, -1)  # [B, nq, emb]
+
+    def forward(self, patch_feats: torch.Tensor) -> torch.Tensor:
+        kv, q = self.kv(patch_feats), self.q(patch_feats.shape[0])
+        x = self.norm1(q + self.attn(q, kv, kv, need_weights=False)[0])
+        return self.norm2(x + self.ffn(x))  # [B, nq, emb]
+
+
+class Decoder2Classifier(nn.Module):
+    """[B, nq, emb_dim] -> [B, nq, featured_patch_dim] -> flattened [B, nq * featured_patch_dim]."""
+
+    def __init__(self, emb_dim: int, featured_patch_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(emb_dim, featured_patch_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(1)
+
+
+class Classifier(nn.Module):
+    """Dropout + a linear projection to num_labels."""
+
+    def __init__(self, in_features: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.drop, self.fc = nn.Dropout(dropout), nn.Linear(in_features, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
+class HybridModel(nn.Module):
+    """PatchConvEncoder -> CatsDecoder -> Decoder2Classifier -> Classifier."""
+
+    def __init__(self, cfg: CFG, num_outputs: int):
+        super().__init__()
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"config keys 'img_size' ({cfg.img_size}) must be a multiple of 'patch_size' ({cfg.patch_size})")
+        num_patches = (cfg.img_size // cfg.patch_size) ** 2
+        self.encoder = PatchConvEncoder(cfg.in_chans, cfg.patch_size, cfg.patch_channels, cfg.featured_patch_dim)
+        self.decoder = CatsDecoder(num_patches, num_outputs, cfg.featured_patch_dim, cfg.emb_dim, cfg.num_heads, cfg.drop_rate)
+        self.to_classifier = Decoder2Classifier(cfg.emb_dim, cfg.featured_patch_dim)
+        self.num_features = self.decoder.num_queries * cfg.featured_patch_dim
+        self.classifier = Classifier(self.num_features, num_outputs, cfg.drop_rate)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_classifier(self.decoder(self.encoder(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS: dict[str, type[nn.Module]] = {"timm": TimmModel, "hybrid": HybridModel}
+
+
+def create_model(cfg: CFG, num_outputs: int) -> nn.Module:
+    """The model cfg.arch names, with num_outputs outputs (classes, or 1 for regression)."""
+    return MODELS[cfg.arch](cfg, num_outputs)

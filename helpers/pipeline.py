@@ -1,0 +1,145 @@
+"""The runner: execute the notebooks in order with papermill, headlessly.
+
+    python -m helpers.pipeline --config configs/digits.yaml [--set key=value ...]
+                               [--experiments NAME ...] [--stages 02_train 05_ensemble]
+
+00_eda runs once; 01_folds, 02_train (one run per fold), 03_features and 04_stacking run for
+every experiment of the config; 05_ensemble runs once at the end. Each executed notebook is
+saved under models/<experiment>/notebooks/. The first failing cell stops the run with the
+notebook, the cell, the original error and where the executed copy is. Ends with a table of
+the CV of every stage and the local leaderboard score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CFG, ROOT, experiment_names, load_cfg, parse_set
+
+NOTEBOOKS = ROOT / "notebooks"
+STAGES = ["00_eda", "01_folds", "02_train", "03_features", "04_stacking", "05_ensemble"]
+
+
+@dataclass
+class Job:
+    stage: str
+    cfg: CFG
+    parameters: dict = field(default_factory=dict)
+    output: Path = Path()
+
+    @property
+    def label(self) -> str:
+        fold = self.parameters.get("fold")
+        return f"{self.stage}{'' if fold is None else f' fold {fold}'} [{self.cfg.experiment}]"
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def ensemble_dir(cfg: CFG) -> Path:
+    return cfg.exp_dir.parent / "ensemble"
+
+
+def plan(config: str, overrides: dict, experiments: list[str] | None = None, stages: list[str] | None = None) -> list[Job]:
+    """All notebook runs, in order. Every experiment's config is resolved (and so checked)
+    before anything runs."""
+    names = experiments or experiment_names(config)
+    cfgs = [load_cfg(config, name, overrides) for name in names]
+    stages = stages or STAGES
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+    config_path = str(Path(config).resolve() if Path(config).exists() else ROOT / config)
+    jobs: list[Job] = []
+
+    def add(stage: str, cfg: CFG, out_dir: Path, name: str, experiment: str, **extra) -> None:
+        if stage in stages:
+            params = {"config_path": config_path, "experiment": experiment, "overrides": overrides, **extra}
+            jobs.append(Job(stage, cfg, params, out_dir / "notebooks" / f"{name}.ipynb"))
+
+    add("00_eda", cfgs[0], cfgs[0].exp_dir, "00_eda", names[0])
+    for name, cfg in zip(names, cfgs):
+        add("01_folds", cfg, cfg.exp_dir, "01_folds", name)
+        for k in cfg.fold_ids:
+            add("02_train", cfg, cfg.exp_dir, f"02_train_fold{k}", name, fold=k)
+        add("03_features", cfg, cfg.exp_dir, "03_features", name)
+        add("04_stacking", cfg, cfg.exp_dir, "04_stacking", name)
+    add("05_ensemble", cfgs[0], ensemble_dir(cfgs[0]), "05_ensemble", names[0])
+    return jobs
+
+
+def execute(job: Job) -> float:
+    """Run one notebook with papermill; raise NotebookFailed with a clear message on error."""
+    import papermill as pm
+
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(NOTEBOOKS / f"{job.stage}.ipynb"), str(job.output), parameters=job.parameters,
+                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(
+            f"notebook {job.stage}.ipynb failed ({job.label}) at cell {e.cell_index} (execution count {e.exec_count}):\n"
+            f"  {e.ename}: {e.evalue}\n  executed copy with the traceback: {job.output}"
+        ) from None
+    return time.perf_counter() - start
+
+
+def summary(cfgs: list[CFG]) -> str:
+    """The CV of every stage (each experiment and its stacker) and the ensemble's scores."""
+    lines = [f"{'stage':<34} {'metric':<9} {'CV':>9} {'fold mean ± std':>20}"]
+    seen = set()
+    for cfg in cfgs:
+        for exp_dir in (cfg.exp_dir, cfg.exp_dir.parent / f"{cfg.experiment}_lgbm"):
+            path = exp_dir / "score.json"
+            if path.exists() and exp_dir not in seen:
+                seen.add(exp_dir)
+                s = json.loads(path.read_text())
+                lines.append(f"{s['experiment']:<34} {s['metric']:<9} {s['cv']:>9.5f} {s['cv_mean']:>11.5f} ± {s['cv_std']:.5f}")
+    path = ensemble_dir(cfgs[0]) / "score.json"
+    if path.exists():
+        s = json.loads(path.read_text())
+        lines.append(f"{'ensemble (in-sample weights)':<34} {s['metric']:<9} {s['in_sample']:>9.5f}")
+        lines.append(f"{'ensemble (held-out weights)':<34} {s['metric']:<9} {s['held_out']:>9.5f}")
+        if s.get("local_lb") is not None:
+            lines.append(f"{'local leaderboard (solution.csv)':<34} {s['metric']:<9} {s['local_lb']:>9.5f}")
+        lines.append(f"submission: {s['submission']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config in configs/")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--experiments", nargs="*", help="only these experiments of the config")
+    parser.add_argument("--stages", nargs="*", help=f"only these stages, of {STAGES}")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_set(args.set)
+        jobs = plan(args.config, overrides, args.experiments, args.stages)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {job.label} ...", end=" ", flush=True)
+        try:
+            seconds = execute(job)
+        except NotebookFailed as e:
+            print("FAILED")
+            print(str(e), file=sys.stderr)
+            return 1
+        print(f"{seconds:.1f}s", flush=True)
+    cfgs = {job.cfg.experiment: job.cfg for job in jobs}
+    print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
+    print(summary([c for c in cfgs.values()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The plots the notebooks show; each is also saved beside the results (PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .data import read_image
+from .utils import save_figure
+
+
+def _done(fig, path: str | Path | None):
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def sample_grid(df: pd.DataFrame, label_col: str | None, path=None, n: int = 24, seed: int = 0, title_col: str | None = None):
+    """A grid of images with their label (or any column as title)."""
+    rows = df.sample(n=min(n, len(df)), random_state=seed)
+    cols = 8
+    fig, axes = plt.subplots(int(np.ceil(len(rows) / cols)), cols, figsize=(2 * cols, 2.2 * np.ceil(len(rows) / cols)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (_, row) in zip(axes.ravel(), rows.iterrows()):
+        ax.imshow(read_image(row["path"]))
+        ax.set_title(str(row[title_col or label_col]) if (title_col or label_col) else "", fontsize=9)
+    return _done(fig, path)
+
+
+def target_balance(df: pd.DataFrame, target_col: str, task: str, path=None):
+    """Class counts (classification) or the target's histogram (regression)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if task == "regression":
+        sns.histplot(df[target_col], bins=40, ax=ax)
+    else:
+        counts = df[target_col].astype(str).value_counts().sort_index()
+        sns.barplot(x=counts.index, y=counts.values, ax=ax, color="C0")
+        ax.set_ylabel("rows")
+        ax.tick_params(axis="x", rotation=90 if len(counts) > 15 else 0)
+    ax.set_title(f"{target_col}: {'distribution' if task == 'regression' else 'class balance'}")
+    return _done(fig, path)
+
+
+def image_sizes(sizes: pd.DataFrame, path=None):
+    """Scatter of image width vs height."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    sns.scatterplot(data=sizes, x="width", y="height", hue="channels" if "channels" in sizes else None, ax=ax, s=15)
+    ax.set_title("image sizes")
+    return _done(fig, path)
+
+
+def fold_distribution(folds: pd.DataFrame, target_col: str, task: str, path=None):
+    """Rows per fold and class (or the target's distribution per fold)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if task == "regression":
+        sns.boxplot(data=folds, x="fold", y=target_col, ax=ax)
+    else:
+        table = pd.crosstab(folds["fold"], folds[target_col].astype(str))
+        table.plot.bar(stacked=True, ax=ax, legend=len(table.columns) <= 20, width=0.8)
+        ax.set_ylabel("rows")
+        if len(table.columns) <= 20:
+            ax.legend(title=target_col, bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
+    ax.set_title("fold distribution")
+    return _done(fig, path)
+
+
+def learning_curves(histories: dict[int, list[dict]], metric: str, path=None):
+    """Train/valid loss and the CV metric per epoch, one line per fold."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for fold, history in histories.items():
+        h = pd.DataFrame(history)
+        if h.empty:
+            continue
+        ax1.plot(h["epoch"], h["train_loss"], "--", color=f"C{fold}", label=f"fold {fold} train")
+        ax1.plot(h["epoch"], h["valid_loss"], "-", color=f"C{fold}", label=f"fold {fold} valid")
+        ax2.plot(h["epoch"], h["metric"], "-o", color=f"C{fold}", ms=3, label=f"fold {fold}")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    return _done(fig, path)
+
+
+def feature_importance(importance: pd.DataFrame, path=None, top: int = 30):
+    """Top features by gain, metadata and image features told apart by colour."""
+    top_rows = importance.head(top)
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(top_rows))))
+    sns.barplot(data=top_rows, y="feature", x="gain", hue="kind", dodge=False, ax=ax,
+                palette={"image": "C0", "metadata": "C3"})
+    ax.set_title(f"LightGBM feature importance (gain, mean over folds, top {len(top_rows)})")
+    return _done(fig, path)
+
+
+def score_bars(scores: pd.DataFrame, metric: str, path=None):
+    """CV score of each experiment and the ensemble."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(scores) + 1.2))
+    sns.barplot(data=scores, y="experiment", x="cv", ax=ax, color="C0")
+    for i, v in enumerate(scores["cv"]):
+        ax.text(v, i, f" {v:.4f}", va="center", fontsize=8)
+    lo, hi = scores["cv"].min(), scores["cv"].max()
+    ax.set_xlim(max(lo - (hi - lo) * 2 - 1e-3, 0) if metric != "rmse" else 0, hi + (hi - lo) * 0.5 + 1e-3)
+    ax.set_title(f"CV {metric}")
+    return _done(fig, path)
+
+
+def correlation_heatmap(corr: pd.DataFrame, path=None):
+    """Model-correlation heatmap of OOF predictions."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(corr) + 3, 1.0 * len(corr) + 2))
+    sns.heatmap(corr, annot=True, fmt=".3f", cmap="viridis", square=True, ax=ax, cbar_kws={"shrink": 0.8})
+    ax.set_title("OOF prediction correlation")
+    return _done(fig, path)

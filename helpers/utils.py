@@ -1,0 +1,149 @@
+"""Small utilities every notebook uses: seeding, an idempotent logger, a timer, the device,
+`get_score`, and atomic writes (a killed run never leaves half a file behind)."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+# --- atomic writes ----------------------------------------------------------------------
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it is renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_to_csv(df, path: str | Path) -> None:
+    """DataFrame.to_csv through a temp file and a rename."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def atomic_save(obj, path: str | Path, saver: Callable | None = None) -> None:
+    """torch.save (or `saver(obj, tmp)`) through a temp file and a rename."""
+    if saver is None:
+        import torch
+
+        saver = torch.save
+    with atomic_path(path) as tmp:
+        saver(obj, tmp)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure beside the results (atomically)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+
+
+# --- seeding, device, timing --------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    import torch
+
+    random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def get_device(name: str = "auto"):
+    """cuda if visible, else mps, else cpu (or the explicit name)."""
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`, or `Timer(logger, 'what')` to log the time."""
+
+    def __init__(self, logger: logging.Logger | None = None, what: str = ""):
+        self.logger, self.what, self.seconds = logger, what, 0.0
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        if self.logger and self.what:
+            self.logger.info(f"{self.what}: {self.seconds:.1f}s")
+
+
+# --- logging -----------------------------------------------------------------------------
+def get_logger(name: str = "kaggle", log_file: str | Path | None = None) -> logging.Logger:
+    """Console + file logger. Calling it again (a re-run cell) replaces, never adds, handlers."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+# --- metrics -----------------------------------------------------------------------------
+HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "roc_auc": True, "rmse": False}
+
+
+def get_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The competition metric. Classification: `y_true` class indices, `y_pred` probabilities
+    [n, n_classes]. Regression: both 1-d values on the original scale."""
+    from sklearn import metrics
+
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if metric == "rmse":
+        return float(np.sqrt(metrics.mean_squared_error(y_true, y_pred.reshape(len(y_true)))))
+    if metric == "accuracy":
+        return float(metrics.accuracy_score(y_true, y_pred.argmax(1)))
+    if metric == "f1_macro":
+        return float(metrics.f1_score(y_true, y_pred.argmax(1), average="macro"))
+    if metric == "roc_auc":
+        if y_pred.shape[1] == 2:
+            return float(metrics.roc_auc_score(y_true, y_pred[:, 1]))
+        return float(metrics.roc_auc_score(y_true, y_pred, multi_class="ovr", labels=np.arange(y_pred.shape[1])))
+    raise ValueError(f"unknown metric '{metric}'")
+
+
+def is_better(metric: str, new: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return new > best if HIGHER_IS_BETTER[metric] else new < best

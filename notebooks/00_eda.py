@@ -1,0 +1,84 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Exploratory data analysis
+# What the competition looks like before any model: class (or target) balance, image sizes
+# and modes, a grid of samples, and how the metadata columns relate to the target.
+
+# %% tags=["parameters"]
+config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
+experiment = ""  # which experiment of the YAML (empty: the first)
+overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+
+# %%
+import sys
+from pathlib import Path
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "helpers").is_dir())
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd
+from IPython.display import display
+
+from helpers import setup
+from helpers import plots
+from helpers.data import read_image, read_test, read_train
+
+cfg, logger = setup(config_path, experiment, overrides, log_name="eda.log")
+out = cfg.exp_dir / "eda"
+
+# %% [markdown]
+# ## Data
+
+# %%
+train, test = read_train(cfg), read_test(cfg)
+logger.info(f"{len(train)} train rows, {len(test)} test rows, images in {cfg.path(cfg.image_dir_train)}")
+display(train.head())
+
+# %% [markdown]
+# ## Target
+
+# %%
+display(train[cfg.target_col].describe() if cfg.task == "regression" else train[cfg.target_col].value_counts().to_frame().T)
+plots.target_balance(train, cfg.target_col, cfg.task, out / "target_balance.png");
+
+# %% [markdown]
+# ## Image sizes and modes (a sample of up to 300 images)
+
+# %%
+sample = train.sample(n=min(300, len(train)), random_state=cfg.seed)
+sizes = pd.DataFrame([read_image(p).shape[:2] for p in sample["path"]], columns=["height", "width"])
+display(sizes.value_counts().head(10).to_frame("images"))
+plots.image_sizes(sizes, out / "image_sizes.png");
+
+# %% [markdown]
+# ## Samples
+
+# %%
+plots.sample_grid(train, cfg.target_col, out / "sample_grid.png", seed=cfg.seed);
+
+# %% [markdown]
+# ## Metadata
+
+# %%
+if cfg.metadata_cols:
+    meta = train[cfg.metadata_cols]
+    display(meta.describe(include="all"))
+    numeric = meta.select_dtypes("number").columns.tolist()
+    if numeric and cfg.task == "regression":
+        display(train[numeric + ["target"]].corr()["target"].to_frame("correlation with target"))
+    elif numeric:
+        display(train.groupby(cfg.target_col)[numeric].mean())
+else:
+    print("no metadata columns (config key metadata_cols)")

@@ -1,0 +1,63 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Train
+# One CNN per fold: the runner passes `fold`; left at `None`, this notebook trains every fold
+# of `cfg.folds` in turn. Each fold writes `best.pt`, `last.pt` (a killed run resumes from it),
+# `metrics.jsonl`, its OOF and test predictions under `models/<experiment>/`.
+
+# %% tags=["parameters"]
+config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
+experiment = ""  # which experiment of the YAML (empty: the first)
+overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+fold = None  # the fold to train (None: every fold in cfg.folds)
+
+# %%
+import sys
+from pathlib import Path
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "helpers").is_dir())
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd
+from IPython.display import display
+
+from helpers import setup
+from helpers import plots
+from helpers.data import read_test, read_train
+from helpers.folds import get_folds
+from helpers.train import finalize_experiment, train_fold
+
+cfg, logger = setup(config_path, experiment, overrides)
+
+# %%
+folds = get_folds(cfg, read_train(cfg))
+test = read_test(cfg)
+to_train = cfg.fold_ids if fold is None else [fold]
+logger.info(f"{cfg.experiment}: {cfg.arch} {cfg.model_name if cfg.arch == 'timm' else ''} {cfg.img_size}px, folds {to_train}")
+
+# %%
+results = [train_fold(cfg, folds, k, test, logger) for k in to_train]
+display(pd.DataFrame(results)[["fold", "score", "best_epoch"]])
+
+# %%
+for r in results:
+    plots.learning_curves({r["fold"]: r["history"]}, cfg.metric, cfg.exp_dir / f"fold{r['fold']}" / "learning_curves.png");
+
+# %% [markdown]
+# Once every fold is trained, the folds are combined into `oof.csv`, `test.csv` and the CV score.
+
+# %%
+score = finalize_experiment(cfg, logger)
+print(score if score else f"waiting for the other folds of {cfg.fold_ids}")

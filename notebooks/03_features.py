@@ -1,0 +1,54 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Features
+# CNN embeddings from each fold's best model, for every train row and the test set.
+#
+# **Why this is leak-free:** the stacker of fold k (next notebook) is trained only on fold k's
+# CNN embeddings of the rows that CNN trained on, early-stopped and validated on fold k's rows,
+# which that CNN never saw, and predicts test from the same CNN. So no row's stacker prediction
+# comes from a model that saw the row, and the stacker's OOF score is honest.
+
+# %% tags=["parameters"]
+config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
+experiment = ""  # which experiment of the YAML (empty: the first)
+overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+
+# %%
+import sys
+from pathlib import Path
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "helpers").is_dir())
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+
+from helpers import setup
+from helpers.data import read_test, read_train
+from helpers.folds import get_folds
+from helpers.stacking import extract_features
+from helpers.train import finalize_experiment
+
+cfg, logger = setup(config_path, experiment, overrides)
+
+# %%
+folds = get_folds(cfg, read_train(cfg))
+test = read_test(cfg)
+finalize_experiment(cfg, logger)
+out = extract_features(cfg, folds, test, logger)
+
+# %%
+for k in cfg.fold_ids:
+    emb = np.load(out / f"train_fold{k}.npy")
+    print(f"fold {k}: train {emb.shape}, test {np.load(out / f'test_fold{k}.npy').shape}, dtype {emb.dtype}")

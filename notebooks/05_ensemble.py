@@ -1,0 +1,80 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Ensemble and submission
+# Every experiment under `models/` for this competition (CNNs and stackers), their scores and
+# the correlation of their OOF predictions (diverse models blend best). Weights come from hill
+# climbing on OOF (forward selection with replacement); to judge them honestly they are also
+# fitted on all folds but one and scored on the held-out fold. Writes `submissions/submission.csv`.
+
+# %% tags=["parameters"]
+config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
+experiment = ""  # which experiment of the YAML (empty: the first)
+overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+
+# %%
+import sys
+from pathlib import Path
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "helpers").is_dir())
+sys.path.insert(0, str(ROOT))
+
+import json
+
+import pandas as pd
+from IPython.display import display
+
+from helpers import setup
+from helpers import plots
+from helpers.data import read_train
+from helpers.ensemble import (blend, classes_of, collect_experiments, correlation, fit_weights, local_lb,
+                              make_submission, write_submission)
+from helpers.pipeline import ensemble_dir
+from helpers.utils import atomic_to_csv, atomic_write_text
+
+cfg, logger = setup(config_path, experiment, overrides)
+out = ensemble_dir(cfg)
+
+# %%
+collection = collect_experiments(cfg, logger)
+experiments = collection.experiments
+result = fit_weights(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric, cfg.ensemble_iters)
+scores = pd.DataFrame([{"experiment": e.name, "cv": e.score, "weight": w} for e, w in zip(experiments, result["weights"])])
+scores = pd.concat([scores, pd.DataFrame([{"experiment": "ensemble (in-sample)", "cv": result["in_sample"]},
+                                          {"experiment": "ensemble (held-out)", "cv": result["held_out"]}])], ignore_index=True)
+atomic_to_csv(scores, out / "scores.csv")
+display(scores.round(5))
+
+# %%
+plots.score_bars(scores, cfg.metric, out / "scores.png");
+
+# %%
+corr = correlation(experiments)
+plots.correlation_heatmap(corr, out / "correlation.png");
+
+# %% [markdown]
+# ## Submission
+
+# %%
+classes = classes_of(cfg, read_train(cfg))
+test_pred = blend([e.test for e in experiments], result["weights"])
+submission = make_submission(cfg, collection.test_ids, test_pred, classes)
+paths = write_submission(cfg, submission)
+lb = local_lb(cfg, submission, classes)
+atomic_write_text(out / "score.json", json.dumps({"metric": cfg.metric, "in_sample": result["in_sample"],
+                                                  "held_out": result["held_out"], "local_lb": lb,
+                                                  "weights": dict(zip([e.name for e in experiments], result["weights"].tolist())),
+                                                  "submission": str(paths[0])}, indent=1))
+display(submission.head())
+print(f"wrote {', '.join(map(str, paths))}" + (f"; local LB {cfg.metric}: {lb:.5f}" if lb is not None else ""))
