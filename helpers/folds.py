@@ -24,8 +24,9 @@ def make_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
     counts = pd.Series(y).value_counts()
     if cfg.task == "classification" and counts.min() < cfg.n_folds:
         small = counts[counts < cfg.n_folds]
+        labels = [train.loc[train["target"] == i, cfg.target_col].iloc[0] for i in small.index]
         raise ValueError(
-            f"{cfg.path(cfg.train_csv)}: class(es) {small.index.tolist()} of '{cfg.target_col}' have fewer rows "
+            f"{cfg.path(cfg.train_csv)}: class(es) {labels} of '{cfg.target_col}' have fewer rows "
             f"({small.tolist()}) than n_folds={cfg.n_folds}; lower n_folds or merge rare classes"
         )
     if cfg.group_col:
@@ -37,11 +38,10 @@ def make_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
         splits = splitter.split(train, y, groups)
     else:
         splits = StratifiedKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed).split(train, y)
-    folds = train.copy()
-    folds["fold"] = -1
+    fold = np.full(len(train), -1)
     for k, (_, valid_idx) in enumerate(splits):
-        folds.loc[valid_idx, "fold"] = k
-    return folds
+        fold[valid_idx] = k
+    return train.assign(fold=fold)
 
 
 def get_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:

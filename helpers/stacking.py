@@ -75,7 +75,8 @@ def feature_frame(cfg: CFG, emb: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame
 
 def _categorise(X_train: pd.DataFrame, X_other: list[pd.DataFrame]) -> None:
     """Object metadata columns -> pandas categories with one category set for all frames."""
-    for col in X_train.columns[X_train.dtypes == object]:
+    text = [c for c in X_train.columns if pd.api.types.is_object_dtype(X_train[c]) or pd.api.types.is_string_dtype(X_train[c])]
+    for col in text:
         cats = pd.Index(sorted(set(X_train[col].dropna()).union(*(set(x[col].dropna()) for x in X_other))))
         for X in (X_train, *X_other):
             X[col] = pd.Categorical(X[col], categories=cats)
@@ -112,7 +113,7 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
             model = lgb.LGBMRegressor(**params)
         else:
             model = lgb.LGBMClassifier(**params)
-        model.fit(X_trn, y[trn], eval_set=[(X_val, y[val])],
+        model.fit(X_trn, y[trn], eval_X=(X_val,), eval_y=(y[val],),
                   callbacks=[lgb.early_stopping(cfg.lgbm_early_stopping, verbose=False)])
         if cfg.task == "regression":
             val_pred, test_pred = model.predict(X_val), model.predict(X_test)

@@ -1,0 +1,263 @@
+"""helpers.ensemble: hill climbing, honest weights, collecting experiments, the submission."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers.config import CFG, save_cfg
+from helpers.ensemble import (Experiment, blend, collect_experiments, fit_weights, hill_climb, local_lb,
+                              make_submission)
+from helpers.utils import get_score
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+# --- hill climbing ---------------------------------------------------------------------------
+@pytest.mark.parametrize("trial", range(6))
+@pytest.mark.parametrize("metric", ["accuracy", "roc_auc", "f1_macro"])
+def test_hill_climb_never_worse_than_best_single(metric, trial):
+    rng = np.random.default_rng(trial)
+    n, n_classes, n_models = 120, 3, 4
+    y = rng.integers(0, n_classes, n)
+    preds = [softmax(rng.normal(size=(n, n_classes)) + rng.uniform(0, 2) * np.eye(n_classes)[y]) for _ in range(n_models)]
+    w = hill_climb(preds, y, metric, iters=20)
+    assert w.shape == (n_models,)
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+    best_single = max(get_score(metric, y, p) for p in preds)
+    assert get_score(metric, y, blend(preds, w)) >= best_single - 1e-12
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_hill_climb_rmse_never_worse(trial):
+    rng = np.random.default_rng(100 + trial)
+    y = rng.normal(size=80)
+    preds = [y + rng.normal(scale=rng.uniform(0.2, 1.5), size=80) + rng.normal() for _ in range(3)]
+    w = hill_climb(preds, y, "rmse", iters=20)
+    best_single = min(get_score("rmse", y, p) for p in preds)
+    assert get_score("rmse", y, blend(preds, w)) <= best_single + 1e-12
+
+
+def complementary(n: int = 100):
+    """Models A and B are each right (confidently) on one half and slightly wrong on the other;
+    C (the worst alone) is wrong on 60% of the rows. A+B together are right everywhere."""
+    y = np.tile([0, 1], n // 2)
+    first = np.arange(n) < n // 2
+    onehot = np.eye(2)[y]
+
+    def model(good_rows):
+        p_true = np.where(good_rows, 0.9, 0.45)
+        return onehot * p_true[:, None] + (1 - onehot) * (1 - p_true)[:, None]
+
+    a, b = model(first), model(~first)
+    c = onehot * 0.55 + (1 - onehot) * 0.45
+    wrong = np.arange(n) % 5 < 3
+    c[wrong] = 1 - c[wrong]
+    return y, [a, b, c]
+
+
+def test_hill_climb_weights_two_complementary_models():
+    y, preds = complementary()
+    assert get_score("accuracy", y, preds[0]) == 0.5 and get_score("accuracy", y, preds[1]) == 0.5
+    assert get_score("accuracy", y, preds[2]) == 0.4
+    w = hill_climb(preds, y, "accuracy", iters=10)
+    assert w[0] > 0 and w[1] > 0
+    assert w[0] + w[1] == pytest.approx(1.0)  # C adds nothing
+    assert get_score("accuracy", y, blend(preds, w)) == 1.0
+
+
+def test_hill_climb_regression_complementary():
+    y = np.linspace(0, 10, 50)
+    preds = [y + 1.0, y - 1.0, y + 3.0]  # opposite biases cancel
+    w = hill_climb(preds, y, "rmse", iters=10)
+    assert w[0] == pytest.approx(0.5) and w[1] == pytest.approx(0.5) and w[2] == 0
+    assert get_score("rmse", y, blend(preds, w)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fit_weights_in_sample_and_held_out():
+    y, preds = complementary()
+    folds = np.arange(len(y)) % 4
+    exps = [Experiment(name, CFG(), p, p[:5], get_score("accuracy", y, p)) for name, p in zip("abc", preds)]
+    result = fit_weights(exps, y, folds, "accuracy", iters=10)
+    assert set(result) >= {"weights", "in_sample", "held_out", "oof"}
+    assert result["in_sample"] == 1.0
+    assert result["held_out"] == 1.0  # every fold's weights (from the other folds) also blend A and B
+    assert isinstance(result["held_out"], float)
+    assert result["oof"].shape == preds[0].shape
+    assert result["weights"][0] > 0 and result["weights"][1] > 0
+
+
+def test_fit_weights_held_out_is_honest():
+    """Pure-noise models: in-sample selection can overfit, held-out cannot beat it on average."""
+    rng = np.random.default_rng(5)
+    n = 200
+    y = rng.integers(0, 2, n)
+    preds = [softmax(rng.normal(size=(n, 2))) for _ in range(5)]
+    exps = [Experiment(str(i), CFG(), p, p, get_score("accuracy", y, p)) for i, p in enumerate(preds)]
+    result = fit_weights(exps, y, np.arange(n) % 5, "accuracy", iters=15)
+    assert result["in_sample"] >= max(e.score for e in exps)
+    assert result["held_out"] <= result["in_sample"]
+
+
+# --- collecting experiments ------------------------------------------------------------------
+CLASSES = ["cat", "dog", "eel"]
+
+
+def write_experiment(cfg: CFG, name: str, oof: pd.DataFrame, test: pd.DataFrame, **cfg_kw) -> None:
+    exp_cfg = CFG(**{**{k: getattr(cfg, k) for k in ("models_dir", "competition_dir")}, "experiment": name, **cfg_kw})
+    save_cfg(exp_cfg)
+    oof.to_csv(exp_cfg.exp_dir / "oof.csv", index=False)
+    test.to_csv(exp_cfg.exp_dir / "test.csv", index=False)
+
+
+@pytest.fixture
+def two_experiments(tmp_path):
+    rng = np.random.default_rng(0)
+    n, n_test = 30, 8
+    ids = [f"img_{i}" for i in range(n)]
+    y = rng.integers(0, 3, n)
+    labels = [CLASSES[c] for c in y]
+    fold = np.arange(n) % 3
+    prob_cols = [f"prob_{c}" for c in CLASSES]
+    cfg = CFG(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="exp_a")
+    p_a = softmax(rng.normal(size=(n, 3)) + 2 * np.eye(3)[y])
+    p_b = softmax(rng.normal(size=(n, 3)) + 1 * np.eye(3)[y])
+    t_a, t_b = softmax(rng.normal(size=(n_test, 3))), softmax(rng.normal(size=(n_test, 3)))
+    test_ids = [f"test_{i}" for i in range(n_test)]
+
+    def frames(p, t):
+        oof = pd.DataFrame({"id": ids, "label": labels, "fold": fold})
+        oof[prob_cols] = p
+        test = pd.DataFrame({"id": test_ids})
+        test[prob_cols] = t
+        return oof, test
+
+    oof_a, test_a = frames(p_a, t_a)
+    oof_b, test_b = frames(p_b, t_b)
+    order, test_order = rng.permutation(n), rng.permutation(n_test)  # exp_b wrote its rows in another order
+    write_experiment(cfg, "exp_a", oof_a, test_a)
+    write_experiment(cfg, "exp_b", oof_b.iloc[order], test_b.iloc[test_order])
+    return cfg, dict(y=y, p_a=p_a, p_b=p_b, t_a=t_a, t_b=t_b, ids=ids, test_ids=test_ids, oof_b=oof_b, test_b=test_b)
+
+
+def test_collect_experiments_aligns_rows(two_experiments):
+    cfg, d = two_experiments
+    col = collect_experiments(cfg)
+    assert [e.name for e in col.experiments] == ["exp_a", "exp_b"]
+    a, b = col.experiments
+    assert list(col.oof["id"]) == d["ids"]
+    np.testing.assert_array_equal(col.y_true, d["y"])
+    np.testing.assert_allclose(a.oof, d["p_a"])
+    np.testing.assert_allclose(b.oof, d["p_b"])  # re-ordered to exp_a's ids
+    np.testing.assert_allclose(a.test, d["t_a"])
+    np.testing.assert_allclose(b.test, d["t_b"])
+    assert list(col.test_ids) == d["test_ids"]
+    assert a.score == pytest.approx(get_score("accuracy", d["y"], d["p_a"]))
+    assert b.score == pytest.approx(get_score("accuracy", d["y"], d["p_b"]))
+    assert a.cfg.experiment == "exp_a" and b.cfg.experiment == "exp_b"
+
+
+def test_collect_experiments_skips_other_competitions_and_incomplete(two_experiments, tmp_path):
+    cfg, d = two_experiments
+    oof = pd.DataFrame({"id": ["x"], "label": ["cat"], "fold": [0], "prob_cat": [1.0], "prob_dog": [0.0], "prob_eel": [0.0]})
+    test = pd.DataFrame({"id": ["y"], "prob_cat": [1.0], "prob_dog": [0.0], "prob_eel": [0.0]})
+    write_experiment(cfg, "other_comp", oof, test, competition_dir=str(tmp_path / "elsewhere"))
+    incomplete = CFG(models_dir=cfg.models_dir, competition_dir=cfg.competition_dir, experiment="half_done")
+    save_cfg(incomplete)
+    oof.to_csv(incomplete.exp_dir / "oof.csv", index=False)  # no test.csv
+    assert [e.name for e in collect_experiments(cfg).experiments] == ["exp_a", "exp_b"]
+
+
+def test_collect_experiments_ids_differ_names_experiment(two_experiments):
+    cfg, d = two_experiments
+    bad = d["oof_b"].copy()
+    bad.loc[3, "id"] = "intruder"
+    bad.to_csv(cfg.exp_dir.parent / "exp_b" / "oof.csv", index=False)
+    with pytest.raises(ValueError) as e:
+        collect_experiments(cfg)
+    assert "exp_b" in str(e.value)
+    assert "oof.csv" in str(e.value)
+
+
+def test_collect_experiments_test_ids_differ_names_experiment(two_experiments):
+    cfg, d = two_experiments
+    d["test_b"].iloc[:-1].to_csv(cfg.exp_dir.parent / "exp_b" / "test.csv", index=False)
+    with pytest.raises(ValueError, match="exp_b"):
+        collect_experiments(cfg)
+
+
+def test_collect_experiments_none_found(tmp_path):
+    cfg = CFG(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="x")
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FileNotFoundError):
+        collect_experiments(cfg)
+
+
+# --- the submission --------------------------------------------------------------------------
+@pytest.fixture
+def comp(tmp_path):
+    d = tmp_path / "comp"
+    d.mkdir()
+    return d
+
+
+def sub_cfg(comp, tmp_path, **kw) -> CFG:
+    return CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), **kw)
+
+
+def test_make_submission_decodes_string_labels_in_sample_order(comp, tmp_path):
+    sample = pd.DataFrame({"id": ["c", "a", "d", "b"], "label": ["cat"] * 4})
+    sample.to_csv(comp / "sample_submission.csv", index=False)
+    test_ids = pd.Series(["a", "b", "c", "d"])  # prediction order differs from the sample's
+    pred = np.eye(3)[[1, 2, 0, 1]]  # a->dog, b->eel, c->cat, d->dog
+    sub = make_submission(sub_cfg(comp, tmp_path), test_ids, pred, CLASSES)
+    assert list(sub.columns) == ["id", "label"]
+    assert list(sub["id"]) == ["c", "a", "d", "b"]
+    assert list(sub["label"]) == ["cat", "dog", "dog", "eel"]
+    assert not sub.isna().any().any()
+
+
+def test_make_submission_integer_classes_and_numeric_ids(comp, tmp_path):
+    sample = pd.DataFrame({"image_id": [30, 10, 20], "digit": [0, 0, 0]})
+    sample.to_csv(comp / "sample_submission.csv", index=False)
+    cfg = sub_cfg(comp, tmp_path, id_col="image_id", target_col="digit")
+    sub = make_submission(cfg, pd.Series([10, 20, 30]), np.eye(4)[[3, 0, 2]], [0, 1, 2, 3])
+    assert list(sub.columns) == ["image_id", "digit"]
+    assert sub["image_id"].tolist() == [30, 10, 20]
+    assert sub["digit"].tolist() == [2, 3, 0]
+    assert sub["digit"].dtype.kind == "i"
+
+
+def test_make_submission_probability_columns(comp, tmp_path):
+    pd.DataFrame({"id": ["y", "x"], "cat": 0.0, "dog": 0.0, "eel": 0.0}).to_csv(comp / "sample_submission.csv", index=False)
+    pred = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    sub = make_submission(sub_cfg(comp, tmp_path), pd.Series(["x", "y"]), pred, CLASSES)
+    assert list(sub.columns) == ["id", "cat", "dog", "eel"]
+    assert list(sub["id"]) == ["y", "x"]
+    np.testing.assert_allclose(sub[["cat", "dog", "eel"]].to_numpy(), pred[[1, 0]])
+
+
+def test_make_submission_regression(comp, tmp_path):
+    pd.DataFrame({"id": [2, 1], "score": 0.0}).to_csv(comp / "sample_submission.csv", index=False)
+    cfg = sub_cfg(comp, tmp_path, task="regression", metric="rmse", target_col="score")
+    sub = make_submission(cfg, pd.Series([1, 2]), np.array([[1.5], [2.5]]), None)
+    assert list(sub.columns) == ["id", "score"]
+    assert sub["score"].tolist() == [2.5, 1.5]
+
+
+def test_make_submission_missing_prediction(comp, tmp_path):
+    pd.DataFrame({"id": ["a", "b", "z"], "label": "cat"}).to_csv(comp / "sample_submission.csv", index=False)
+    with pytest.raises(ValueError, match="z"):
+        make_submission(sub_cfg(comp, tmp_path), pd.Series(["a", "b"]), np.eye(3)[[0, 1]], CLASSES)
+
+
+def test_local_lb_scores_against_solution(comp, tmp_path):
+    pd.DataFrame({"id": ["a", "b", "c", "d"], "label": ["cat", "dog", "eel", "dog"]}).to_csv(comp / "solution.csv", index=False)
+    cfg = sub_cfg(comp, tmp_path)
+    sub = pd.DataFrame({"id": ["d", "c", "b", "a"], "label": ["dog", "eel", "cat", "cat"]})
+    assert local_lb(cfg, sub, CLASSES) == pytest.approx(0.75)
+    (comp / "solution.csv").unlink()
+    assert local_lb(cfg, sub, CLASSES) is None

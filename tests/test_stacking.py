@@ -1,0 +1,190 @@
+"""helpers.stacking.run_stacking on synthetic embeddings laid out exactly as extract_features
+writes them: features/train_fold{k}.npy (every train row, folds order, float16),
+features/test_fold{k}.npy, train_ids.csv (id, fold) and test_ids.csv (id)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers.config import CFG, load_saved_cfg
+from helpers.stacking import feature_dir, run_stacking
+from helpers.utils import atomic_save, atomic_to_csv, get_score
+
+N_FOLDS = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The stacker uses torch.get_num_threads() LightGBM threads; one is plenty for these sizes
+    and avoids OpenMP spin-waiting when the machine is busy. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(tmp_path, **kw) -> CFG:
+    base = dict(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="syn",
+                n_folds=N_FOLDS, lgbm_n_estimators=200, lgbm_learning_rate=0.1, lgbm_early_stopping=30, seed=0)
+    return CFG(**{**base, **kw})
+
+
+def write_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, train_embs: list, test_embs: list) -> None:
+    """What extract_features writes, without the CNNs."""
+    out = feature_dir(cfg)
+    atomic_to_csv(folds[[cfg.id_col, "fold"]], out / "train_ids.csv")
+    atomic_to_csv(test[[cfg.id_col]], out / "test_ids.csv")
+    for k in cfg.fold_ids:
+        atomic_save(train_embs[k].astype(np.float16), out / f"train_fold{k}.npy", saver=lambda a, p: np.save(p, a))
+        atomic_save(test_embs[k].astype(np.float16), out / f"test_fold{k}.npy", saver=lambda a, p: np.save(p, a))
+
+
+def fold_embeddings(signal: np.ndarray, rng, dim: int, noise: float = 1.0) -> list[np.ndarray]:
+    """One embedding matrix per fold's CNN: the same signal, each with its own noise and extra dims."""
+    out = []
+    for _ in range(N_FOLDS):
+        extra = rng.normal(size=(len(signal), dim - signal.shape[1]))
+        out.append(np.hstack([signal + noise * rng.normal(size=signal.shape), extra]))
+    return out
+
+
+def assign_folds(n: int, rng) -> np.ndarray:
+    return rng.permutation(np.arange(n) % N_FOLDS)
+
+
+@pytest.fixture
+def classification_data(tmp_path):
+    rng = np.random.default_rng(0)
+    n, n_test = 240, 45
+    classes = ["ant", "bee", "cow"]
+    y = rng.permutation(np.arange(n + n_test) % 3)
+    signal = 2.5 * np.eye(3)[y]  # each class pushes its own embedding dimension
+    embs = fold_embeddings(signal, rng, dim=8, noise=0.8)
+    folds = pd.DataFrame({"id": [f"tr{i}" for i in range(n)], "label": [classes[c] for c in y[:n]],
+                          "target": y[:n], "fold": assign_folds(n, rng)})
+    test = pd.DataFrame({"id": [f"te{i}" for i in range(n_test)]})
+    cfg = make_cfg(tmp_path)
+    write_features(cfg, folds, test, [e[:n] for e in embs], [e[n:] for e in embs])
+    return cfg, folds, test, y[n:]
+
+
+def test_stacking_classification_writes_outputs_and_learns(classification_data):
+    cfg, folds, test, y_test = classification_data
+    score = run_stacking(cfg, folds, test)
+    out = cfg.exp_dir.parent / "syn_lgbm"
+    for name in ("oof.csv", "test.csv", "score.json", "config.yaml", "importance.csv"):
+        assert (out / name).exists(), name
+
+    oof = pd.read_csv(out / "oof.csv")
+    prob_cols = ["prob_ant", "prob_bee", "prob_cow"]
+    assert list(oof.columns) == ["id", "label", "fold", *prob_cols]
+    assert len(oof) == len(folds) and set(oof["id"]) == set(folds["id"])
+    merged = oof.merge(folds, on="id", suffixes=("", "_true"))
+    assert (merged["label"] == merged["label_true"]).all()
+    assert (merged["fold"] == merged["fold_true"]).all()
+    np.testing.assert_allclose(oof[prob_cols].sum(axis=1), 1.0, atol=1e-6)
+
+    acc = get_score("accuracy", merged["target"].to_numpy(), merged[prob_cols].to_numpy())
+    assert acc > 0.8  # chance is 1/3
+    saved = json.loads((out / "score.json").read_text())
+    assert saved["cv"] == pytest.approx(acc)
+    assert score["cv"] == pytest.approx(acc)
+    assert saved["metric"] == "accuracy" and saved["experiment"] == "syn_lgbm"
+    assert len(saved["folds"]) == N_FOLDS
+
+    test_pred = pd.read_csv(out / "test.csv")
+    assert list(test_pred.columns) == ["id", *prob_cols]
+    assert list(test_pred["id"]) == list(test["id"])  # test order kept
+    assert not test_pred.isna().any().any()
+    np.testing.assert_allclose(test_pred[prob_cols].sum(axis=1), 1.0, atol=1e-6)
+    assert (test_pred[prob_cols].to_numpy().argmax(1) == y_test).mean() > 0.75
+
+    assert load_saved_cfg(out).experiment == "syn_lgbm"
+    importance = score["importance"]
+    assert set(importance["feature"]) == {f"emb_{i}" for i in range(8)}
+    # the three signal dimensions matter most
+    assert set(importance["feature"][:3]) == {"emb_0", "emb_1", "emb_2"}
+
+
+def test_stacking_subset_of_folds(classification_data):
+    cfg, folds, test, _ = classification_data
+    cfg = make_cfg(cfg.exp_dir.parent.parent, folds=[0, 2])
+    run_stacking(cfg, folds, test)
+    oof = pd.read_csv(cfg.exp_dir.parent / "syn_lgbm" / "oof.csv")
+    assert sorted(oof["fold"].unique()) == [0, 2]
+    assert len(oof) == int(folds["fold"].isin([0, 2]).sum())
+
+
+def test_stacking_ids_must_match_the_features(classification_data):
+    cfg, folds, test, _ = classification_data
+    with pytest.raises(ValueError, match="train_ids.csv"):
+        run_stacking(cfg, folds.iloc[::-1].reset_index(drop=True), test)
+    with pytest.raises(ValueError, match="test_ids.csv"):
+        run_stacking(cfg, folds, test.iloc[1:].reset_index(drop=True))
+
+
+def test_metadata_improves_the_stacker(tmp_path):
+    """The label needs an embedding dimension and a metadata column together."""
+    rng = np.random.default_rng(1)
+    n, n_test = 360, 30
+    meta = rng.normal(size=n + n_test)
+    latent = rng.normal(size=n + n_test)
+    y = (latent + meta > 0).astype(int)
+    embs = fold_embeddings(latent[:, None], rng, dim=4, noise=0.1)
+    folds = pd.DataFrame({"id": np.arange(n), "label": y[:n], "target": y[:n], "fold": assign_folds(n, rng),
+                          "meta": meta[:n]})
+    test = pd.DataFrame({"id": np.arange(n, n + n_test), "meta": meta[n:]})
+    cfg_with = make_cfg(tmp_path, metadata_cols=["meta"])
+    write_features(cfg_with, folds, test, [e[:n] for e in embs], [e[n:] for e in embs])
+
+    with_meta = run_stacking(cfg_with, folds, test)
+    assert "meta" in set(with_meta["importance"]["feature"])
+    assert with_meta["importance"].set_index("feature").loc["meta", "kind"] == "metadata"
+    without_meta = run_stacking(make_cfg(tmp_path, metadata_cols=[]), folds, test)
+    assert "meta" not in set(without_meta["importance"]["feature"])
+    assert with_meta["cv"] > 0.8
+    assert with_meta["cv"] > without_meta["cv"] + 0.08
+    assert without_meta["cv"] < 0.8
+
+
+def test_categorical_string_metadata(tmp_path):
+    rng = np.random.default_rng(2)
+    n, n_test = 240, 30
+    site = rng.choice(["north", "south", "east"], n + n_test)
+    y = (site == "south").astype(int)  # the label is in the metadata only
+    embs = fold_embeddings(np.zeros((n + n_test, 1)), rng, dim=3)
+    folds = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "label": np.where(y[:n], "yes", "no"),
+                          "target": y[:n], "fold": assign_folds(n, rng), "site": site[:n]})
+    test = pd.DataFrame({"id": [f"t{i}" for i in range(n_test)], "site": site[n:]})
+    cfg = make_cfg(tmp_path, metadata_cols=["site"])
+    write_features(cfg, folds, test, [e[:n] for e in embs], [e[n:] for e in embs])
+    score = run_stacking(cfg, folds, test)
+    assert score["cv"] > 0.95
+    test_pred = pd.read_csv(cfg.exp_dir.parent / "syn_lgbm" / "test.csv")
+    assert ((test_pred["prob_yes"] > 0.5).to_numpy() == (site[n:] == "south")).mean() > 0.95
+
+
+def test_stacking_regression(tmp_path):
+    rng = np.random.default_rng(3)
+    n, n_test = 240, 30
+    latent = rng.normal(size=n + n_test)
+    y = 3.0 * latent + 10.0 + 0.3 * rng.normal(size=n + n_test)
+    embs = fold_embeddings(latent[:, None], rng, dim=5, noise=0.1)
+    folds = pd.DataFrame({"id": np.arange(n), "label": y[:n], "target": y[:n], "fold": assign_folds(n, rng)})
+    test = pd.DataFrame({"id": np.arange(n, n + n_test)})
+    cfg = make_cfg(tmp_path, task="regression", metric="rmse")
+    write_features(cfg, folds, test, [e[:n] for e in embs], [e[n:] for e in embs])
+    score = run_stacking(cfg, folds, test)
+    out = cfg.exp_dir.parent / "syn_lgbm"
+    oof = pd.read_csv(out / "oof.csv")
+    assert list(oof.columns) == ["id", "label", "fold", "pred"]
+    rmse = float(np.sqrt(np.mean((oof["pred"] - oof["label"]) ** 2)))
+    assert score["cv"] == pytest.approx(rmse)
+    assert rmse < 0.4 * np.std(y)  # a constant would score std(y)
+    test_pred = pd.read_csv(out / "test.csv")
+    assert list(test_pred.columns) == ["id", "pred"] and len(test_pred) == n_test
+    assert np.sqrt(np.mean((test_pred["pred"].to_numpy() - y[n:]) ** 2)) < 0.5 * np.std(y)
