@@ -123,7 +123,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(CFG)}
 _HINTS = typing.get_type_hints(CFG)
 
 
-def _check_value(key: str, value: Any) -> Any:
+def check_value(key: str, value: Any) -> Any:
     """Coerce a value to the field's type, or raise naming the key."""
     if key not in FIELDS:
         close = difflib.get_close_matches(key, FIELDS, n=3)
@@ -191,30 +191,30 @@ def experiment_names(path: str | Path) -> list[str]:
     return [data.get("experiment", CFG.experiment)]
 
 
-def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: dict | None = None) -> CFG:
-    """Defaults <- YAML shared settings <- the experiment's own settings <- overrides.
-
-    `experiment` picks one entry of the YAML's `experiments:` mapping ('' = the first).
-    """
+def config_layers(path: str | Path | None, experiment: str = "", overrides: dict | None = None) -> list[tuple[str, dict]]:
+    """The settings in the order they apply, each with where it came from: the YAML's shared
+    settings, the experiment's own (`experiment` picks one of `experiments:`, '' = the first),
+    then the overrides."""
     data = read_yaml(path) if path else {}
     exps = data.pop("experiments", None) or {}
-    values: dict = {}
-    for key, value in data.items():
-        values[key] = _check_value(key, value)
+    layers = [(str(path), data)]
     if exps:
         if not isinstance(exps, dict):
             raise ValueError(f"{path}: 'experiments' must map names to settings")
         name = experiment or next(iter(exps))
         if name not in exps:
             raise KeyError(f"experiment '{name}' is not in {path}; it has {', '.join(exps)}")
-        for key, value in (exps[name] or {}).items():
-            values[key] = _check_value(key, value)
-        if "experiment" not in (exps[name] or {}):
-            values["experiment"] = name
+        layers.append((f"{path} experiments.{name}", {"experiment": name, **(exps[name] or {})}))
     elif experiment:
-        values["experiment"] = experiment
-    for key, value in (overrides or {}).items():
-        values[key] = _check_value(key, value)
+        layers.append(("experiment", {"experiment": experiment}))
+    layers.append(("overrides", dict(overrides or {})))
+    return layers
+
+
+def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: dict | None = None) -> CFG:
+    """Defaults <- YAML shared settings <- the experiment's own settings <- overrides.
+    The first unknown key or wrong type raises, naming the key."""
+    values = {key: check_value(key, value) for _, layer in config_layers(path, experiment, overrides) for key, value in layer.items()}
     cfg = CFG(**values)
     validate(cfg)
     return cfg
@@ -259,4 +259,4 @@ def save_cfg(cfg: CFG, path: Path | None = None) -> Path:
 def load_saved_cfg(exp_dir: str | Path) -> CFG:
     """The config an experiment was run with (models/<exp>/config.yaml)."""
     data = read_yaml(Path(exp_dir) / "config.yaml")
-    return CFG(**{k: _check_value(k, v) for k, v in data.items()})
+    return CFG(**{k: check_value(k, v) for k, v in data.items()})

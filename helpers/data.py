@@ -82,30 +82,34 @@ def pred_columns(cfg: CFG, classes: list | None) -> list[str]:
     return [f"prob_{c}" for c in classes]
 
 
-def resolve_paths(ids: pd.Series, image_dir: Path, image_ext: str, csv_path: Path) -> list[str]:
-    """Image file of every id: <id><image_ext>, or the id as is, or <id>.jpg/.jpeg/.png.
-
-    All missing files are reported at once, each with its CSV row and id.
-    """
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir} (images for {csv_path.name})")
+def locate_images(ids: pd.Series, image_dir: Path, image_ext: str) -> list[tuple[str | None, list[str]]]:
+    """For every id: (the image file found, or None; the names tried). The id may carry its
+    extension; else <id><image_ext>, or <id>.jpg/.jpeg/.png when image_ext is ''."""
     listing = set(os.listdir(image_dir))
     exists = lambda name: name in listing if "/" not in name else (image_dir / name).exists()  # noqa: E731
-    paths, missing = [], []
-    for row, value in enumerate(ids.astype(str)):
+    out = []
+    for value in ids.astype(str):
         if image_ext:
             candidates = [value if value.lower().endswith(image_ext.lower()) else value + image_ext]
         else:
             candidates = ([value] if value.lower().endswith(IMG_EXTS) else []) + [value + e for e in IMG_EXTS]
         found = next((c for c in candidates if exists(c)), None)
-        if found is None:
-            missing.append(f"row {row + 2} id={value} (tried {', '.join(candidates)})")
-        else:
-            paths.append(str(image_dir / found))
+        out.append((str(image_dir / found) if found else None, candidates))
+    return out
+
+
+def resolve_paths(ids: pd.Series, image_dir: Path, image_ext: str, csv_path: Path) -> list[str]:
+    """Image file of every id (see locate_images); all missing files are reported at once,
+    each with its CSV row and id."""
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir} (images for {csv_path.name})")
+    located = locate_images(ids, image_dir, image_ext)
+    missing = [f"row {row + 2} id={value} (tried {', '.join(tried)})"
+               for row, (value, (path, tried)) in enumerate(zip(ids.astype(str), located)) if path is None]
     if missing:
         shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise FileNotFoundError(f"{csv_path}: {len(missing)} image(s) not found in {image_dir}:\n  {shown}")
-    return paths
+    return [path for path, _ in located]
 
 
 # --- images --------------------------------------------------------------------------------

@@ -142,8 +142,6 @@ def make_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classe
         target = cfg.target_col if cfg.target_col in sample.columns else value_cols[0]
         sub[target] = np.asarray(classes, dtype=object)[pred.argmax(1)]
         sub[target] = sub[target].astype(type(classes[0])) if not isinstance(classes[0], str) else sub[target]
-    if sub.isna().any().any():
-        raise ValueError(f"submission has NaN in columns {sub.columns[sub.isna().any()].tolist()}")
     return sub
 
 
@@ -166,8 +164,33 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
     return get_score(cfg.metric, y_true, y_pred)
 
 
-def write_submission(cfg: CFG, sub: pd.DataFrame) -> list[Path]:
-    """submissions/submission.csv (the name Kaggle expects) and a named copy."""
+def validate_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> None:
+    """Raise, naming the column or ids, unless `sub` has sample_submission's ids (same order),
+    columns and dtypes, no NaN, and labels among the training classes."""
+    sample = read_sample_submission(cfg)
+    where = cfg.path(cfg.sample_submission)
+    if list(sub.columns) != list(sample.columns):
+        raise ValueError(f"submission columns {list(sub.columns)} differ from {where}: {list(sample.columns)}")
+    if len(sub) != len(sample) or (sub[cfg.id_col].astype(str).to_numpy() != sample[cfg.id_col].astype(str).to_numpy()).any():
+        raise ValueError(f"submission ids differ from {where} (count or order)")
+    if sub[cfg.id_col].dtype != sample[cfg.id_col].dtype:
+        raise ValueError(f"submission column '{cfg.id_col}' has dtype {sub[cfg.id_col].dtype}, {where} has {sample[cfg.id_col].dtype}")
+    nan = sub.columns[sub.isna().any()].tolist()
+    if nan:
+        raise ValueError(f"submission has NaN in column(s) {nan}")
+    for col in sub.columns.drop(cfg.id_col):
+        values = sub[col]
+        if cfg.task == "classification" and col == cfg.target_col and classes is not None:
+            unknown = set(values.astype(str)) - set(map(str, classes))
+            if unknown:
+                raise ValueError(f"submission column '{col}' has labels not among the training classes: {sorted(unknown)[:5]}")
+        elif not pd.api.types.is_numeric_dtype(values) or not np.isfinite(values.to_numpy(float)).all():
+            raise ValueError(f"submission column '{col}' must hold finite numbers")
+
+
+def write_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> list[Path]:
+    """Validate, then write submissions/submission.csv (the name Kaggle expects) and a named copy."""
+    validate_submission(cfg, sub, classes)
     out = under_root(cfg.submissions_dir)
     paths = [out / "submission.csv"]
     if cfg.submission_name != "submission":

@@ -5,7 +5,9 @@
 
 00_eda runs once; 01_folds, 02_train (one run per fold), 03_features and 04_stacking run for
 every experiment of the config; 05_ensemble runs once at the end. Each executed notebook is
-saved under models/<experiment>/notebooks/. The first failing cell stops the run with the
+saved under models/<experiment>/notebooks/. A re-run (after a kill, say) skips the stages that
+finished with the same config and redoes only what is missing (a killed fold resumes from its
+last.pt); --force runs everything again. The first failing cell stops the run with the
 notebook, the cell, the original error and where the executed copy is. Ends with a table of
 the CV of every stage and the local leaderboard score.
 """
@@ -18,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CFG, ROOT, experiment_names, load_cfg, parse_set
+from .config import CFG, ROOT, experiment_names, load_cfg, parse_set, to_dict
+from .utils import atomic_write_text
 
 NOTEBOOKS = ROOT / "notebooks"
 STAGES = ["00_eda", "01_folds", "02_train", "03_features", "04_stacking", "05_ensemble"]
@@ -73,6 +76,20 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
     return jobs
 
 
+def marker(job: Job) -> Path:
+    return job.output.with_suffix(".done.json")
+
+
+def _stamp(job: Job) -> dict:
+    return {"parameters": job.parameters, "cfg": to_dict(job.cfg)}
+
+
+def is_done(job: Job) -> bool:
+    """The job finished before with the same parameters and resolved config."""
+    path = marker(job)
+    return path.exists() and json.loads(path.read_text()) == json.loads(json.dumps(_stamp(job)))
+
+
 def execute(job: Job) -> float:
     """Run one notebook with papermill; raise NotebookFailed with a clear message on error."""
     import papermill as pm
@@ -87,6 +104,7 @@ def execute(job: Job) -> float:
             f"notebook {job.stage}.ipynb failed ({job.label}) at cell {e.cell_index} (execution count {e.exec_count}):\n"
             f"  {e.ename}: {e.evalue}\n  executed copy with the traceback: {job.output}"
         ) from None
+    atomic_write_text(marker(job), json.dumps(_stamp(job)))
     return time.perf_counter() - start
 
 
@@ -118,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--experiments", nargs="*", help="only these experiments of the config")
     parser.add_argument("--stages", nargs="*", help=f"only these stages, of {STAGES}")
+    parser.add_argument("--force", action="store_true", help="run every stage, also those done before")
     args = parser.parse_args(argv)
     try:
         overrides = parse_set(args.set)
@@ -126,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    rerun: set[str] = set()  # experiments with a stage that ran: their later stages run too
     for i, job in enumerate(jobs, 1):
+        downstream_of_rerun = job.cfg.experiment in rerun or (job.stage == "05_ensemble" and rerun)
+        if not args.force and not downstream_of_rerun and is_done(job):
+            print(f"[{i}/{len(jobs)}] {job.label} ... done before, skipped", flush=True)
+            continue
+        if job.stage != "00_eda":
+            rerun.add(job.cfg.experiment)
         print(f"[{i}/{len(jobs)}] {job.label} ...", end=" ", flush=True)
         try:
             seconds = execute(job)

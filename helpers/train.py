@@ -211,7 +211,9 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         if state["bad_epochs"] >= cfg.patience:
             break
         start = time.perf_counter()
-        train_loader = make_loader(cfg, train_df, train=True, seed=cfg.seed * 1000 + fold * 100 + epoch)
+        epoch_seed = cfg.seed * 1000 + fold * 100 + epoch
+        seed_everything(epoch_seed)  # every epoch's randomness from its own seed: a resumed run matches
+        train_loader = make_loader(cfg, train_df, train=True, seed=epoch_seed)
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch)
         scheduler.step(epoch + 1)
         valid_loss, score, preds = validate(model, valid_loader, criterion, cfg, device, valid_targets)

@@ -35,13 +35,19 @@ from IPython.display import display
 
 from helpers import setup
 from helpers import plots
+from helpers.check import run_check
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
 from helpers.train import finalize_experiment, train_fold
 
 cfg, logger = setup(config_path, experiment, overrides)
 
+# %% [markdown]
+# Pre-flight check: the CSVs and every image header are read before any training, and all
+# problems are reported at once (a passing check is remembered until the data change).
+
 # %%
+run_check(cfg, logger)
 folds = get_folds(cfg, read_train(cfg))
 test = read_test(cfg)
 to_train = cfg.fold_ids if fold is None else [fold]

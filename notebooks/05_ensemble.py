@@ -70,7 +70,7 @@ plots.correlation_heatmap(corr, out / "correlation.png");
 classes = classes_of(cfg, read_train(cfg))
 test_pred = blend([e.test for e in experiments], result["weights"])
 submission = make_submission(cfg, collection.test_ids, test_pred, classes)
-paths = write_submission(cfg, submission)
+paths = write_submission(cfg, submission, classes)
 lb = local_lb(cfg, submission, classes)
 atomic_write_text(out / "score.json", json.dumps({"metric": cfg.metric, "in_sample": result["in_sample"],
                                                   "held_out": result["held_out"], "local_lb": lb,

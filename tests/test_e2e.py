@@ -79,6 +79,24 @@ def test_submission_matches_sample_submission(tiny_run):
     assert len(score["weights"]) == 4  # two CNNs and two stackers
 
 
+def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(tiny_run, capsys):
+    tmp, comp, _ = tiny_run
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 12
+    # as if fold 1 of tiny_cnn had been killed: no done marker, no OOF file yet
+    (tmp / "models" / "tiny_cnn" / "notebooks" / "02_train_fold1.done.json").unlink()
+    (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").unlink()
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    ran = [line.split("] ", 1)[1].split(" ...")[0] for line in out.splitlines()
+           if line.startswith("[") and "skipped" not in line]
+    assert ran == ["02_train fold 1 [tiny_cnn]", "03_features [tiny_cnn]", "04_stacking [tiny_cnn]", "05_ensemble [tiny_cnn]"]
+    assert (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").exists()
+    assert (tmp / "submissions" / "submission.csv").exists()
+
+
 def test_runner_reports_the_failing_notebook_and_cell(tmp_path, capsys):
     comp = build_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
     missing = sorted((comp / "train").glob("*.png"))[3]
