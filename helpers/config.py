@@ -77,7 +77,35 @@ class CFG:
     warmup_epochs: int = 1  # linear warm-up epochs before the cosine decay
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     patience: int = 5  # early stopping: epochs without improvement of the CV metric
-    augment: str = "light"  # augmentation preset: 'none' | 'light'
+    augment: str = "light"  # augmentation preset: 'none' | 'light' | 'medium' | 'heavy'
+    augment_pipeline: dict = field(default_factory=dict)  # an albumentations pipeline (A.to_dict form); replaces the preset
+    hflip: bool = False  # presets add horizontal flips (off for text and digits, on for photos)
+    tta: list = field(default_factory=list)  # test-time flips averaged at validation and test: 'hflip', 'vflip'
+    loss: str = "auto"  # 'auto' (ce / mse) | 'ce' | 'focal' | regression: 'bce' (Pawpularity) | 'mse'
+    label_smoothing: float = 0.0  # classification label smoothing
+    class_weights: str = ""  # '' | 'balanced' (inverse class frequency)
+    focal_alpha: float = 1.0  # focal loss weight
+    focal_gamma: float = 2.0  # focal loss focusing exponent
+    optimizer: str = "adamw"  # any timm optimizer name (create_optimizer_v2)
+    scheduler: str = "cosine"  # any timm scheduler name (create_scheduler_v2)
+    layer_decay: float = 0.0  # layer-wise LR decay for timm backbones (e.g. 0.75); 0 = off
+    grad_accum: int = 1  # optimizer step every grad_accum batches
+    mixup_alpha: float = 0.0  # timm Mixup alpha; 0 = off
+    cutmix_alpha: float = 0.0  # timm CutMix alpha; 0 = off
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_off_epoch: int = 0  # epoch from which Mixup/CutMix stop (0 = never)
+    ema: bool = False  # keep EMA weights (timm ModelEmaV3); validated and checkpointed
+    ema_decay: float = 0.998  # EMA decay per optimizer step
+    freeze_epochs: int = 0  # backbone frozen for this many epochs, then trained at backbone_lr_scale
+    backbone_lr_scale: float = 1.0  # backbone LR relative to the head
+    drop_path: float = 0.0  # stochastic depth rate (timm drop_path_rate)
+    channels_last: bool = False  # channels_last memory format (faster convs with AMP on GPU)
+    compile: bool = False  # torch.compile the model
+    sampling_ratio: float = 1.0  # train on this share of each fold's training rows
+    cache: bool = True  # decoded-image cache: images resized once to img_size, memory-mapped uint8
+    cache_dir: str = ".cache"  # where the cache lives (relative to the repository root)
+    wandb: bool = False  # log epochs to Weights & Biases (offline when there is no API key)
+    wandb_project: str = "kaggle-images"  # W&B project name
     num_workers: int = 2  # DataLoader worker processes
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
@@ -155,6 +183,9 @@ def check_value(key: str, value: Any) -> Any:
     elif typ is list:
         if isinstance(value, (list, tuple)):
             return list(value)
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
     raise TypeError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
@@ -225,13 +256,24 @@ def validate(cfg: CFG) -> None:
     choices = {
         "task": ("classification", "regression"),
         "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
-        "augment": ("none", "light"),
+        "augment": ("none", "light", "medium", "heavy"),
+        "loss": ("auto", "ce", "focal", "bce", "mse"),
+        "class_weights": ("", "balanced"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key '{key}' must be one of {allowed}, got {getattr(cfg, key)!r}")
     if cfg.task == "regression" and cfg.metric != "rmse":
         raise ValueError(f"config key 'metric': regression supports 'rmse', got {cfg.metric!r}")
+    bad_tta = [t for t in cfg.tta if t not in ("hflip", "vflip")]
+    if bad_tta:
+        raise ValueError(f"config key 'tta' takes 'hflip' and 'vflip', got {bad_tta}")
+    if not 0 < cfg.sampling_ratio <= 1:
+        raise ValueError(f"config key 'sampling_ratio' must be in (0, 1], got {cfg.sampling_ratio}")
+    if cfg.grad_accum < 1:
+        raise ValueError(f"config key 'grad_accum' must be at least 1, got {cfg.grad_accum}")
+    if cfg.task == "regression" and (cfg.mixup_alpha or cfg.cutmix_alpha):
+        raise ValueError("config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix are for classification")
     if cfg.n_folds < 2:
         raise ValueError("config key 'n_folds' must be at least 2")
     bad = [f for f in cfg.folds if not 0 <= f < cfg.n_folds]

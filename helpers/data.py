@@ -126,29 +126,64 @@ def read_image(path: str, in_chans: int = 3) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def get_transforms(cfg: CFG, train: bool) -> A.Compose:
-    """Resize, the augmentation preset (train only), normalise, to tensor."""
-    ops: list = [A.Resize(cfg.img_size, cfg.img_size)]
-    if train and cfg.augment == "light":
-        ops += [
+def augment_preset(cfg: CFG) -> list:
+    """The training augmentations of cfg.augment: 'none' | 'light' | 'medium' | 'heavy'."""
+    if cfg.augment == "none":
+        return []
+    flips = [A.HorizontalFlip(p=0.5)] if cfg.hflip else []
+    if cfg.augment == "light":
+        return flips + [
             A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10), p=0.7),
             A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
         ]
+    medium = flips + [
+        A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-20, 20), shear=(-5, 5), p=0.8),
+        A.RandomBrightnessContrast(0.25, 0.25, p=0.6),
+        A.HueSaturationValue(10, 20, 10, p=0.3),
+        A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=0.4),
+    ]
+    if cfg.augment == "medium":
+        return medium
+    return medium + [  # heavy: the document-classifier write-up's hard augmentation
+        A.OneOf([A.GridDistortion(p=1), A.ElasticTransform(p=1), A.OpticalDistortion(p=1)], p=0.4),
+        A.OneOf([A.GaussianBlur(p=1), A.MotionBlur(p=1), A.UnsharpMask(p=1)], p=0.3),
+        A.GaussNoise(p=0.2),
+        A.CoarseDropout(num_holes_range=(2, 8), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5),
+    ]
+
+
+def _normalize(cfg: CFG) -> A.Normalize:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_chans == 3 else ((0.449,), (0.226,))
-    ops += [A.Normalize(mean=mean, std=std), A.ToTensorV2()]
+    return A.Normalize(mean=mean, std=std)
+
+
+def get_transforms(cfg: CFG, train: bool) -> A.Compose:
+    """Training: cfg.augment_pipeline (albumentations' own serialisation, A.to_dict form) when
+    given, else Resize + the augment preset + Normalize. Validation/test: Resize + Normalize
+    (the pipeline's own Normalize when it has one). Both end with ToTensorV2."""
+    custom = A.from_dict(cfg.augment_pipeline) if cfg.augment_pipeline else None
+    if custom is not None and train:
+        ops = list(custom.transforms)
+    else:
+        norm = next((t for t in (custom.transforms if custom else []) if isinstance(t, A.Normalize)), None) or _normalize(cfg)
+        ops = [A.Resize(cfg.img_size, cfg.img_size), *(augment_preset(cfg) if train else []), norm]
+    if not any(isinstance(t, A.ToTensorV2) for t in ops):
+        ops.append(A.ToTensorV2())
     return A.Compose(ops)
 
 
 class ImageDataset(Dataset):
-    """(image tensor, target) pairs; target is -1 where there is none (test)."""
+    """(image tensor, target) pairs; target is -1 where there is none (test). With a cache
+    (helpers.cache), decoded images come from its memory map instead of the files."""
 
-    def __init__(self, paths: list[str], targets: np.ndarray | None, transform: A.Compose, in_chans: int = 3):
-        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
+    def __init__(self, paths: list[str], targets: np.ndarray | None, transform: A.Compose, in_chans: int = 3, cache=None):
+        self.paths, self.transform, self.in_chans, self.cache = list(paths), transform, in_chans, cache
+        self.rows = cache.rows(self.paths) if cache is not None else None
         self.targets = np.full(len(self.paths), -1.0) if targets is None else np.asarray(targets)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = self.transform(image=read_image(self.paths[i], self.in_chans))["image"]
-        return image, torch.as_tensor(self.targets[i])
+        img = self.cache.image(self.rows[i]) if self.cache is not None else read_image(self.paths[i], self.in_chans)
+        return self.transform(image=img)["image"], torch.as_tensor(self.targets[i])

@@ -23,6 +23,8 @@ class TimmModel(nn.Module):
     def __init__(self, cfg: CFG, num_outputs: int):
         super().__init__()
         kwargs = dict(pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans)
+        if cfg.drop_path:
+            kwargs["drop_path_rate"] = cfg.drop_path
         if cfg.pretrained and cfg.pretrained_path:
             # internet-off kernels: timm loads the local file through its own pretrained mechanism
             path = Path(cfg.pretrained_path).expanduser()

@@ -164,7 +164,7 @@ def test_tuple_accepted_for_list_fields():
     ("task", "segmentation"),
     ("metric", "logloss"),
     ("arch", "vit_from_scratch"),
-    ("augment", "heavy"),
+    ("augment", "extreme"),
 ])
 def test_invalid_choice_names_the_key(key, value):
     with pytest.raises(ValueError) as e:

@@ -1,0 +1,98 @@
+"""The decoded-image cache: images decoded and resized to img_size once, kept on disk as a
+memory-mapped uint8 array [N, img_size, img_size, C], so later epochs and folds skip decoding.
+
+A cache is keyed by its source files (path, size, mtime) and the image size and channels; a
+change of any makes a new one. It is filled through a temp file and a rename, so a killed
+fill never leaves a cache that looks complete. It is skipped (with a log line) when it would
+not fit on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .config import CFG, under_root
+from .data import read_image
+from .utils import atomic_path, atomic_write_text
+
+
+class ImageCache:
+    """Rows of a memory-mapped uint8 image array; picklable for DataLoader workers (each opens
+    the map itself)."""
+
+    def __init__(self, file: Path, paths: list[str], shape: tuple[int, ...]):
+        self.file, self.shape = Path(file), tuple(shape)
+        self.index = {p: i for i, p in enumerate(paths)}
+        self._array = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.memmap(self.file, dtype=np.uint8, mode="r", shape=self.shape)
+        return self._array
+
+    def rows(self, paths: list[str]) -> np.ndarray:
+        """Cache rows of these image files (each must be in the cache)."""
+        return np.array([self.index[p] for p in paths], dtype=np.int64)
+
+    def image(self, row: int) -> np.ndarray:
+        return np.asarray(self.array[row])
+
+
+def resize_image(path: str, size: int, in_chans: int) -> np.ndarray:
+    img = read_image(path, in_chans)
+    interpolation = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
+    out = cv2.resize(img, (size, size), interpolation=interpolation)
+    return out.reshape(size, size, in_chans)
+
+
+def cache_key(paths: list[str], size: int, in_chans: int) -> str:
+    h = hashlib.sha1(f"{size}:{in_chans}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = None, workers: int | None = None) -> ImageCache | None:
+    """The cache of these images at cfg.img_size (built on first use); None when cfg.cache is
+    off or the cache would not fit on disk."""
+    if not cfg.cache:
+        return None
+    logger = logger or logging.getLogger("kaggle")
+    paths = list(dict.fromkeys(paths))  # unique, order kept
+    shape = (len(paths), cfg.img_size, cfg.img_size, cfg.in_chans)
+    root = under_root(cfg.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, cfg.img_size, cfg.in_chans)
+    file, meta = root / f"images_{key}.u8", root / f"images_{key}.json"
+    if file.exists() and meta.exists():
+        return ImageCache(file, paths, shape)
+    need = int(np.prod(shape))
+    free = shutil.disk_usage(root).free
+    if need * 1.1 + 2**30 > free:
+        logger.info(f"image cache off: it needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free in {root}")
+        return None
+    with atomic_path(file) as tmp:
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+        with ThreadPoolExecutor(max_workers=workers or max(os.cpu_count() or 1, 1)) as pool:
+            images = pool.map(lambda p: resize_image(p, cfg.img_size, cfg.in_chans), paths)
+            for i, img in enumerate(tqdm(images, total=len(paths), desc=f"caching images at {cfg.img_size}px", mininterval=1.0)):
+                out[i] = img
+        out.flush()
+        del out
+    atomic_write_text(meta, json.dumps({"shape": shape, "source": str(Path(paths[0]).parent) if paths else ""}))
+    logger.info(f"image cache: {len(paths)} images at {cfg.img_size}px in {file} ({need / 2**20:.0f} MiB)")
+    return ImageCache(file, paths, shape)
