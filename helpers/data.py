@@ -47,8 +47,14 @@ def read_train(cfg: CFG) -> pd.DataFrame:
         df["target"] = df[cfg.target_col].map({c: i for i, c in enumerate(classes)}).astype(int)
     else:
         df["target"] = df[cfg.target_col].astype(float)
-    if cfg.debug:
-        df = df.sample(n=min(cfg.debug_rows, len(df)), random_state=cfg.seed).sort_index()
+    if cfg.debug:  # tiny data; classification keeps every class, with enough rows for the folds
+        if cfg.task == "classification":
+            per_class = max(cfg.n_folds, -(-cfg.debug_rows // df["target"].nunique()))
+            rng = np.random.default_rng(cfg.seed)
+            keep = [rng.choice(g.index, min(per_class, len(g)), replace=False) for _, g in df.groupby("target")]
+            df = df.loc[np.sort(np.concatenate(keep))]
+        else:
+            df = df.sample(n=min(cfg.debug_rows, len(df)), random_state=cfg.seed).sort_index()
     return df.reset_index(drop=True)
 
 
