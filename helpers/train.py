@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .cache import build_cache
 from .config import CFG, to_dict
-from .data import ImageDataset, get_classes, get_transforms, pred_columns
+from .data import ImageDataset, get_classes, get_transforms, input_stats, pred_columns, to_model_input
 from .losses import TargetScale, loss_kind, make_criterion
 from .models import create_model
 from .utils import atomic_save, atomic_to_csv, atomic_write_text, get_device, get_score, is_better, seed_everything
@@ -134,9 +134,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     updates = epoch * (len(loader) // accum)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     optimizer.zero_grad(set_to_none=True)
+    stats = input_stats(cfg)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
     for step, (images, targets) in enumerate(bar, 1):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = to_model_input(images.to(device, non_blocking=True), stats).contiguous(memory_format=memory_format)
         targets = loss_targets(targets.to(device, non_blocking=True), cfg, scale)
         if mixup is not None:
             images, targets = mixup(images, targets.long())
@@ -168,8 +169,9 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
     model.eval()
     outs, total, count = [], 0.0, 0
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    stats = input_stats(cfg)
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = to_model_input(images.to(device, non_blocking=True), stats).contiguous(memory_format=memory_format)
         with autocast(cfg, device):
             if features:
                 outs.append(model.features(images).float().cpu())

@@ -177,9 +177,14 @@ def test_read_train_encodes_string_labels(comp_dir, tmp_path):
 
 
 def test_read_train_debug_keeps_debug_rows(comp_dir, tmp_path):
+    full = read_train(comp_cfg(comp_dir, tmp_path))
     train = read_train(comp_cfg(comp_dir, tmp_path, debug=True, debug_rows=20))
+    # tiny, but every class kept with enough rows for the folds (5 folds x 10 classes)
+    assert len(train) == 50 < len(full)
+    assert train["target"].value_counts().min() == 5 and train["target"].nunique() == full["target"].nunique()
+    assert list(train.index) == list(range(50))
+    train = read_train(comp_cfg(comp_dir, tmp_path, debug=True, debug_rows=20, n_folds=2))
     assert len(train) == 20
-    assert list(train.index) == list(range(20))
 
 
 def test_read_train_regression_target(tmp_path):

@@ -1,0 +1,179 @@
+"""Benchmarks (figures, not tests): the training loop's overhead, the decoded-image cache, and
+JPEG decode + augment throughput. Generates its own images.
+
+    python -m helpers.bench [--images 300] [--repeats 5] [--gpu]
+
+Prints a table, then one line:
+    train_loop_ratio=<x> cache_speedup=<y> decode_img_per_s=<z>
+- train_loop_ratio: images/s of train_fold's loop (train_one_epoch) over a minimal plain
+  PyTorch loop, same model, batch and in-memory data (goal >= 0.95)
+- cache_speedup: epoch time of 512 px JPEGs through the full data pipeline at img_size 224,
+  without the cache over with it (goal >= 3)
+- decode_img_per_s: JPEG decode + resize + augment, images/s in one worker
+With --gpu (on a CUDA machine): efficientnet_b0 at 224 px, train images/s in fp32 NCHW and
+with AMP (bf16 where supported, else fp16 + GradScaler) + channels_last.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .cache import build_cache
+from .config import CFG
+from .data import ImageDataset, get_transforms
+from .losses import make_criterion
+from .models import create_model
+from .train import make_loader, train_one_epoch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_epoch(model, loader, optimizer, device) -> None:
+    """The minimal PyTorch loop the ratio is measured against."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def train_loop_ratio(repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """(ours img/s, plain img/s, ratio): medians over alternating repeats."""
+    cfg = CFG(arch="timm", model_name="resnet18", img_size=64, batch_size=32, epochs=10, warmup_epochs=0, amp=False)
+    n = cfg.batch_size * 8
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    model = create_model(cfg, 10).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, step_on_epochs=False, updates_per_epoch=len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    criterion = make_criterion(cfg, np.arange(10), 10).to(device)
+    ours_times, plain_times = [], []
+    plain_epoch(model, loader, optimizer, device)  # warm-up both paths
+    train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg, device, 0)
+    for r in range(repeats):
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            _sync(device)
+            start = time.perf_counter()
+            if which == 0:
+                train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg, device, 0)
+            else:
+                plain_epoch(model, loader, optimizer, device)
+            _sync(device)
+            (ours_times if which == 0 else plain_times).append(time.perf_counter() - start)
+    ours, plain = n / statistics.median(ours_times), n / statistics.median(plain_times)
+    return ours, plain, ours / plain
+
+
+def make_jpegs(folder: Path, count: int, size: int = 512) -> list[str]:
+    """Photo-like 512 px JPEGs: smooth colour fields plus texture (realistic file sizes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        low = cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(low.astype(np.int16) + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"img_{i:05d}.jpg"
+        cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(str(path))
+    return paths
+
+
+def loader_epoch(loader) -> float:
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - start
+
+
+def cache_and_decode(n_images: int, workers: int) -> dict:
+    """Epoch time without and with the cache, the cache's build time, and decode img/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp) / "jpg", n_images)
+        cfg = CFG(img_size=224, batch_size=32, num_workers=workers, augment="light", hflip=True, cache_dir=str(Path(tmp) / "cache"))
+        df = pd.DataFrame({"path": paths, "target": np.zeros(len(paths), dtype=int)})
+        no_cache = statistics.median(loader_epoch(make_loader(replace(cfg, cache=False), df, train=True, seed=s)) for s in range(2))
+        start = time.perf_counter()
+        cache = build_cache(cfg, paths, workers=max(workers, 1))
+        build = time.perf_counter() - start
+        with_cache = statistics.median(loader_epoch(make_loader(cfg, df, train=True, seed=s, cache=cache)) for s in range(2))
+        dataset = ImageDataset(paths, None, get_transforms(cfg, train=True), 3)
+        start = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        decode = len(dataset) / (time.perf_counter() - start)
+    return {"no_cache_s": no_cache, "cache_s": with_cache, "build_s": build, "speedup": no_cache / with_cache, "decode": decode}
+
+
+def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
+    """efficientnet_b0 at 224 px on CUDA: train images/s in fp32 NCHW vs AMP + channels_last."""
+    device = torch.device("cuda")
+    rows = []
+    for amp, channels_last in ((False, False), (True, False), (True, True)):
+        cfg = CFG(arch="timm", model_name="efficientnet_b0", img_size=224, batch_size=128, amp=amp, channels_last=channels_last, warmup_epochs=0)
+        model = create_model(cfg, 1000).to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        x = torch.randn(cfg.batch_size, 3, 224, 224, device=device).to(memory_format=fmt)
+        y = torch.randint(0, 1000, (cfg.batch_size,), device=device)
+        data = [(x, y)] * steps
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=10, step_on_epochs=False, updates_per_epoch=steps)
+        bf16 = torch.cuda.is_bf16_supported()
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and not bf16)
+        criterion = make_criterion(cfg, np.arange(1000), 1000).to(device)
+        train_one_epoch(model, data[:5], criterion, optimizer, scheduler, scaler, cfg, device, 0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        train_one_epoch(model, data, criterion, optimizer, scheduler, scaler, cfg, device, 0)
+        end.record()
+        torch.cuda.synchronize()
+        label = "fp32 NCHW" if not amp else f"AMP {'bf16' if bf16 else 'fp16'}{' + channels_last' if channels_last else ''}"
+        rows.append((label, steps * cfg.batch_size / (start.elapsed_time(end) / 1000)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300, help="JPEGs to generate for the cache benchmark")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating repeats of the loop benchmark")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the cache benchmark")
+    parser.add_argument("--gpu", action="store_true", help="also the efficientnet_b0 GPU throughput (CUDA)")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    ours, plain, ratio = train_loop_ratio(args.repeats, device)
+    io = cache_and_decode(args.images, args.workers)
+    print(f"{'benchmark':<48} {'value':>12}")
+    print(f"{'train loop (train_one_epoch), resnet18 64px, CPU':<48} {ours:>9.1f} img/s")
+    print(f"{'plain PyTorch loop, same model and data':<48} {plain:>9.1f} img/s")
+    print(f"{'epoch, 512px JPEG -> 224, no cache':<48} {io['no_cache_s']:>11.2f}s")
+    print(f"{'cache build (once)':<48} {io['build_s']:>11.2f}s")
+    print(f"{'epoch, same pipeline, with cache':<48} {io['cache_s']:>11.2f}s")
+    print(f"{'decode + resize + augment, one worker':<48} {io['decode']:>9.1f} img/s")
+    if args.gpu:
+        for label, value in gpu_throughput():
+            print(f"{'efficientnet_b0 224px ' + label:<48} {value:>9.1f} img/s")
+    print(f"train_loop_ratio={ratio:.3f} cache_speedup={io['speedup']:.2f} decode_img_per_s={io['decode']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
