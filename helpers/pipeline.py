@@ -7,7 +7,8 @@
 every experiment of the config; 05_ensemble runs once at the end. Each executed notebook is
 saved under models/<experiment>/notebooks/. A re-run (after a kill, say) skips the stages that
 finished with the same config and redoes only what is missing (a killed fold resumes from its
-last.pt); --force runs everything again. The first failing cell stops the run with the
+last.pt); --force runs everything again. With several GPUs visible (or --gpus N), the folds of
+02_train run in parallel, one papermill process per GPU. The first failing cell stops the run with the
 notebook, the cell, the original error and where the executed copy is. Ends with a table of
 the CV of every stage and the local leaderboard score.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -108,6 +110,67 @@ def execute(job: Job) -> float:
     return time.perf_counter() - start
 
 
+def _failure(job: Job, fallback: str) -> NotebookFailed:
+    """NotebookFailed from the executed copy that a papermill subprocess left behind."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(job.output, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "error":
+                    return NotebookFailed(
+                        f"notebook {job.stage}.ipynb failed ({job.label}) at cell {index} (execution count "
+                        f"{cell.get('execution_count')}):\n  {out['ename']}: {out['evalue']}\n"
+                        f"  executed copy with the traceback: {job.output}")
+    except (OSError, ValueError):
+        pass
+    return NotebookFailed(f"notebook {job.stage}.ipynb failed ({job.label}): {fallback[-2000:]}")
+
+
+def execute_on_gpus(jobs: list[Job], gpus: list[str]) -> list[float]:
+    """Run jobs (the folds of 02_train) at once, one per GPU: each a papermill process that
+    sees only its GPU (CUDA_VISIBLE_DEVICES). Returns their times; raises on the first failure."""
+    import queue
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    free: queue.Queue = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def run(job: Job) -> float:
+        gpu = free.get()
+        try:
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS / f"{job.stage}.ipynb"), str(job.output),
+                   "--cwd", str(NOTEBOOKS), "-k", "python3", "--no-progress-bar", "-y", yaml.safe_dump(job.parameters)]
+            proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise _failure(job, proc.stderr)
+            atomic_write_text(marker(job), json.dumps(_stamp(job)))
+            return time.perf_counter() - start
+        finally:
+            free.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        return list(pool.map(run, jobs))
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process sees (as CUDA_VISIBLE_DEVICES ids)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in listed.split(",") if i.strip()] if listed else [str(i) for i in range(torch.cuda.device_count())]
+    return ids[: torch.cuda.device_count()]
+
+
 def summary(cfgs: list[CFG]) -> str:
     """The CV of every stage (each experiment and its stacker) and the ensemble's scores."""
     lines = [f"{'stage':<34} {'metric':<9} {'CV':>9} {'fold mean ± std':>20}"]
@@ -137,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="*", help="only these experiments of the config")
     parser.add_argument("--stages", nargs="*", help=f"only these stages, of {STAGES}")
     parser.add_argument("--force", action="store_true", help="run every stage, also those done before")
+    parser.add_argument("--gpus", type=int, help="train folds in parallel on this many GPUs (default: every visible GPU)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_set(args.set)
@@ -144,23 +208,40 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    gpus = [str(g) for g in range(args.gpus)] if args.gpus is not None else visible_gpus()
     start = time.perf_counter()
     rerun: set[str] = set()  # experiments with a stage that ran: their later stages run too
-    for i, job in enumerate(jobs, 1):
-        downstream_of_rerun = job.cfg.experiment in rerun or (job.stage == "05_ensemble" and rerun)
-        if not args.force and not downstream_of_rerun and is_done(job):
-            print(f"[{i}/{len(jobs)}] {job.label} ... done before, skipped", flush=True)
-            continue
-        if job.stage != "00_eda":
-            rerun.add(job.cfg.experiment)
-        print(f"[{i}/{len(jobs)}] {job.label} ...", end=" ", flush=True)
-        try:
+    pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
+
+    def flush() -> None:
+        if not pending:
+            return
+        for i, job in pending:
+            print(f"[{i}/{len(jobs)}] {job.label} ... on GPU {gpus[(i - pending[0][0]) % len(gpus)]} (parallel)", flush=True)
+        seconds = execute_on_gpus([job for _, job in pending], gpus)
+        print(f"    {len(pending)} folds in parallel: {', '.join(f'{s:.1f}s' for s in seconds)}", flush=True)
+        pending.clear()
+
+    try:
+        for i, job in enumerate(jobs, 1):
+            downstream_of_rerun = job.cfg.experiment in rerun or (job.stage == "05_ensemble" and rerun)
+            if not args.force and not downstream_of_rerun and is_done(job):
+                print(f"[{i}/{len(jobs)}] {job.label} ... done before, skipped", flush=True)
+                continue
+            if job.stage != "00_eda":
+                rerun.add(job.cfg.experiment)
+            if job.stage == "02_train" and len(gpus) > 1:
+                pending.append((i, job))
+                continue
+            flush()
+            print(f"[{i}/{len(jobs)}] {job.label} ...", end=" ", flush=True)
             seconds = execute(job)
-        except NotebookFailed as e:
-            print("FAILED")
-            print(str(e), file=sys.stderr)
-            return 1
-        print(f"{seconds:.1f}s", flush=True)
+            print(f"{seconds:.1f}s", flush=True)
+        flush()
+    except NotebookFailed as e:
+        print("FAILED")
+        print(str(e), file=sys.stderr)
+        return 1
     cfgs = {job.cfg.experiment: job.cfg for job in jobs}
     print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
     print(summary([c for c in cfgs.values()]))

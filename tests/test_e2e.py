@@ -97,6 +97,20 @@ def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(tiny_run, c
     assert (tmp / "submissions" / "submission.csv").exists()
 
 
+def test_folds_train_in_parallel_one_process_per_gpu(tiny_run, capsys):
+    tmp, comp, _ = tiny_run
+    capsys.readouterr()
+    rc = pipeline.main(["--config", str(tmp / "tiny.yaml"), "--experiments", "tiny_hybrid", "--stages", "02_train",
+                        "--force", "--gpus", "2"])  # on a CPU machine each process simply sees no GPU
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "02_train fold 0 [tiny_hybrid] ... on GPU 0 (parallel)" in out
+    assert "02_train fold 1 [tiny_hybrid] ... on GPU 1 (parallel)" in out
+    assert "2 folds in parallel" in out
+    for k in (0, 1):
+        assert (tmp / "models" / "tiny_hybrid" / "notebooks" / f"02_train_fold{k}.done.json").exists()
+
+
 def test_runner_reports_the_failing_notebook_and_cell(tmp_path, capsys):
     comp = build_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
     missing = sorted((comp / "train").glob("*.png"))[3]
