@@ -37,6 +37,10 @@ class TimmModel(nn.Module):
             if "Unknown model" in str(e):
                 close = timm.list_models(f"*{cfg.model_name.split('_')[0]}*")[:8]
                 raise ValueError(f"config key 'model_name': unknown timm model '{cfg.model_name}'; close: {close}") from e
+            if cfg.pretrained and cfg.pretrained_path:  # e.g. weights of another architecture
+                first = str(e).strip().splitlines()[0][:300]
+                raise ValueError(f"config key 'pretrained_path': {cfg.pretrained_path} does not fit model "
+                                 f"'{cfg.model_name}': {first}") from e
             raise
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, num_outputs))

@@ -199,3 +199,10 @@ def test_timm_num_features_from_backbone():
     assert model.num_features == 512
     with torch.no_grad():
         assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_timm_pretrained_path_of_another_architecture_is_a_clear_error(resnet18_weights):
+    path, _ = resnet18_weights if isinstance(resnet18_weights, tuple) else (resnet18_weights, None)
+    with pytest.raises(ValueError) as e:
+        TimmModel(CFG(model_name="resnet34", pretrained=True, pretrained_path=str(path)), 2)
+    assert "pretrained_path" in str(e.value) and "resnet34" in str(e.value)
