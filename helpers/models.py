@@ -42,6 +42,8 @@ class TimmModel(nn.Module):
                 raise ValueError(f"config key 'pretrained_path': {cfg.pretrained_path} does not fit model "
                                  f"'{cfg.model_name}': {first}") from e
             raise
+        if cfg.pretrained and cfg.pretrained_path:
+            _check_weights_file(Path(cfg.pretrained_path).expanduser(), self.backbone, cfg.model_name)
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, num_outputs))
 
@@ -50,6 +52,26 @@ class TimmModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _check_weights_file(path: Path, backbone: nn.Module, name: str) -> None:
+    """timm loads a headless backbone non-strictly, so weights of another architecture (resnet18
+    into resnet34) would load in part, silently. When the file uses the model's key names, every
+    backbone key must be in it."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    else:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
+        keys = {k.removeprefix("module.") for k in state}
+    wanted = [k for k in backbone.state_dict() if not k.endswith("num_batches_tracked")]
+    missing = [k for k in wanted if k not in keys]
+    if missing and len(missing) < len(wanted):  # same naming, but parts absent: another architecture
+        raise ValueError(f"config key 'pretrained_path': {path} does not fit model '{name}': "
+                         f"{len(missing)} of its {len(wanted)} weights are not in the file (e.g. {missing[:3]})")
 
 
 # --- the hybrid CNN-transformer -----------------------------------------------------------
