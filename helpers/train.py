@@ -129,7 +129,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     """One pass over the training data; returns the mean loss. `step_model` is the module
     that runs the forward pass (the torch.compile'd model), `model` the one whose weights
     are clipped and averaged."""
-    step_model = step_model or model
+    step_model = step_model if step_model is not None else model
     model.train()
     total = torch.zeros((), device=device)
     count, accum = 0, cfg.grad_accum

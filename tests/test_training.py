@@ -64,6 +64,7 @@ SWITCHES = {
     "heavy_aug": {"augment": "heavy"},
     "sampling": {"sampling_ratio": 0.5},
     "no_cache": {"cache": False},
+    "compile": {"compile": True},
     "timm+layer_decay+drop_path": {"arch": "timm", "model_name": "resnet18", "layer_decay": 0.75, "drop_path": 0.1},
 }
 
