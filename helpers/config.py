@@ -112,13 +112,18 @@ class CFG:
     retrain: bool = False  # train a fold again even if it finished with this config
     debug: bool = False  # tiny data, 1 epoch: check the whole path quickly
     debug_rows: int = 64  # rows kept in debug mode
-    # --- stacking (LightGBM) ----------------------------------------------------------
+    # --- stacking ---------------------------------------------------------------------
+    features_from: str = "folds"  # embeddings from 'folds' (each fold's CNN) | 'pretrained' (a frozen pretrained backbone)
+    stacker: str = "lgbm"  # 'lgbm' | 'svr' (SVR/SVC) | 'logistic' (logistic/ridge regression)
+    stack_pca: int = 0  # PCA components of the embeddings (fitted per fold on its training rows); 0 = off
+    stack_c: float = 1.0  # regularisation C of the svr / logistic heads
     lgbm_n_estimators: int = 2000  # maximum boosting rounds (early stopping picks the best)
     lgbm_learning_rate: float = 0.05  # boosting learning rate
     lgbm_num_leaves: int = 15  # leaves per tree
     lgbm_feature_fraction: float = 0.5  # share of features per tree
     lgbm_early_stopping: int = 50  # rounds without improvement before stopping
     # --- ensemble -------------------------------------------------------------------
+    ensemble_method: str = "hill"  # 'hill' (hill climbing on OOF) | 'mean' | 'rank' (rank averaging)
     ensemble_iters: int = 50  # hill-climbing steps (forward selection with replacement)
     submission_name: str = "submission"  # submissions/<name>.csv
 
@@ -259,6 +264,9 @@ def validate(cfg: CFG) -> None:
         "augment": ("none", "light", "medium", "heavy"),
         "loss": ("auto", "ce", "focal", "bce", "mse"),
         "class_weights": ("", "balanced"),
+        "features_from": ("folds", "pretrained"),
+        "stacker": ("lgbm", "svr", "logistic"),
+        "ensemble_method": ("hill", "mean", "rank"),
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -274,6 +282,8 @@ def validate(cfg: CFG) -> None:
         raise ValueError(f"config key 'grad_accum' must be at least 1, got {cfg.grad_accum}")
     if cfg.task == "regression" and (cfg.mixup_alpha or cfg.cutmix_alpha):
         raise ValueError("config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix are for classification")
+    if cfg.ensemble_method == "rank" and cfg.task == "regression":
+        raise ValueError("config key 'ensemble_method': rank averaging loses a regression target's scale; use 'hill' or 'mean'")
     if cfg.n_folds < 2:
         raise ValueError("config key 'n_folds' must be at least 2")
     bad = [f for f in cfg.folds if not 0 <= f < cfg.n_folds]

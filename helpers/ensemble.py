@@ -3,6 +3,7 @@
 correlation matrix, and the submission in sample_submission's shape."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,18 +104,68 @@ def hill_climb(preds: list[np.ndarray], y_true: np.ndarray, metric: str, iters: 
     return counts / counts.sum()
 
 
-def fit_weights(experiments: list[Experiment], y_true: np.ndarray, folds: np.ndarray, metric: str, iters: int) -> dict:
-    """Weights fitted on all OOF rows (in-sample score), and judged honestly: for each fold,
-    weights fitted on the other folds score that fold (held-out score)."""
-    preds = [e.oof for e in experiments]
-    weights = hill_climb(preds, y_true, metric, iters)
-    held_out = np.zeros_like(preds[0])
-    for k in np.unique(folds):
-        trn, val = folds != k, folds == k
-        w = hill_climb([p[trn] for p in preds], y_true[trn], metric, iters)
-        held_out[val] = blend([p[val] for p in preds], w)
-    return {"weights": weights, "in_sample": get_score(metric, y_true, blend(preds, weights)),
-            "held_out": get_score(metric, y_true, held_out), "oof": blend(preds, weights)}
+def rank_transform(pred: np.ndarray) -> np.ndarray:
+    """Each column's values as ranks scaled to [0, 1] (ties share their mean rank)."""
+    ranks = pd.DataFrame(pred).rank(method="average").to_numpy()
+    return (ranks - 1) / max(len(pred) - 1, 1)
+
+
+def _normalise_rows(pred: np.ndarray) -> np.ndarray:
+    return pred / np.clip(pred.sum(1, keepdims=True), 1e-12, None) if pred.shape[1] > 1 else pred
+
+
+def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.ndarray, metric: str,
+                 method: str = "hill", iters: int = 50) -> dict:
+    """Blend the experiments' OOF and test predictions.
+
+    'hill': weights by hill climbing on all OOF rows (the in-sample score), and judged honestly:
+    for each fold, weights fitted on the other folds score that fold (the held-out score).
+    'mean': equal weights. 'rank': equal-weight average of per-column ranks (classification).
+    Returns weights, in_sample, held_out, oof and test (the blended predictions)."""
+    oofs, tests = [e.oof for e in experiments], [e.test for e in experiments]
+    if method == "rank":
+        oofs = [rank_transform(p) for p in oofs]
+        tests = [rank_transform(p) for p in tests]
+    if method == "hill":
+        weights = hill_climb(oofs, y_true, metric, iters)
+        held_out = np.zeros_like(oofs[0])
+        for k in np.unique(folds):
+            trn, val = folds != k, folds == k
+            w = hill_climb([p[trn] for p in oofs], y_true[trn], metric, iters)
+            held_out[val] = blend([p[val] for p in oofs], w)
+    else:
+        weights = np.full(len(oofs), 1.0 / len(oofs))
+        held_out = blend(oofs, weights)  # nothing is fitted: in-sample is held-out
+    oof, test = blend(oofs, weights), blend(tests, weights)
+    if method == "rank":
+        oof, test, held_out = _normalise_rows(oof), _normalise_rows(test), _normalise_rows(held_out)
+    return {"method": method, "weights": weights, "in_sample": get_score(metric, y_true, oof),
+            "held_out": get_score(metric, y_true, held_out), "oof": oof, "test": test}
+
+
+def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
+    """Every experiment of this competition under models/ (experiment, model, img_size,
+    epochs, CV, CV mean ± std over folds, wall time), plus the ensemble's in-sample and
+    held-out CV; written to models/results.csv."""
+    root = cfg.exp_dir.parent
+    rows = []
+    for d in sorted(p for p in root.iterdir() if (p / "score.json").exists() and (p / "config.yaml").exists()):
+        exp_cfg = load_saved_cfg(d)
+        if (exp_cfg.competition_dir, exp_cfg.target_col, exp_cfg.task) != (cfg.competition_dir, cfg.target_col, cfg.task):
+            continue
+        score = json.loads((d / "score.json").read_text())
+        cnn = exp_cfg.arch in ("timm", "hybrid")
+        rows.append({"experiment": d.name, "model": exp_cfg.model_name if exp_cfg.arch == "timm" else exp_cfg.arch,
+                     "img_size": exp_cfg.img_size if cnn else None, "epochs": exp_cfg.epochs if cnn else None,
+                     "metric": score["metric"], "cv": score["cv"], "cv_mean": score["cv_mean"], "cv_std": score["cv_std"],
+                     "wall_s": score.get("wall_s")})
+    if ensemble is not None:
+        for kind in ("in_sample", "held_out"):
+            rows.append({"experiment": f"ensemble ({ensemble['method']}, {kind.replace('_', '-')})", "model": "ensemble",
+                         "metric": cfg.metric, "cv": ensemble[kind]})
+    table = pd.DataFrame(rows)
+    atomic_to_csv(table, root / "results.csv")
+    return table
 
 
 def correlation(experiments: list[Experiment]) -> pd.DataFrame:

@@ -176,7 +176,7 @@ def summary(cfgs: list[CFG]) -> str:
     lines = [f"{'stage':<34} {'metric':<9} {'CV':>9} {'fold mean ± std':>20}"]
     seen = set()
     for cfg in cfgs:
-        for exp_dir in (cfg.exp_dir, cfg.exp_dir.parent / f"{cfg.experiment}_lgbm"):
+        for exp_dir in (cfg.exp_dir, cfg.exp_dir.parent / f"{cfg.experiment}_{cfg.stacker}"):
             path = exp_dir / "score.json"
             if path.exists() and exp_dir not in seen:
                 seen.add(exp_dir)
@@ -185,11 +185,11 @@ def summary(cfgs: list[CFG]) -> str:
     path = ensemble_dir(cfgs[0]) / "score.json"
     if path.exists():
         s = json.loads(path.read_text())
-        lines.append(f"{'ensemble (in-sample weights)':<34} {s['metric']:<9} {s['in_sample']:>9.5f}")
-        lines.append(f"{'ensemble (held-out weights)':<34} {s['metric']:<9} {s['held_out']:>9.5f}")
+        lines.append(f"{'ensemble (' + s['method'] + ', in-sample)':<34} {s['metric']:<9} {s['in_sample']:>9.5f}")
+        lines.append(f"{'ensemble (' + s['method'] + ', held-out)':<34} {s['metric']:<9} {s['held_out']:>9.5f}")
         if s.get("local_lb") is not None:
             lines.append(f"{'local leaderboard (solution.csv)':<34} {s['metric']:<9} {s['local_lb']:>9.5f}")
-        lines.append(f"submission: {s['submission']}")
+        lines.append(f"submission: {s['submission']}; all results: {cfgs[0].exp_dir.parent / 'results.csv'}")
     return "\n".join(lines)
 
 

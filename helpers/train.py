@@ -39,7 +39,7 @@ from .utils import atomic_save, atomic_to_csv, atomic_write_text, get_device, ge
 # settings that do not change what a fold learns: a finished fold trained under other values is kept
 RUN_ONLY_KEYS = {"folds", "retrain", "num_workers", "device", "debug_rows", "submission_name", "ensemble_iters",
                  "cache", "cache_dir", "wandb", "wandb_project", "compile", "models_dir", "submissions_dir"}
-RUN_ONLY_KEYS |= {k for k in to_dict(CFG()) if k.startswith("lgbm_")}
+RUN_ONLY_KEYS |= {k for k in to_dict(CFG()) if k.startswith(("lgbm_", "stack", "ensemble_"))} | {"features_from"}
 HEAD_PREFIXES = ("head.", "classifier.")  # parameters of the head; the rest is the backbone
 
 
@@ -370,7 +370,9 @@ def finalize_experiment(cfg: CFG, logger: logging.Logger | None = None) -> dict 
         test[cols] = np.mean([t[cols].to_numpy() for t in tests], axis=0)
         atomic_to_csv(test, cfg.exp_dir / "test.csv")
     atomic_to_csv(oof, cfg.exp_dir / "oof.csv")
-    return write_score(cfg, oof, logger)
+    wall = sum(sum(json.loads(line)["time_s"] for line in (fold_dir(cfg, k) / "metrics.jsonl").read_text().splitlines())
+               for k in cfg.fold_ids if (fold_dir(cfg, k) / "metrics.jsonl").exists())
+    return write_score(cfg, oof, logger, wall_s=wall)
 
 
 def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -383,13 +385,14 @@ def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
 
 
-def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = None) -> dict:
-    """score.json of an experiment: CV on all OOF rows and mean ± std over folds."""
+def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = None, wall_s: float | None = None) -> dict:
+    """score.json of an experiment: CV on all OOF rows, mean ± std over folds, wall time."""
     y_true, y_pred = oof_targets(cfg, oof)
     per_fold = [get_score(cfg.metric, y_true[oof["fold"] == k], y_pred[(oof["fold"] == k).to_numpy()])
                 for k in sorted(oof["fold"].unique())]
     score = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": get_score(cfg.metric, y_true, y_pred),
-             "cv_mean": float(np.mean(per_fold)), "cv_std": float(np.std(per_fold)), "folds": per_fold}
+             "cv_mean": float(np.mean(per_fold)), "cv_std": float(np.std(per_fold)), "folds": per_fold,
+             "wall_s": None if wall_s is None else round(wall_s, 1)}
     atomic_write_text(cfg.exp_dir / "score.json", json.dumps(score, indent=1))
     if logger:
         logger.info(f"{cfg.experiment}: CV {cfg.metric} {score['cv']:.5f} "

@@ -19,6 +19,10 @@
 # CNN embeddings of the rows that CNN trained on, early-stopped and validated on fold k's rows,
 # which that CNN never saw, and predicts test from the same CNN. So no row's stacker prediction
 # comes from a model that saw the row, and the stacker's OOF score is honest.
+#
+# With `features_from: pretrained`, a frozen pretrained timm backbone embeds the images instead
+# (no fine-tuning, the Pawpularity "embeddings + SVR" recipe): it never saw a label, so one set
+# of embeddings serves every fold (`train_all.npy`, `test_all.npy`).
 
 # %% tags=["parameters"]
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
@@ -32,12 +36,10 @@ from pathlib import Path
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "helpers").is_dir())
 sys.path.insert(0, str(ROOT))
 
-import numpy as np
-
 from helpers import setup
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
-from helpers.stacking import extract_features
+from helpers.stacking import extract_features, fold_features
 from helpers.train import finalize_experiment
 
 cfg, logger = setup(config_path, experiment, overrides)
@@ -50,5 +52,5 @@ out = extract_features(cfg, folds, test, logger)
 
 # %%
 for k in cfg.fold_ids:
-    emb = np.load(out / f"train_fold{k}.npy")
-    print(f"fold {k}: train {emb.shape}, test {np.load(out / f'test_fold{k}.npy').shape}, dtype {emb.dtype}")
+    emb = fold_features(out, "train", k)
+    print(f"fold {k}: train {emb.shape}, test {fold_features(out, 'test', k).shape}, dtype {emb.dtype}")

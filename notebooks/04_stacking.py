@@ -13,10 +13,12 @@
 
 # %% [markdown]
 # # 04 · Stacking
-# LightGBM on the CNN embeddings (plus the metadata columns, when there are any), with the
+# LightGBM (or, with `stacker`, an SVR / logistic head) on the CNN embeddings, optionally
+# PCA-reduced (`stack_pca`), plus the metadata columns (numeric or text, NaN allowed), with the
 # same folds as the CNN: the fold-k stacker learns from fold k's CNN embeddings of the other
-# folds' rows and predicts fold k's rows. Its OOF and test predictions form a new experiment,
-# `models/<experiment>_lgbm`, that the ensemble can use.
+# folds' rows, early-stops on the competition metric on fold k's rows and predicts them. Its
+# OOF and test predictions form a new experiment, `models/<experiment>_<stacker>`, for the
+# ensemble.
 
 # %% tags=["parameters"]
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
@@ -49,13 +51,15 @@ test = read_test(cfg)
 result = run_stacking(cfg, folds, test, logger)
 
 # %%
-plots.feature_importance(result["importance"], stack_experiment(cfg).exp_dir / "importance.png");
+if result["importance"] is not None:  # LightGBM: gain per feature, metadata in red
+    plots.feature_importance(result["importance"], stack_experiment(cfg).exp_dir / "importance.png");
 
 # %% [markdown]
 # ## CNN vs stacker, out of fold
 
 # %%
-cnn = json.loads((cfg.exp_dir / "score.json").read_text())
-table = pd.DataFrame([{"model": cfg.experiment, "cv": cnn["cv"], "cv_mean": cnn["cv_mean"], "cv_std": cnn["cv_std"]},
-                      {"model": stack_experiment(cfg).experiment, "cv": result["cv"], "cv_mean": result["cv_mean"], "cv_std": result["cv_std"]}])
-display(table.set_index("model").round(5))
+rows = [{"model": stack_experiment(cfg).experiment, "cv": result["cv"], "cv_mean": result["cv_mean"], "cv_std": result["cv_std"]}]
+if (cfg.exp_dir / "score.json").exists():  # absent when the embeddings come from a frozen pretrained backbone
+    cnn = json.loads((cfg.exp_dir / "score.json").read_text())
+    rows.insert(0, {"model": cfg.experiment, "cv": cnn["cv"], "cv_mean": cnn["cv_mean"], "cv_std": cnn["cv_std"]})
+display(pd.DataFrame(rows).set_index("model").round(5))

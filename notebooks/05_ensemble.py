@@ -15,8 +15,9 @@
 # # 05 · Ensemble and submission
 # Every experiment under `models/` for this competition (CNNs and stackers), their scores and
 # the correlation of their OOF predictions (diverse models blend best). Weights come from hill
-# climbing on OOF (forward selection with replacement); to judge them honestly they are also
-# fitted on all folds but one and scored on the held-out fold. Writes `submissions/submission.csv`.
+# climbing on OOF (Caruana: forward selection with replacement; `ensemble_method` also offers
+# `mean` and `rank`). To judge them honestly they are also fitted on all folds but one and
+# scored on the held-out fold; both scores are shown. Writes `submissions/submission.csv`.
 
 # %% tags=["parameters"]
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
@@ -38,10 +39,10 @@ from IPython.display import display
 from helpers import setup
 from helpers import plots
 from helpers.data import read_train
-from helpers.ensemble import (blend, classes_of, collect_experiments, correlation, fit_weights, local_lb,
-                              make_submission, write_submission)
+from helpers.ensemble import (classes_of, collect_experiments, correlation, fit_ensemble, local_lb, make_submission,
+                              results_table, write_submission)
 from helpers.pipeline import ensemble_dir
-from helpers.utils import atomic_to_csv, atomic_write_text
+from helpers.utils import atomic_write_text
 
 cfg, logger = setup(config_path, experiment, overrides)
 out = ensemble_dir(cfg)
@@ -49,15 +50,21 @@ out = ensemble_dir(cfg)
 # %%
 collection = collect_experiments(cfg, logger)
 experiments = collection.experiments
-result = fit_weights(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric, cfg.ensemble_iters)
-scores = pd.DataFrame([{"experiment": e.name, "cv": e.score, "weight": w} for e, w in zip(experiments, result["weights"])])
-scores = pd.concat([scores, pd.DataFrame([{"experiment": "ensemble (in-sample)", "cv": result["in_sample"]},
-                                          {"experiment": "ensemble (held-out)", "cv": result["held_out"]}])], ignore_index=True)
-atomic_to_csv(scores, out / "scores.csv")
-display(scores.round(5))
+result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
+                      cfg.ensemble_method, cfg.ensemble_iters)
+weights = pd.DataFrame({"experiment": [e.name for e in experiments], "cv": [e.score for e in experiments],
+                        "weight": result["weights"]})
+display(weights.round(4))
+
+# %% [markdown]
+# ## Results across experiments (`models/results.csv`)
 
 # %%
-plots.score_bars(scores, cfg.metric, out / "scores.png");
+results = results_table(cfg, result)
+display(results.round(5))
+
+# %%
+plots.score_bars(results, cfg.metric, out / "scores.png");
 
 # %%
 corr = correlation(experiments)
@@ -68,13 +75,12 @@ plots.correlation_heatmap(corr, out / "correlation.png");
 
 # %%
 classes = classes_of(cfg, read_train(cfg))
-test_pred = blend([e.test for e in experiments], result["weights"])
-submission = make_submission(cfg, collection.test_ids, test_pred, classes)
+submission = make_submission(cfg, collection.test_ids, result["test"], classes)
 paths = write_submission(cfg, submission, classes)
 lb = local_lb(cfg, submission, classes)
-atomic_write_text(out / "score.json", json.dumps({"metric": cfg.metric, "in_sample": result["in_sample"],
-                                                  "held_out": result["held_out"], "local_lb": lb,
-                                                  "weights": dict(zip([e.name for e in experiments], result["weights"].tolist())),
+atomic_write_text(out / "score.json", json.dumps({"metric": cfg.metric, "method": result["method"],
+                                                  "in_sample": result["in_sample"], "held_out": result["held_out"],
+                                                  "local_lb": lb, "weights": dict(zip(weights["experiment"], weights["weight"])),
                                                   "submission": str(paths[0])}, indent=1))
 display(submission.head())
 print(f"wrote {', '.join(map(str, paths))}" + (f"; local LB {cfg.metric}: {lb:.5f}" if lb is not None else ""))

@@ -77,6 +77,10 @@ def test_submission_matches_sample_submission(tiny_run):
     score = json.loads((tmp / "models" / "ensemble" / "score.json").read_text())
     assert 0 <= score["held_out"] <= 1 and score["local_lb"] is not None
     assert len(score["weights"]) == 4  # two CNNs and two stackers
+    results = pd.read_csv(tmp / "models" / "results.csv")
+    assert {"tiny_cnn", "tiny_cnn_lgbm", "tiny_hybrid", "tiny_hybrid_lgbm",
+            "ensemble (hill, in-sample)", "ensemble (hill, held-out)"} == set(results["experiment"])
+    assert results.loc[results["experiment"] == "tiny_cnn", "wall_s"].iloc[0] > 0
 
 
 def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(tiny_run, capsys):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from helpers.config import CFG, save_cfg
-from helpers.ensemble import (Experiment, blend, collect_experiments, fit_weights, hill_climb, local_lb,
+from helpers.ensemble import (Experiment, blend, collect_experiments, fit_ensemble, hill_climb, local_lb,
                               make_submission)
 from helpers.utils import get_score
 
@@ -77,11 +77,11 @@ def test_hill_climb_regression_complementary():
     assert get_score("rmse", y, blend(preds, w)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_fit_weights_in_sample_and_held_out():
+def test_fit_ensemble_in_sample_and_held_out():
     y, preds = complementary()
     folds = np.arange(len(y)) % 4
     exps = [Experiment(name, CFG(), p, p[:5], get_score("accuracy", y, p)) for name, p in zip("abc", preds)]
-    result = fit_weights(exps, y, folds, "accuracy", iters=10)
+    result = fit_ensemble(exps, y, folds, "accuracy", "hill", iters=10)
     assert set(result) >= {"weights", "in_sample", "held_out", "oof"}
     assert result["in_sample"] == 1.0
     assert result["held_out"] == 1.0  # every fold's weights (from the other folds) also blend A and B
@@ -90,14 +90,14 @@ def test_fit_weights_in_sample_and_held_out():
     assert result["weights"][0] > 0 and result["weights"][1] > 0
 
 
-def test_fit_weights_held_out_is_honest():
+def test_fit_ensemble_held_out_is_honest():
     """Pure-noise models: in-sample selection can overfit, held-out cannot beat it on average."""
     rng = np.random.default_rng(5)
     n = 200
     y = rng.integers(0, 2, n)
     preds = [softmax(rng.normal(size=(n, 2))) for _ in range(5)]
     exps = [Experiment(str(i), CFG(), p, p, get_score("accuracy", y, p)) for i, p in enumerate(preds)]
-    result = fit_weights(exps, y, np.arange(n) % 5, "accuracy", iters=15)
+    result = fit_ensemble(exps, y, np.arange(n) % 5, "accuracy", "hill", iters=15)
     assert result["in_sample"] >= max(e.score for e in exps)
     assert result["held_out"] <= result["in_sample"]
 
@@ -261,3 +261,36 @@ def test_local_lb_scores_against_solution(comp, tmp_path):
     assert local_lb(cfg, sub, CLASSES) == pytest.approx(0.75)
     (comp / "solution.csv").unlink()
     assert local_lb(cfg, sub, CLASSES) is None
+
+
+def test_mean_and_rank_averaging():
+    rng = np.random.default_rng(3)
+    n = 150
+    y = rng.integers(0, 3, n)
+    a = softmax(np.eye(3)[y] * 2 + rng.normal(size=(n, 3)))
+    b = softmax(np.eye(3)[y] * 2 + rng.normal(size=(n, 3)))
+    exps = [Experiment(name, CFG(), p, p[:20], get_score("accuracy", y, p)) for name, p in (("a", a), ("b", b))]
+    mean = fit_ensemble(exps, y, np.arange(n) % 5, "accuracy", "mean")
+    assert np.allclose(mean["weights"], [0.5, 0.5]) and np.allclose(mean["oof"], (a + b) / 2)
+    assert mean["in_sample"] == mean["held_out"]  # nothing fitted
+    rank = fit_ensemble(exps, y, np.arange(n) % 5, "accuracy", "rank")
+    assert np.allclose(rank["oof"].sum(1), 1) and rank["test"].shape == (20, 3)
+    assert rank["in_sample"] > 0.6
+
+
+def test_results_table_lists_experiments_and_the_ensemble(tmp_path):
+    from helpers.ensemble import results_table
+    from helpers.train import write_score
+
+    cfg = CFG(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="cnn",
+              model_name="resnet18", img_size=64, epochs=7)
+    oof = pd.DataFrame({"id": list("abcd"), "label": ["cat", "dog", "cat", "dog"], "fold": [0, 0, 1, 1],
+                        "prob_cat": [0.9, 0.2, 0.4, 0.3], "prob_dog": [0.1, 0.8, 0.6, 0.7]})
+    save_cfg(cfg)
+    write_score(cfg, oof, wall_s=12.0)
+    table = results_table(cfg, {"method": "hill", "in_sample": 0.9, "held_out": 0.8})
+    assert (tmp_path / "models" / "results.csv").exists()
+    row = table.iloc[0]
+    assert (row["experiment"], row["model"], row["img_size"], row["epochs"], row["wall_s"]) == ("cnn", "resnet18", 64, 7, 12.0)
+    assert row["cv"] == 0.75 and row["cv_mean"] == 0.75
+    assert table["experiment"].tolist()[1:] == ["ensemble (hill, in-sample)", "ensemble (hill, held-out)"]

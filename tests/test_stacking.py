@@ -4,6 +4,7 @@ features/test_fold{k}.npy, train_ids.csv (id, fold) and test_ids.csv (id)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -188,3 +189,78 @@ def test_stacking_regression(tmp_path):
     test_pred = pd.read_csv(out / "test.csv")
     assert list(test_pred.columns) == ["id", "pred"] and len(test_pred) == n_test
     assert np.sqrt(np.mean((test_pred["pred"].to_numpy() - y[n:]) ** 2)) < 0.5 * np.std(y)
+
+
+# --- leak-free layout, heads, PCA, frozen features --------------------------------------------
+def test_no_row_is_predicted_by_a_model_that_saw_it(tmp_path):
+    """Each fold's 'CNN' leaks the label of every row it trained on (as a fine-tuned CNN
+    half-memorises its training rows) and knows nothing of its own fold's rows. If any row's
+    stacker prediction came from embeddings of a model that saw the row, the OOF score would be
+    perfect; laid out leak-free, it stays at chance."""
+    rng = np.random.default_rng(1)
+    n, n_test = 300, 30
+    y = rng.permutation(np.arange(n) % 3)
+    folds = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "label": [str(c) for c in y], "target": y,
+                          "fold": assign_folds(n, rng)})
+    test = pd.DataFrame({"id": [f"t{i}" for i in range(n_test)]})
+    cfg = make_cfg(tmp_path)
+    train_embs = []
+    for k in range(N_FOLDS):
+        seen = (folds["fold"] != k).to_numpy()[:, None]
+        emb = np.where(seen, 3.0 * np.eye(3)[y], rng.normal(size=(n, 3)))  # memorised vs never seen
+        train_embs.append(np.hstack([emb, rng.normal(size=(n, 2))]))
+    write_features(cfg, folds, test, train_embs, [rng.normal(size=(n_test, 5)) for _ in range(N_FOLDS)])
+    result = run_stacking(cfg, folds, test)
+    oof = pd.read_csv(tmp_path / "models" / "syn_lgbm" / "oof.csv")
+    assert (oof.set_index("id").loc[folds["id"], "fold"].to_numpy() == folds["fold"].to_numpy()).all()
+    assert result["cv"] < 0.5  # chance is 1/3; a leak would give 1.0
+
+
+@pytest.mark.parametrize("stacker", ["svr", "logistic"])
+def test_sklearn_heads(stacker, classification_data):
+    cfg, folds, test, _ = classification_data
+    cfg = make_cfg(Path(cfg.models_dir).parent, stacker=stacker)
+    result = run_stacking(cfg, folds, test)
+    assert result["importance"] is None and result["cv"] > 0.8
+    out = Path(cfg.models_dir) / f"syn_{stacker}"
+    assert (out / "oof.csv").exists() and (out / "test.csv").exists()
+
+
+def test_svr_regression_with_text_metadata(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 200
+    target = rng.normal(50, 15, n)
+    folds = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "score": target, "target": target,
+                          "site": rng.choice(["a", "b"], n), "fold": assign_folds(n, rng)})
+    test = pd.DataFrame({"id": ["t0", "t1"], "site": ["a", "c"]})  # 'c' never seen in training
+    cfg = make_cfg(tmp_path, task="regression", metric="rmse", target_col="score", stacker="svr", stack_c=10.0,
+                   metadata_cols=["site"])
+    embs = [np.column_stack([target / 15 + rng.normal(0, 0.2, n), rng.normal(size=(n, 3))]) for _ in range(N_FOLDS)]
+    write_features(cfg, folds, test, embs, [rng.normal(size=(2, 4)) for _ in range(N_FOLDS)])
+    result = run_stacking(cfg, folds, test)
+    assert result["cv"] < target.std() * 0.6
+
+
+def test_pca_is_fitted_per_fold_and_keeps_the_signal(classification_data):
+    cfg, folds, test, _ = classification_data
+    cfg = make_cfg(Path(cfg.models_dir).parent, stack_pca=3)
+    result = run_stacking(cfg, folds, test)
+    assert set(result["importance"]["feature"]) == {"pca_0", "pca_1", "pca_2"}
+    assert result["cv"] > 0.8
+
+
+def test_frozen_pretrained_backbone_features(tmp_path):
+    from helpers.data import read_test, read_train
+    from helpers.demo import build_digits
+    from helpers.folds import get_folds
+    from helpers.stacking import extract_features
+
+    comp = build_digits(tmp_path / "comp", size=16, n=120)
+    cfg = make_cfg(tmp_path, competition_dir=str(comp), features_from="pretrained", pretrained=False, arch="timm",
+                   model_name="resnet18", img_size=32, num_workers=0, cache_dir=str(tmp_path / "cache"), n_folds=2)
+    folds, test = get_folds(cfg, read_train(cfg)), read_test(cfg)
+    out = extract_features(cfg, folds, test)
+    assert np.load(out / "train_all.npy").shape == (len(folds), 512)
+    assert not (out / "train_fold0.npy").exists()
+    result = run_stacking(cfg, folds, test)  # every fold's stacker reads the one frozen set
+    assert 0 <= result["cv"] <= 1
