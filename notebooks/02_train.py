@@ -35,6 +35,7 @@ from IPython.display import display
 
 from helpers import setup
 from helpers import plots
+from helpers.analysis import error_analysis
 from helpers.check import run_check
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
@@ -67,3 +68,17 @@ for r in results:
 # %%
 score = finalize_experiment(cfg, logger)
 print(score if score else f"waiting for the other folds of {cfg.fold_ids}")
+
+# %% [markdown]
+# ## Error analysis (out of fold, once every fold is trained)
+# What the model gets wrong: the confusion matrix and classification report, `wrong_oof.csv`
+# (most confident mistakes first) and their images; for regression, the residuals and the
+# largest errors. Saved under `models/<experiment>/analysis/`.
+
+# %%
+analysis = error_analysis(cfg, folds)
+if analysis is not None and cfg.task == "classification":
+    display(analysis["report"])
+    display(analysis["wrong"].head(20))
+elif analysis is not None:
+    display(analysis["largest"].head(20))

@@ -3,8 +3,11 @@ with string labels and a metadata column, 2 folds, 1 epoch, two models."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -136,3 +139,103 @@ def test_runner_rejects_an_unknown_config_key_before_running(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "unknown config key 'epoch'" in err and "epochs" in err
     assert not (tmp_path / "models").exists()
+
+
+# --- after training: the inference API, the CLI, error analysis, the Kaggle package -----------
+def test_predictor_api_serves_every_fold(tiny_run):
+    from helpers.predict import Predictor
+
+    tmp, comp, _ = tiny_run
+    predictor = Predictor.from_experiment(tmp / "models" / "tiny_cnn")
+    assert len(predictor.models) == 2
+    test_images = sorted((comp / "test").glob("*.png"))[:5]
+    (tmp / "broken.png").write_bytes(b"not an image")
+    array = np.full((30, 20), 128, dtype=np.uint8)  # a gray array works too
+    items = [str(test_images[0]), str(tmp / "broken.png"), str(tmp / "missing.png"), array, *map(str, test_images[1:])]
+    results = predictor.predict(items)
+    assert len(results) == len(items)
+    assert [r["id"] for r in results][:3] == [str(test_images[0]), str(tmp / "broken.png"), str(tmp / "missing.png")]
+    assert results[1]["label"] == "ERROR" and "not a readable image" in results[1]["error"]
+    assert results[2]["label"] == "ERROR" and "file not found" in results[2]["error"]
+    names = set(pd.read_csv(comp / "train.csv")["label"])
+    for r in (results[0], results[3], *results[4:]):
+        assert r["label"] in names and abs(sum(r["probs"].values()) - 1) < 1e-4
+        assert r["confidence"] == max(r["probs"].values())
+    # the same images through the API and through 02_train's test predictions agree
+    alone = predictor.predict([str(test_images[0])])[0]
+    assert alone["probs"] == pytest.approx(results[0]["probs"], abs=1e-5)
+
+
+def test_predict_cli(tiny_run, capsys):
+    from helpers import predict
+
+    tmp, comp, _ = tiny_run
+    images = sorted((comp / "test").glob("*.png"))[:3]
+    pd.DataFrame({"path": [str(p) for p in images]}).to_csv(tmp / "items.csv", index=False)
+    assert predict.main([str(tmp / "models" / "tiny_cnn"), "--csv", str(tmp / "items.csv"), "--out", str(tmp / "preds.csv")]) == 0
+    preds = pd.read_csv(tmp / "preds.csv")
+    assert preds["id"].tolist() == [str(p) for p in images] and preds.filter(like="prob_").shape[1] == 10
+    assert predict.main([str(tmp / "models" / "tiny_cnn"), "--image", str(images[0])]) == 0
+    assert images[0].name in capsys.readouterr().out
+    assert predict.main([str(tmp / "models" / "tiny_cnn"), "--bench"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["single_image_ms"] > 0 and bench["batched_img_per_s"] > 0
+
+
+def test_error_analysis_in_the_executed_notebook(tiny_run):
+    import nbformat
+
+    tmp, comp, _ = tiny_run
+    analysis = tmp / "models" / "tiny_cnn" / "analysis"
+    wrong = pd.read_csv(analysis / "wrong_oof.csv")
+    assert list(wrong.columns) == ["id", "path", "true", "pred", "confidence"]
+    assert (wrong["true"] != wrong["pred"]).all() and wrong["confidence"].is_monotonic_decreasing
+    assert (analysis / "confusion_matrix.png").exists() and (analysis / "classification_report.csv").exists()
+    nb = nbformat.read(tmp / "models" / "tiny_cnn" / "notebooks" / "02_train_fold1.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # learning curves + confusion matrix
+    assert any("precision" in str(o.get("data", {}).get("text/html", "")) for o in outputs)  # the report
+
+
+def test_kaggle_package_runs_offline(tiny_run, tmp_path):
+    import papermill as pm
+
+    from helpers.package import package
+
+    tmp, comp, _ = tiny_run
+    kaggle = tmp_path / "kaggle"
+    shutil.copytree(comp, kaggle / "input" / "tiny-comp", ignore=shutil.ignore_patterns("solution.csv"))
+    package(tmp / "models" / "tiny_cnn", kaggle / "input" / "tiny-model")
+    (kaggle / "working").mkdir()
+    # no network in the kernel: any connection off this machine raises
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(
+        "import socket\n_connect = socket.socket.connect\n"
+        "def connect(self, address):\n"
+        "    host = address[0] if isinstance(address, tuple) else str(address)\n"
+        "    if host not in ('127.0.0.1', 'localhost', '::1'):\n"
+        "        raise OSError(f'network disabled in this test: {address}')\n"
+        "    return _connect(self, address)\n"
+        "socket.socket.connect = connect\n")
+    env_before = dict(os.environ)
+    os.environ["PYTHONPATH"] = str(guard) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        pm.execute_notebook(str(kaggle / "input" / "tiny-model" / "inference.ipynb"), str(kaggle / "working" / "out.ipynb"),
+                            parameters={"competition_dir": str(kaggle / "input" / "tiny-comp"),
+                                        "package_dir": str(kaggle / "input" / "tiny-model"),
+                                        "output_csv": str(kaggle / "working" / "submission.csv")},
+                            cwd=str(kaggle / "working"), progress_bar=False, kernel_name="python3")
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    sub = pd.read_csv(kaggle / "working" / "submission.csv")
+    sample = pd.read_csv(comp / "sample_submission.csv")
+    assert list(sub.columns) == list(sample.columns) and sub["id"].tolist() == sample["id"].tolist()
+    assert set(sub["label"]) <= set(pd.read_csv(comp / "train.csv")["label"])
+    # the same model through the runner's 05 path and through the package agree on most images
+    direct = pd.read_csv(tmp / "models" / "tiny_cnn" / "test.csv")
+    names = [c[len("prob_"):] for c in direct.columns if c.startswith("prob_")]
+    expected = direct.set_index("id").loc[sub["id"]].filter(like="prob_").to_numpy().argmax(1)
+    assert (np.asarray(names)[expected] == sub["label"].to_numpy()).mean() == 1.0

@@ -1,0 +1,95 @@
+"""Error analysis of out-of-fold predictions: what the model gets wrong.
+
+Classification: confusion matrix plot, classification report, wrong_oof.csv (id, path, true
+class, predicted class, confidence; most confident first) and a grid of the most confident
+wrong images. Regression: residual plots, largest_errors.csv and a grid of the worst images.
+Everything is written to models/<exp>/analysis/ and returned for the notebook to show.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from sklearn.metrics import classification_report, confusion_matrix
+
+from .config import CFG
+from .data import read_image
+from .utils import atomic_to_csv, save_figure
+
+
+def _grid(rows: pd.DataFrame, titles: list[str], path: Path, n: int = 16):
+    rows = rows.head(n)
+    cols = 8
+    fig, axes = plt.subplots(max(1, int(np.ceil(len(rows) / cols))), cols, figsize=(2 * cols, 2.3 * max(1, np.ceil(len(rows) / cols))), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (_, row), title in zip(axes.ravel(), rows.iterrows(), titles):
+        ax.imshow(read_image(row["path"]))
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def classification_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir: Path) -> dict:
+    """Confusion matrix, report, wrong_oof.csv and the most confident wrong images."""
+    cols = [c for c in oof.columns if c.startswith("prob_")]
+    classes = [c[len("prob_"):] for c in cols]
+    probs = oof[cols].to_numpy(float)
+    merged = oof[[cfg.id_col, cfg.target_col]].merge(folds[[cfg.id_col, "path"]], on=cfg.id_col, how="left")
+    true = merged[cfg.target_col].astype(str).to_numpy()
+    pred = np.asarray(classes, dtype=object)[probs.argmax(1)]
+    confidence = probs.max(1)
+    wrong = pd.DataFrame({"id": merged[cfg.id_col], "path": merged["path"], "true": true, "pred": pred,
+                          "confidence": confidence.round(5)})[true != pred].sort_values("confidence", ascending=False)
+    atomic_to_csv(wrong, out_dir / "wrong_oof.csv")
+    report = classification_report(true, pred, labels=classes, zero_division=0, output_dict=True)
+    report = pd.DataFrame(report).T.round(4)
+    atomic_to_csv(report.reset_index(names="class"), out_dir / "classification_report.csv")
+    cm = confusion_matrix(true, pred, labels=classes)
+    size = min(0.5 * len(classes) + 3, 20)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    sns.heatmap(cm, annot=len(classes) <= 30, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax)
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix (OOF, {len(wrong)} wrong of {len(true)})")
+    fig.tight_layout()
+    save_figure(fig, out_dir / "confusion_matrix.png")
+    grid = None
+    if len(wrong):
+        grid = _grid(wrong, [f"{t} -> {p} ({c:.2f})" for t, p, c in zip(wrong["true"], wrong["pred"], wrong["confidence"])],
+                     out_dir / "wrong_confident.png")
+    return {"wrong": wrong, "report": report, "confusion": fig, "grid": grid}
+
+
+def regression_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir: Path) -> dict:
+    """Residual plots, largest_errors.csv and the images with the largest errors."""
+    merged = oof[[cfg.id_col, cfg.target_col, "pred"]].merge(folds[[cfg.id_col, "path"]], on=cfg.id_col, how="left")
+    merged["residual"] = merged["pred"] - merged[cfg.target_col]
+    merged["abs_error"] = merged["residual"].abs()
+    largest = merged.sort_values("abs_error", ascending=False)
+    atomic_to_csv(largest, out_dir / "largest_errors.csv")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    sns.scatterplot(data=merged, x=cfg.target_col, y="pred", s=12, ax=ax1)
+    lo, hi = merged[[cfg.target_col, "pred"]].min().min(), merged[[cfg.target_col, "pred"]].max().max()
+    ax1.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax1.set_title("OOF prediction vs target")
+    sns.histplot(merged["residual"], bins=40, ax=ax2)
+    ax2.set_title("residuals (prediction - target)")
+    fig.tight_layout()
+    save_figure(fig, out_dir / "residuals.png")
+    grid = _grid(largest, [f"{t:.1f} -> {p:.1f}" for t, p in zip(largest[cfg.target_col], largest["pred"])],
+                 out_dir / "largest_errors.png")
+    return {"largest": largest, "residuals": fig, "grid": grid}
+
+
+def error_analysis(cfg: CFG, folds: pd.DataFrame) -> dict | None:
+    """Analyse models/<exp>/oof.csv (None until every fold is trained)."""
+    path = cfg.exp_dir / "oof.csv"
+    if not path.exists():
+        return None
+    oof = pd.read_csv(path)
+    out_dir = cfg.exp_dir / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return (regression_errors if cfg.task == "regression" else classification_errors)(cfg, oof, folds, out_dir)

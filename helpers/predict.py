@@ -1,0 +1,207 @@
+"""Inference API and CLI: every fold's best model of an experiment, averaged, with the TTA of
+its config.
+
+    from helpers.predict import Predictor
+    predictor = Predictor.from_experiment("models/digits_resnet18")
+    results = predictor.predict(["a.png", "b.jpg", image_array])
+
+One result per item, in order: id (the path, or the item's index for an array), label,
+confidence and the class probabilities (or the regression value). An item that cannot be
+read gets label "ERROR" and the reason; the others are unaffected. It logs the count, the
+time per image, successes/failures and the predicted class distribution, and writes no files.
+
+    python -m helpers.predict models/<exp> --image a.jpg [--image b.jpg ...]
+    python -m helpers.predict models/<exp> --csv items.csv --out preds.csv
+    python -m helpers.predict models/<exp> --csv items.csv --save      # predictions/<exp>_<time>/
+    python -m helpers.predict models/<exp> --bench                     # latency and throughput
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .config import CFG, ROOT, load_saved_cfg
+from .data import get_transforms, read_image
+from .losses import TargetScale
+from .models import create_model
+from .train import num_outputs, predict
+from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
+
+
+def _as_image(item, in_chans: int) -> np.ndarray:
+    """A path or an array -> uint8 HxWxC (RGB, or gray with in_chans 1)."""
+    if isinstance(item, (str, Path)):
+        return read_image(str(item), in_chans)
+    img = np.asarray(item)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(f"array of shape {img.shape} is not an image (H x W, H x W x 1/3/4)")
+    if img.dtype != np.uint8:
+        img = np.clip(img / 256 if img.max() > 255 else img, 0, 255).astype(np.uint8)
+    if in_chans == 1:
+        return img[:, :, :1] if img.shape[2] == 1 else cv2.cvtColor(img[:, :, :3], cv2.COLOR_RGB2GRAY)[:, :, None]
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[:, :, :3]
+
+
+class Predictor:
+    """Every fold's best model of one experiment; `predict(items)` averages them."""
+
+    def __init__(self, cfg: CFG, models: list[torch.nn.Module], classes: list | None, scale: TargetScale | None,
+                 device: torch.device, logger: logging.Logger | None = None):
+        self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
+        self.transform = get_transforms(cfg, train=False)
+        self.logger = logger or get_logger("kaggle.predict")
+
+    @classmethod
+    def from_experiment(cls, exp_dir: str | Path, device: str = "auto", folds: list[int] | None = None) -> "Predictor":
+        """Load models/<exp>/config.yaml and every fold{k}/best.pt (no download: weights come
+        from the checkpoints, so `pretrained` is switched off)."""
+        exp_dir = Path(exp_dir)
+        if not exp_dir.is_absolute() and not exp_dir.exists():
+            exp_dir = ROOT / exp_dir
+        cfg = load_saved_cfg(exp_dir)
+        cfg.pretrained = False
+        ckpts = sorted(exp_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+        if folds is not None:
+            ckpts = [p for p in ckpts if int(p.parent.name[4:]) in folds]
+        if not ckpts:
+            raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
+        dev = get_device(device if device != "auto" else cfg.device)
+        models, classes, scale = [], None, None
+        for path in ckpts:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            classes = ckpt["classes"]
+            if ckpt.get("target_range"):
+                scale = TargetScale(*ckpt["target_range"])
+            model = create_model(cfg, num_outputs(cfg, classes))
+            model.load_state_dict(ckpt["model"])
+            models.append(model.to(dev).eval())
+        return cls(cfg, models, classes, scale, dev)
+
+    def _tensors(self, items: list) -> tuple[list, dict[int, str]]:
+        tensors, errors = [], {}
+        for i, item in enumerate(items):
+            try:
+                tensors.append((self.transform(image=_as_image(item, self.cfg.in_chans))["image"], -1))
+            except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
+                errors[i] = f"{type(e).__name__}: {e}"
+                tensors.append(None)
+        return tensors, errors
+
+    def predict_array(self, items: list) -> tuple[np.ndarray, dict[int, str]]:
+        """Fold-averaged predictions [n, classes] (or [n]) for the readable items; NaN rows
+        and an error message for the others."""
+        tensors, errors = self._tensors(items)
+        good = [t for t in tensors if t is not None]
+        width = 1 if self.cfg.task == "regression" else len(self.classes)
+        out = np.full((len(items), width), np.nan)
+        if good:
+            loader = DataLoader(good, batch_size=self.cfg.batch_size, shuffle=False)
+            preds = np.mean([predict(m, loader, self.cfg, self.device, scale=self.scale) for m in self.models], axis=0)
+            out[[i for i, t in enumerate(tensors) if t is not None]] = preds.reshape(len(good), width)
+        return out, errors
+
+    def predict(self, items: list) -> list[dict]:
+        """One result per item, in order (see the module docstring)."""
+        start = time.perf_counter()
+        preds, errors = self.predict_array(list(items))
+        results = []
+        for i, item in enumerate(items):
+            rid = str(item) if isinstance(item, (str, Path)) else i
+            if i in errors:
+                results.append({"id": rid, "label": "ERROR", "confidence": None, "error": errors[i]})
+            elif self.cfg.task == "regression":
+                results.append({"id": rid, "label": float(preds[i, 0]), "confidence": None, "value": float(preds[i, 0])})
+            else:
+                probs = preds[i]
+                k = int(np.argmax(probs))
+                results.append({"id": rid, "label": self.classes[k], "confidence": float(probs[k]),
+                                "probs": {str(c): float(p) for c, p in zip(self.classes, probs)}})
+        seconds = time.perf_counter() - start
+        ok = len(items) - len(errors)
+        dist = Counter(str(r["label"]) for r in results if r["label"] != "ERROR") if self.cfg.task == "classification" else {}
+        self.logger.info(f"predicted {len(items)} item(s) with {len(self.models)} fold model(s) in {seconds:.2f}s "
+                         f"({1000 * seconds / max(len(items), 1):.1f} ms/image): {ok} ok, {len(errors)} failed"
+                         + (f"; classes {dict(dist.most_common())}" if dist else ""))
+        return results
+
+
+def results_frame(results: list[dict]) -> pd.DataFrame:
+    """Results as a table: id, label, confidence, error, then prob_<class> (or value)."""
+    rows = []
+    for r in results:
+        row = {"id": r["id"], "label": r["label"], "confidence": r.get("confidence"), "error": r.get("error", "")}
+        row.update({f"prob_{c}": p for c, p in r.get("probs", {}).items()})
+        if "value" in r:
+            row["value"] = r["value"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def latency(predictor: Predictor, n: int = 64, size: int | None = None) -> dict:
+    """Single-image latency (ms) and batched throughput (images/s) on the predictor's device."""
+    size = size or predictor.cfg.img_size
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    predictor.predict_array(images[:2])  # warm-up
+    start = time.perf_counter()
+    for img in images[:16]:
+        predictor.predict_array([img])
+    single_ms = 1000 * (time.perf_counter() - start) / 16
+    start = time.perf_counter()
+    predictor.predict_array(images)
+    batched = n / (time.perf_counter() - start)
+    return {"single_image_ms": single_ms, "batched_img_per_s": batched, "device": str(predictor.device),
+            "folds": len(predictor.models), "batch_size": predictor.cfg.batch_size, "tta": len(predictor.cfg.tta)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="models/<experiment> folder")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    parser.add_argument("--csv", help="a CSV of items: a 'path' column (or the first column)")
+    parser.add_argument("--out", help="write the results to this CSV")
+    parser.add_argument("--save", action="store_true", help="save results in predictions/<exp>_<timestamp>/")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--bench", action="store_true", help="measure single-image latency and batched throughput")
+    args = parser.parse_args(argv)
+    predictor = Predictor.from_experiment(args.experiment, device=args.device)
+    if args.bench:
+        print(json.dumps(latency(predictor), indent=1))
+        return 0
+    items = list(args.image)
+    if args.csv:
+        df = pd.read_csv(args.csv)
+        col = "path" if "path" in df.columns else df.columns[0]
+        base = Path(args.csv).parent
+        items += [str(p if Path(p).is_absolute() or Path(p).exists() else base / p) for p in df[col].astype(str)]
+    if not items:
+        parser.error("give --image and/or --csv")
+    table = results_frame(predictor.predict(items))
+    if args.out:
+        atomic_to_csv(table, args.out)
+    if args.save:
+        folder = ROOT / "predictions" / f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}"
+        atomic_to_csv(table, folder / "predictions.csv")
+        atomic_write_text(folder / "summary.json", json.dumps({"experiment": predictor.cfg.experiment, "items": len(table),
+                                                              "failed": int((table["label"] == "ERROR").sum())}, indent=1))
+        print(f"saved to {folder}")
+    with pd.option_context("display.max_rows", 50, "display.width", 200):
+        print(table.drop(columns=[c for c in table.columns if c.startswith("prob_")]).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
