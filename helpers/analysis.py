@@ -16,22 +16,8 @@ import seaborn as sns
 from sklearn.metrics import classification_report, confusion_matrix
 
 from .config import CFG
-from .data import read_image
+from .plots import image_grid
 from .utils import atomic_to_csv, save_figure
-
-
-def _grid(rows: pd.DataFrame, titles: list[str], path: Path, n: int = 16):
-    rows = rows.head(n)
-    cols = 8
-    fig, axes = plt.subplots(max(1, int(np.ceil(len(rows) / cols))), cols, figsize=(2 * cols, 2.3 * max(1, np.ceil(len(rows) / cols))), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (_, row), title in zip(axes.ravel(), rows.iterrows(), titles):
-        ax.imshow(read_image(row["path"]))
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    return fig
 
 
 def classification_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir: Path) -> dict:
@@ -58,8 +44,9 @@ def classification_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_
     save_figure(fig, out_dir / "confusion_matrix.png")
     grid = None
     if len(wrong):
-        grid = _grid(wrong, [f"{t} -> {p} ({c:.2f})" for t, p, c in zip(wrong["true"], wrong["pred"], wrong["confidence"])],
-                     out_dir / "wrong_confident.png")
+        top = wrong.head(16)
+        grid = image_grid(top["path"].tolist(), [f"{t} -> {p} ({c:.2f})" for t, p, c in zip(top["true"], top["pred"], top["confidence"])],
+                          out_dir / "wrong_confident.png")
     return {"wrong": wrong, "report": report, "confusion": fig, "grid": grid}
 
 
@@ -79,8 +66,9 @@ def regression_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir:
     ax2.set_title("residuals (prediction - target)")
     fig.tight_layout()
     save_figure(fig, out_dir / "residuals.png")
-    grid = _grid(largest, [f"{t:.1f} -> {p:.1f}" for t, p in zip(largest[cfg.target_col], largest["pred"])],
-                 out_dir / "largest_errors.png")
+    top = largest.head(16)
+    grid = image_grid(top["path"].tolist(), [f"{t:.1f} -> {p:.1f}" for t, p in zip(top[cfg.target_col], top["pred"])],
+                      out_dir / "largest_errors.png")
     return {"largest": largest, "residuals": fig, "grid": grid}
 
 

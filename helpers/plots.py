@@ -19,17 +19,22 @@ def _done(fig, path: str | Path | None):
     return fig
 
 
-def sample_grid(df: pd.DataFrame, label_col: str | None, path=None, n: int = 24, seed: int = 0, title_col: str | None = None):
-    """A grid of images with their label (or any column as title)."""
-    rows = df.sample(n=min(n, len(df)), random_state=seed)
-    cols = 8
-    fig, axes = plt.subplots(int(np.ceil(len(rows) / cols)), cols, figsize=(2 * cols, 2.2 * np.ceil(len(rows) / cols)), squeeze=False)
+def image_grid(paths: list[str], titles: list[str], path=None, cols: int = 8):
+    """Images in a grid, each with its title."""
+    rows = max(1, int(np.ceil(len(paths) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (_, row) in zip(axes.ravel(), rows.iterrows()):
-        ax.imshow(read_image(row["path"]))
-        ax.set_title(str(row[title_col or label_col]) if (title_col or label_col) else "", fontsize=9)
+    for ax, image, title in zip(axes.ravel(), paths, titles):
+        ax.imshow(read_image(image))
+        ax.set_title(title, fontsize=8)
     return _done(fig, path)
+
+
+def sample_grid(df: pd.DataFrame, label_col: str, path=None, n: int = 24, seed: int = 0):
+    """A random sample of images with their label."""
+    rows = df.sample(n=min(n, len(df)), random_state=seed)
+    return image_grid(rows["path"].tolist(), rows[label_col].astype(str).tolist(), path)
 
 
 def target_balance(df: pd.DataFrame, target_col: str, task: str, path=None):

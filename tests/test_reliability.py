@@ -3,6 +3,7 @@ ends where an uninterrupted run ends, two runs with one seed give identical OOF,
 submission is validated before it is written."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,7 +120,7 @@ def test_sigkill_mid_epoch_resumes_to_the_same_result(comp, tmp_path):
     assert "resuming from" in out and f"after epoch {done_before}" in out
     pd.testing.assert_frame_equal(oof_clean, pd.read_csv(killed / "kill" / "oof_fold0.csv"))
     lines = metrics.read_text().splitlines()
-    assert [int(eval(l)["epoch"]) for l in lines] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
     # a finished fold is skipped unless asked to retrain
     out = subprocess.run(_script(tmp_path, comp, killed), check=True, capture_output=True, text=True).stdout
