@@ -125,7 +125,7 @@ class CFG:
     # --- ensemble -------------------------------------------------------------------
     ensemble_method: str = "hill"  # 'hill' (hill climbing on OOF) | 'mean' | 'rank' (rank averaging)
     ensemble_iters: int = 50  # hill-climbing steps (forward selection with replacement)
-    submission_name: str = "submission"  # submissions/<name>.csv
+    submission_name: str = ""  # the named copy submissions/<name>.csv ('' = ensemble_<method>_<time>, one per run)
 
     # --- derived paths (not settings) ---------------------------------------------------
     def path(self, name: str) -> Path:

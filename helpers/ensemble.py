@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -240,12 +241,12 @@ def validate_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> No
 
 
 def write_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> list[Path]:
-    """Validate, then write submissions/submission.csv (the name Kaggle expects) and a named copy."""
+    """Validate, then write submissions/submission.csv (the name Kaggle expects) and a named
+    copy (cfg.submission_name, or ensemble_<method>_<time> so that earlier ones are kept)."""
     validate_submission(cfg, sub, classes)
     out = under_root(cfg.submissions_dir)
-    paths = [out / "submission.csv"]
-    if cfg.submission_name != "submission":
-        paths.append(out / f"{cfg.submission_name}.csv")
+    name = cfg.submission_name or f"ensemble_{cfg.ensemble_method}_{datetime.now():%Y%m%d_%H%M%S}"
+    paths = [out / "submission.csv", out / f"{name}.csv"]
     for p in paths:
         atomic_to_csv(sub, p)
     return paths

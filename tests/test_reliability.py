@@ -140,7 +140,8 @@ def test_valid_submission_is_written(sub_cfg, tmp_path):
     sub = make_submission(sub_cfg, pd.Series(["c", "a", "b"]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["cat", "dog"])
     assert sub["label"].tolist() == ["dog", "cat", "cat"]
     paths = write_submission(sub_cfg, sub, ["cat", "dog"])
-    assert pd.read_csv(paths[0]).equals(sub)
+    assert paths[0].name == "submission.csv" and paths[1].name.startswith("ensemble_hill_")
+    assert pd.read_csv(paths[0]).equals(sub) and pd.read_csv(paths[1]).equals(sub)
 
 
 @pytest.mark.parametrize("corrupt, message", [
