@@ -102,6 +102,9 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     sample_path, test_path = cfg.path(cfg.sample_submission), cfg.path(cfg.test_csv)
     sample = _csv(sample_path, "sample submission", [cfg.id_col], problems)
     test = _csv(test_path, "test CSV", [cfg.id_col, *cfg.metadata_cols], problems) if test_path.exists() else None
+    if test is None and cfg.metadata_cols:
+        problems.append(f"test CSV not found: {test_path}; config key 'metadata_cols' {cfg.metadata_cols} needs "
+                        f"the test rows' metadata from it (or set metadata_cols: [])")
     if test is None and sample is not None and cfg.id_col in sample:
         test, test_path = sample[[cfg.id_col]], sample_path
     if test is not None and cfg.id_col in test:

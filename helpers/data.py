@@ -64,6 +64,9 @@ def read_test(cfg: CFG) -> pd.DataFrame:
     test_path = cfg.path(cfg.test_csv)
     if test_path.exists():
         df = read_csv(test_path, [cfg.id_col, *cfg.metadata_cols], "test CSV")
+    elif cfg.metadata_cols:
+        raise FileNotFoundError(f"test CSV not found: {test_path}; config key 'metadata_cols' {cfg.metadata_cols} "
+                                f"needs the test rows' metadata from it (or set metadata_cols: [])")
     else:
         test_path = cfg.path(cfg.sample_submission)
         df = read_csv(test_path, [cfg.id_col], "sample submission (no test CSV)")[[cfg.id_col]]

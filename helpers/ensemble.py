@@ -174,9 +174,19 @@ def correlation(experiments: list[Experiment]) -> pd.DataFrame:
     return pd.DataFrame({e.name: e.oof.ravel() for e in experiments}).corr()
 
 
+def positive_probability(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> bool:
+    """A binary task whose submission is one column holding the probability of the second
+    (positive) class, not a label: the metric is ROC AUC, or sample_submission's column is
+    float (Kaggle's binary competitions, scored on ranking)."""
+    value_cols = [c for c in sample.columns if c != cfg.id_col]
+    return (cfg.task == "classification" and classes is not None and len(classes) == 2 and len(value_cols) == 1
+            and (cfg.metric == "roc_auc" or pd.api.types.is_float_dtype(sample[value_cols[0]])))
+
+
 def make_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classes: list | None) -> pd.DataFrame:
     """The submission in sample_submission's shape: same ids, order and columns, labels decoded
-    (or one probability column per class when sample_submission has them), no NaN."""
+    (or one probability column per class when sample_submission has them, or the positive
+    class's probability for a binary ROC AUC competition), no NaN."""
     sample = read_sample_submission(cfg)
     pred = pd.DataFrame(test_pred, index=test_ids.astype(str).to_numpy())
     missing = set(sample[cfg.id_col].astype(str)) - set(pred.index)
@@ -187,6 +197,8 @@ def make_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classe
     value_cols = [c for c in sample.columns if c != cfg.id_col]
     if cfg.task == "regression":
         sub[value_cols[0]] = pred[:, 0]
+    elif positive_probability(cfg, sample, classes):
+        sub[value_cols[0]] = pred[:, 1]
     elif classes is not None and len(value_cols) == len(classes) and set(map(str, value_cols)) == set(map(str, classes)):
         for c in value_cols:  # one probability column per class
             sub[c] = pred[:, [str(k) for k in classes].index(str(c))]
@@ -209,7 +221,11 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
         return get_score(cfg.metric, merged["__true"], merged[cfg.target_col])
     index = {str(c): i for i, c in enumerate(classes)}
     y_true = merged["__true"].astype(str).map(index).to_numpy()
-    if cfg.target_col in submission.columns:
+    value_cols = [c for c in submission.columns if c != cfg.id_col]
+    if positive_probability(cfg, submission, classes):
+        p = merged[value_cols[0]].to_numpy(float)
+        y_pred = np.column_stack([1 - p, p])
+    elif cfg.target_col in submission.columns:
         y_pred = np.eye(len(classes))[merged[cfg.target_col].astype(str).map(index).to_numpy()]
     else:
         y_pred = merged[[str(c) for c in classes]].to_numpy(float)
@@ -230,9 +246,12 @@ def validate_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> No
     nan = sub.columns[sub.isna().any()].tolist()
     if nan:
         raise ValueError(f"submission has NaN in column(s) {nan}")
+    probability = positive_probability(cfg, sample, classes)
     for col in sub.columns.drop(cfg.id_col):
         values = sub[col]
-        if cfg.task == "classification" and col == cfg.target_col and classes is not None:
+        if probability and not (pd.api.types.is_numeric_dtype(values) and values.between(0, 1).all()):
+            raise ValueError(f"submission column '{col}' must hold probabilities in [0, 1]")
+        if cfg.task == "classification" and col == cfg.target_col and classes is not None and not probability:
             unknown = set(values.astype(str)) - set(map(str, classes))
             if unknown:
                 raise ValueError(f"submission column '{col}' has labels not among the training classes: {sorted(unknown)[:5]}")

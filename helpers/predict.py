@@ -29,13 +29,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from .config import CFG, ROOT, load_saved_cfg
-from .data import get_transforms, read_image
+from .data import get_transforms, input_stats, read_image
 from .losses import TargetScale
 from .models import create_model
-from .train import num_outputs, predict
+from .train import model_input, num_outputs, predict_batch
 from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
 
 
@@ -90,33 +91,31 @@ class Predictor:
             models.append(model.to(dev).eval())
         return cls(cfg, models, classes, scale, dev)
 
-    def _tensors(self, items: list) -> tuple[list, dict[int, str]]:
-        tensors, errors = [], {}
-        for i, item in enumerate(items):
-            try:
-                tensors.append((self.transform(image=_as_image(item, self.cfg.in_chans))["image"], -1))
-            except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
-                errors[i] = f"{type(e).__name__}: {e}"
-                tensors.append(None)
-        return tensors, errors
-
-    def predict_array(self, items: list) -> tuple[np.ndarray, dict[int, str]]:
-        """Fold-averaged predictions [n, classes] (or [n]) for the readable items; NaN rows
-        and an error message for the others."""
-        tensors, errors = self._tensors(items)
-        good = [t for t in tensors if t is not None]
+    def predict_array(self, items: list, progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+        """Fold-averaged predictions [n, classes] (or [n, 1]) for the readable items; NaN rows
+        and an error message for the others. Items are decoded in batches (by cfg.num_workers
+        DataLoader workers), so a test set of any size streams through in bounded memory."""
         width = 1 if self.cfg.task == "regression" else len(self.classes)
         out = np.full((len(items), width), np.nan)
-        if good:
-            loader = DataLoader(good, batch_size=self.cfg.batch_size, shuffle=False)
-            preds = np.mean([predict(m, loader, self.cfg, self.device, scale=self.scale) for m in self.models], axis=0)
-            out[[i for i, t in enumerate(tensors) if t is not None]] = preds.reshape(len(good), width)
+        errors: dict[int, str] = {}
+        dataset = _Items(list(items), self.transform, self.cfg.in_chans, self.cfg.img_size)
+        workers = self.cfg.num_workers if len(items) > 4 * self.cfg.batch_size else 0
+        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=_collate, pin_memory=self.device.type == "cuda")
+        stats = input_stats(self.cfg)
+        for images, index, failed in tqdm(loader, desc="predict", disable=not progress, mininterval=1.0):
+            errors.update(failed)
+            if not len(index):
+                continue
+            images = model_input(images, self.cfg, self.device, stats)
+            preds = sum(predict_batch(m, images, self.cfg, self.device, self.scale)[0].float() for m in self.models)
+            out[index] = (preds / len(self.models)).cpu().numpy().reshape(len(index), width)
         return out, errors
 
-    def predict(self, items: list) -> list[dict]:
+    def predict(self, items: list, progress: bool = False) -> list[dict]:
         """One result per item, in order (see the module docstring)."""
         start = time.perf_counter()
-        preds, errors = self.predict_array(list(items))
+        preds, errors = self.predict_array(list(items), progress)
         results = []
         for i, item in enumerate(items):
             rid = str(item) if isinstance(item, (str, Path)) else i
@@ -136,6 +135,28 @@ class Predictor:
                          f"({1000 * seconds / max(len(items), 1):.1f} ms/image): {ok} ok, {len(errors)} failed"
                          + (f"; classes {dict(dist.most_common())}" if dist else ""))
         return results
+
+
+class _Items(Dataset):
+    """Paths or arrays -> (uint8 tensor, index, error): a bad item yields its error, not an exception."""
+
+    def __init__(self, items: list, transform, in_chans: int, img_size: int):
+        self.items, self.transform, self.in_chans, self.img_size = items, transform, in_chans, img_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(image=_as_image(self.items[i], self.in_chans))["image"], i, None
+        except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
+            return None, i, f"{type(e).__name__}: {e}"
+
+
+def _collate(rows: list) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+    good = [(t, i) for t, i, err in rows if err is None]
+    images = torch.stack([t for t, _ in good]) if good else None
+    return images, [i for _, i in good], {i: err for _, i, err in rows if err is not None}
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
@@ -189,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         items += [str(p if Path(p).is_absolute() or Path(p).exists() else base / p) for p in df[col].astype(str)]
     if not items:
         parser.error("give --image and/or --csv")
-    table = results_frame(predictor.predict(items))
+    table = results_frame(predictor.predict(items, progress=len(items) > 256))
     if args.out:
         atomic_to_csv(table, args.out)
     if args.save:

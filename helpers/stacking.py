@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.compose import ColumnTransformer
+from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
@@ -169,8 +169,9 @@ def _fit_sklearn(cfg: CFG, X_trn, y_trn):
     numeric = [c for c in X_trn.columns if c not in text]
     prep = ColumnTransformer([("num", make_pipeline(SimpleImputer(), StandardScaler()), numeric),
                               ("cat", OneHotEncoder(handle_unknown="ignore"), text)])
-    if cfg.task == "regression":
-        head = SVR(C=cfg.stack_c) if cfg.stacker == "svr" else Ridge(alpha=1.0 / cfg.stack_c)
+    if cfg.task == "regression":  # the target standardised: C and epsilon mean the same on any scale
+        head = TransformedTargetRegressor(SVR(C=cfg.stack_c) if cfg.stacker == "svr" else Ridge(alpha=1.0 / cfg.stack_c),
+                                          transformer=StandardScaler())
     elif cfg.stacker == "svr":
         head = CalibratedClassifierCV(SVC(C=cfg.stack_c, random_state=cfg.seed), ensemble=False)  # probabilities
     else:

@@ -134,11 +134,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     total = torch.zeros((), device=device)
     count, accum = 0, cfg.grad_accum
     updates = epoch * (len(loader) // accum)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     stats = input_stats(cfg)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
     for step, (images, targets) in enumerate(bar, 1):
-        images = to_model_input(images.to(device, non_blocking=True), stats).contiguous(memory_format=memory_format)
+        images = model_input(images, cfg, device, stats)
         targets = loss_targets(targets.to(device, non_blocking=True), cfg, scale)
         if mixup is not None:
             images, targets = mixup(images, targets.long())
@@ -164,28 +163,43 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     return total.item() / max(count, 1)
 
 
+def model_input(images: torch.Tensor, cfg: CFG, device, stats: tuple | None = None) -> torch.Tensor:
+    """A loader's batch on the device, normalised, in the configured memory format."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    images = to_model_input(images.to(device, non_blocking=True), stats or input_stats(cfg))
+    return images.contiguous(memory_format=memory_format)
+
+
+@torch.no_grad()
+def predict_batch(model, images: torch.Tensor, cfg: CFG, device, scale: TargetScale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions averaged over the cfg.tta flips, raw outputs of the unflipped images) of a
+    batch already on the device (model_input)."""
+    with autocast(cfg, device):
+        out = model(images)
+        preds = to_predictions(out, cfg, scale)
+        for flip in cfg.tta:
+            preds += to_predictions(model(images.flip(3 if flip == "hflip" else 2)), cfg, scale)
+    return preds / (1 + len(cfg.tta)), out
+
+
 @torch.no_grad()
 def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = False, scale: TargetScale | None = None):
     """Predictions (probabilities / values, averaged over cfg.tta flips), or embeddings with
     features=True. With a criterion, also returns the mean loss: (preds, loss)."""
     model.eval()
     outs, total, count = [], 0.0, 0
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     stats = input_stats(cfg)
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
-        images = to_model_input(images.to(device, non_blocking=True), stats).contiguous(memory_format=memory_format)
-        with autocast(cfg, device):
-            if features:
+        images = model_input(images, cfg, device, stats)
+        if features:
+            with autocast(cfg, device):
                 outs.append(model.features(images).float().cpu())
-                continue
-            out = model(images)
-            preds = to_predictions(out, cfg, scale)
-            for flip in cfg.tta:
-                preds += to_predictions(model(images.flip(3 if flip == "hflip" else 2)), cfg, scale)
+            continue
+        preds, out = predict_batch(model, images, cfg, device, scale)
         if criterion is not None:
             total += criterion(out.float(), loss_targets(targets.to(device), cfg, scale)).item() * len(images)
             count += len(images)
-        outs.append((preds / (1 + len(cfg.tta))).cpu())
+        outs.append(preds.cpu())
     preds = torch.cat(outs).numpy()
     return (preds, total / max(count, 1)) if criterion is not None else preds
 

@@ -40,7 +40,7 @@ cfg.competition_dir = competition_dir
 
 # %%
 test = read_test(cfg)
-preds, errors = predictor.predict_array(test["path"].tolist())
+preds, errors = predictor.predict_array(test["path"].tolist(), progress=True)
 if errors:
     raise ValueError(f"{len(errors)} test image(s) could not be read: " + "; ".join(list(errors.values())[:5]))
 submission = make_submission(cfg, test[cfg.id_col], preds, predictor.classes)

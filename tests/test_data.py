@@ -255,6 +255,21 @@ def test_read_test_ids_from_sample_submission_when_no_test_csv(comp_dir, tmp_pat
     assert list(test["path"]) == [str(comp / "test" / f"{i}.png") for i in sample["id"]]
 
 
+def test_metadata_without_test_csv_is_an_error_naming_the_key(comp_dir, tmp_path):
+    """Metadata for the stacker must exist for the test rows too: say so before any training."""
+    comp = tmp_path / "notest_meta"
+    comp.mkdir()
+    (comp / "test").symlink_to(comp_dir / "test", target_is_directory=True)
+    (comp / "train").symlink_to(comp_dir / "train", target_is_directory=True)
+    for name in ("train.csv", "sample_submission.csv"):
+        (comp / name).write_text((comp_dir / name).read_text())
+    cfg = comp_cfg(comp, tmp_path, metadata_cols=["ink"])
+    with pytest.raises(FileNotFoundError, match="metadata_cols.*ink"):
+        read_test(cfg)
+    from helpers.check import check
+    assert any("metadata_cols" in p and "test.csv" in p for p in check(cfg, images=False))
+
+
 def test_read_test_empty_is_an_error(tmp_path):
     comp = tmp_path / "empty"
     (comp / "test").mkdir(parents=True)

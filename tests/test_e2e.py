@@ -166,6 +166,25 @@ def test_predictor_api_serves_every_fold(tiny_run):
     assert alone["probs"] == pytest.approx(results[0]["probs"], abs=1e-5)
 
 
+def test_predictor_streams_batches_through_worker_processes(tiny_run):
+    """A test set larger than a batch is decoded by DataLoader workers, batch by batch; bad
+    items anywhere keep their place, and the numbers match the single-process path."""
+    from helpers.predict import Predictor
+
+    tmp, comp, _ = tiny_run
+    predictor = Predictor.from_experiment(tmp / "models" / "tiny_cnn")
+    items = [str(p) for p in sorted((comp / "test").glob("*.png"))[:30]]
+    items[7] = str(tmp / "missing_a.png")
+    items[25] = str(tmp / "missing_b.png")
+    predictor.cfg.batch_size, predictor.cfg.num_workers = 4, 0
+    alone, errors_alone = predictor.predict_array(items)
+    predictor.cfg.num_workers = 2  # 30 items > 4 batches: workers decode
+    streamed, errors = predictor.predict_array(items, progress=True)
+    assert sorted(errors) == sorted(errors_alone) == [7, 25]
+    assert np.isnan(streamed[[7, 25]]).all() and not np.isnan(np.delete(streamed, [7, 25], axis=0)).any()
+    np.testing.assert_allclose(streamed, alone, atol=1e-5)
+
+
 def test_predict_cli(tiny_run, capsys):
     from helpers import predict
 

@@ -7,7 +7,7 @@ import pytest
 
 from helpers.config import CFG, save_cfg
 from helpers.ensemble import (Experiment, blend, collect_experiments, fit_ensemble, hill_climb, local_lb,
-                              make_submission)
+                              make_submission, validate_submission)
 from helpers.utils import get_score
 
 
@@ -238,6 +238,28 @@ def test_make_submission_probability_columns(comp, tmp_path):
     assert list(sub.columns) == ["id", "cat", "dog", "eel"]
     assert list(sub["id"]) == ["y", "x"]
     np.testing.assert_allclose(sub[["cat", "dog", "eel"]].to_numpy(), pred[[1, 0]])
+
+
+@pytest.mark.parametrize("metric, sample_value", [("roc_auc", 0), ("accuracy", 0.5)])
+def test_make_submission_binary_writes_the_positive_probability(comp, tmp_path, metric, sample_value):
+    """Binary competitions scored on ranking (ROC AUC, or a float sample column) want P(positive)."""
+    pd.DataFrame({"image_name": ["b", "a", "c"], "target": sample_value}).to_csv(comp / "sample_submission.csv", index=False)
+    pd.DataFrame({"image_name": ["a", "b", "c"], "target": [1, 0, 1]}).to_csv(comp / "solution.csv", index=False)
+    cfg = sub_cfg(comp, tmp_path, id_col="image_name", target_col="target", metric=metric)
+    pred = np.array([[0.2, 0.8], [0.9, 0.1], [0.4, 0.6]])  # a, b, c
+    sub = make_submission(cfg, pd.Series(["a", "b", "c"]), pred, [0, 1])
+    assert sub["image_name"].tolist() == ["b", "a", "c"]
+    np.testing.assert_allclose(sub["target"], [0.1, 0.8, 0.6])
+    validate_submission(cfg, sub, [0, 1])
+    assert local_lb(cfg, sub, [0, 1]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
+        validate_submission(cfg, sub.assign(target=[0.1, 1.8, 0.6]), [0, 1])
+
+
+def test_make_submission_binary_labels_when_the_sample_holds_labels(comp, tmp_path):
+    pd.DataFrame({"id": ["a", "b"], "label": ["cat", "cat"]}).to_csv(comp / "sample_submission.csv", index=False)
+    sub = make_submission(sub_cfg(comp, tmp_path), pd.Series(["a", "b"]), np.array([[0.2, 0.8], [0.9, 0.1]]), ["cat", "dog"])
+    assert sub["label"].tolist() == ["dog", "cat"]
 
 
 def test_make_submission_regression(comp, tmp_path):

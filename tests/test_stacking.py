@@ -241,6 +241,21 @@ def test_svr_regression_with_text_metadata(tmp_path):
     assert result["cv"] < target.std() * 0.6
 
 
+@pytest.mark.parametrize("stacker", ["svr", "logistic"])
+def test_regression_heads_learn_on_the_targets_own_scale(tmp_path, stacker):
+    """A Pawpularity-like target (1-100): the heads see it standardised, so the default C fits."""
+    rng = np.random.default_rng(4)
+    n = 240
+    latent = rng.normal(size=n)
+    target = np.clip(38 + 20 * latent + rng.normal(0, 3, n), 1, 100)
+    folds = pd.DataFrame({"id": np.arange(n), "Pawpularity": target, "target": target, "fold": assign_folds(n, rng)})
+    test = pd.DataFrame({"id": [n, n + 1]})
+    cfg = make_cfg(tmp_path, task="regression", metric="rmse", target_col="Pawpularity", stacker=stacker)
+    embs = [np.column_stack([latent + rng.normal(0, 0.1, n), rng.normal(size=(n, 7))]) for _ in range(N_FOLDS)]
+    write_features(cfg, folds, test, embs, [rng.normal(size=(2, 8)) for _ in range(N_FOLDS)])
+    assert run_stacking(cfg, folds, test)["cv"] < 0.5 * target.std()  # unscaled, SVR(C=1) scored 0.8
+
+
 def test_pca_is_fitted_per_fold_and_keeps_the_signal(classification_data):
     cfg, folds, test, _ = classification_data
     cfg = make_cfg(Path(cfg.models_dir).parent, stack_pca=3)
