@@ -156,10 +156,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(CFG)}
 _HINTS = typing.get_type_hints(CFG)
 
 
+# names the Kaggle "CFG notebook" and other trainers use for our keys, for the hint of an unknown key
+KNOWN_AS = {"learning_rate": "lr", "size": "img_size", "image_size": "img_size", "model": "model_name",
+            "n_fold": "n_folds", "num_folds": "n_folds", "trn_fold": "folds", "epoch": "epochs", "apex": "amp",
+            "max_grad_norm": "grad_clip", "gradient_accumulation_steps": "grad_accum", "target": "target_col",
+            "num_epochs": "epochs", "bs": "batch_size", "wd": "weight_decay", "smoothing": "label_smoothing",
+            "workers": "num_workers", "model_arch": "model_name", "train_bs": "batch_size"}
+
+
 def check_value(key: str, value: Any) -> Any:
     """Coerce a value to the field's type, or raise naming the key."""
     if key not in FIELDS:
-        close = difflib.get_close_matches(key, FIELDS, n=3)
+        close = ([KNOWN_AS[key.lower()]] if key.lower() in KNOWN_AS else []) + difflib.get_close_matches(key, FIELDS, n=3)
+        close = list(dict.fromkeys(close))[:3]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KeyError(f"unknown config key '{key}'{hint}")
     typ = _HINTS[key]

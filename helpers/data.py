@@ -136,6 +136,22 @@ def read_image(path: str, in_chans: int = 3) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def image_header(path: str) -> dict:
+    """Size, mode and format from an image's header (no decoding; EXIF rotation applied to the
+    size), or the reason it cannot be read: for the EDA's look at a competition's images."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the image by 90°
+                w, h = h, w
+            return {"path": str(path), "height": h, "width": w, "mode": im.mode, "format": im.format, "error": None}
+    except Exception as e:  # noqa: BLE001 - an unreadable image is reported, not raised
+        return {"path": str(path), "height": None, "width": None, "mode": None, "format": None,
+                "error": f"{type(e).__name__}: {e}"}
+
+
 def augment_preset(cfg: CFG) -> list:
     """The training augmentations of cfg.augment: 'none' | 'light' | 'medium' | 'heavy'."""
     if cfg.augment == "none":

@@ -26,7 +26,11 @@ def image_grid(paths: list[str], titles: list[str], path=None, cols: int = 8):
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, title in zip(axes.ravel(), paths, titles):
-        ax.imshow(read_image(image))
+        try:
+            ax.imshow(read_image(image))
+        except ValueError:  # an unreadable file gets its tile, named, instead of stopping the plot
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", color="red", transform=ax.transAxes)
+            title = f"{Path(image).name}\n{title}"
         ax.set_title(title, fontsize=8)
     return _done(fig, path)
 
@@ -52,9 +56,9 @@ def target_balance(df: pd.DataFrame, target_col: str, task: str, path=None):
 
 
 def image_sizes(sizes: pd.DataFrame, path=None):
-    """Scatter of image width vs height."""
+    """Scatter of image width vs height (coloured by mode when `sizes` has one)."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    sns.scatterplot(data=sizes, x="width", y="height", hue="channels" if "channels" in sizes else None, ax=ax, s=15)
+    sns.scatterplot(data=sizes, x="width", y="height", hue="mode" if "mode" in sizes else None, ax=ax, s=15)
     ax.set_title("image sizes")
     return _done(fig, path)
 

@@ -33,7 +33,7 @@ from IPython.display import display
 
 from helpers import setup
 from helpers import plots
-from helpers.data import read_image, read_test, read_train
+from helpers.data import image_header, read_test, read_train
 
 cfg, logger = setup(config_path, experiment, overrides, log_name="eda.log")
 out = cfg.exp_dir / "eda"
@@ -54,13 +54,19 @@ display(train[cfg.target_col].describe() if cfg.task == "regression" else train[
 plots.target_balance(train, cfg.target_col, cfg.task, out / "target_balance.png");
 
 # %% [markdown]
-# ## Image sizes and modes (a sample of up to 300 images)
+# ## Image sizes and modes (headers of up to 2000 images)
+# Every image is read as RGB (or gray with `in_chans: 1`) and resized to `img_size`, whatever its
+# mode (L, RGB, RGBA, P, I;16, CMYK). Unreadable files are listed here; `python -m helpers.check`
+# reads every header.
 
 # %%
-sample = train.sample(n=min(300, len(train)), random_state=cfg.seed)
-sizes = pd.DataFrame([read_image(p).shape[:2] for p in sample["path"]], columns=["height", "width"])
-display(sizes.value_counts().head(10).to_frame("images"))
-plots.image_sizes(sizes, out / "image_sizes.png");
+sample = train.sample(n=min(2000, len(train)), random_state=cfg.seed)
+headers = pd.DataFrame([image_header(p) for p in sample["path"]])
+readable = headers[headers["error"].isna()]
+display(readable.value_counts(["height", "width", "mode", "format"]).head(10).to_frame("images"))
+if len(readable) < len(headers):
+    display(headers[headers["error"].notna()][["path", "error"]])
+plots.image_sizes(readable, out / "image_sizes.png");
 
 # %% [markdown]
 # ## Samples

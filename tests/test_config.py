@@ -119,6 +119,13 @@ def test_unknown_key_in_yaml_names_it(tmp_path):
         load_cfg(path)
 
 
+@pytest.mark.parametrize("name, ours", [("learning_rate", "lr"), ("size", "img_size"), ("n_fold", "n_folds"),
+                                        ("trn_fold", "folds"), ("apex", "amp"), ("gradient_accumulation_steps", "grad_accum")])
+def test_unknown_key_from_a_kaggle_cfg_notebook_suggests_ours(name, ours):
+    with pytest.raises(KeyError, match=f"did you mean {ours}\\b"):
+        load_cfg(overrides={name: 1})
+
+
 def test_unknown_key_in_an_experiment_names_it(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"experiments": {"a": {"bach_size": 4}}})
     with pytest.raises(KeyError) as e:

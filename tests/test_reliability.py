@@ -71,6 +71,34 @@ def test_exif_rotated_jpeg(tmp_path):
     assert img.shape == (60, 40, 3) and np.abs(img.astype(int) - expected).mean() < 1
 
 
+def test_image_header_reports_size_mode_and_unreadable_files(tmp_path):
+    """What 00_eda shows of each image: its displayed size and mode, or why it cannot be read."""
+    from helpers.data import image_header
+
+    Image.fromarray(REF).convert("CMYK").save(tmp_path / "c.jpg")
+    cv2.imwrite(str(tmp_path / "s.png"), np.zeros((40, 60), np.uint16))
+    im = Image.fromarray(REF)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "e.jpg", exif=exif)
+    (tmp_path / "bad.jpg").write_bytes(b"<html>404</html>")
+    rows = {Path(p).name: image_header(str(tmp_path / p)) for p in ("c.jpg", "s.png", "e.jpg", "bad.jpg")}
+    assert (rows["c.jpg"]["height"], rows["c.jpg"]["width"], rows["c.jpg"]["mode"]) == (40, 60, "CMYK")
+    assert rows["s.png"]["mode"].startswith("I") and rows["s.png"]["error"] is None
+    assert (rows["e.jpg"]["height"], rows["e.jpg"]["width"]) == (60, 40)  # as read_image returns it
+    assert rows["bad.jpg"]["height"] is None and "UnidentifiedImageError" in rows["bad.jpg"]["error"]
+
+
+def test_image_grid_names_an_unreadable_file_instead_of_failing(tmp_path):
+    from helpers.plots import image_grid
+
+    Image.fromarray(REF).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    fig = image_grid([str(tmp_path / "ok.png"), str(tmp_path / "bad.png")], ["a", "b"], tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").exists()
+    assert "bad.png\nb" in [ax.get_title() for ax in fig.axes]
+
+
 # --- faults and reproducibility ---------------------------------------------------------
 TRAIN_SCRIPT = """
 import sys, torch
