@@ -147,9 +147,20 @@ class CFG:
         return list(self.folds) if self.folds else list(range(self.n_folds))
 
 
+def output_root() -> Path:
+    """Where relative output folders (models/, submissions/, .cache/) go: the repository, or,
+    when it is read-only (added to a Kaggle kernel as a dataset under /kaggle/input),
+    /kaggle/working, else the working directory."""
+    if os.access(ROOT, os.W_OK):
+        return ROOT
+    kaggle = Path("/kaggle/working")
+    return kaggle if kaggle.is_dir() else Path.cwd()
+
+
 def under_root(p: str) -> Path:
+    """An output path: absolute as given, relative under output_root()."""
     path = Path(os.path.expanduser(p))
-    return path if path.is_absolute() else ROOT / path
+    return path if path.is_absolute() else output_root() / path
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(CFG)}

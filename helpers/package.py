@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .config import ROOT
+from .config import ROOT, under_root
 
 TEMPLATE = ROOT / "notebooks" / "kaggle_inference.ipynb"
 
@@ -22,7 +22,7 @@ def package(exp_dir: str | Path, out: str | Path) -> Path:
     """Copy helpers, the config and the fold checkpoints of exp_dir, and the inference notebook."""
     exp_dir, out = Path(exp_dir), Path(out)
     if not exp_dir.is_absolute() and not exp_dir.exists():
-        exp_dir = ROOT / exp_dir
+        exp_dir = under_root(str(exp_dir))
     ckpts = sorted(exp_dir.glob("fold*/best.pt"))
     if not (exp_dir / "config.yaml").exists() or not ckpts:
         raise FileNotFoundError(f"{exp_dir}: needs config.yaml and fold*/best.pt (train the experiment first)")

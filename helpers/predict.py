@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import CFG, ROOT, load_saved_cfg
+from .config import CFG, ROOT, load_saved_cfg, under_root
 from .data import get_transforms, input_stats, read_image
 from .losses import TargetScale
 from .models import create_model
@@ -71,7 +71,7 @@ class Predictor:
         from the checkpoints, so `pretrained` is switched off)."""
         exp_dir = Path(exp_dir)
         if not exp_dir.is_absolute() and not exp_dir.exists():
-            exp_dir = ROOT / exp_dir
+            exp_dir = under_root(str(exp_dir))
         cfg = load_saved_cfg(exp_dir)
         cfg.pretrained = False
         ckpts = sorted(exp_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_to_csv(table, args.out)
     if args.save:
-        folder = ROOT / "predictions" / f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}"
+        folder = under_root("predictions") / f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}"
         atomic_to_csv(table, folder / "predictions.csv")
         atomic_write_text(folder / "summary.json", json.dumps({"experiment": predictor.cfg.experiment, "items": len(table),
                                                               "failed": int((table["label"] == "ERROR").sum())}, indent=1))

@@ -25,7 +25,12 @@ overrides = {}  # config keys to override, for example {"epochs": 1, "debug": Tr
 import sys
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "helpers").is_dir())
+# the repository: this folder or a parent, or a Kaggle dataset that holds it (/kaggle/input/...)
+places = [Path.cwd(), *Path.cwd().parents, *sorted(Path("/kaggle/input").glob("*")), *sorted(Path("/kaggle/input").glob("*/*"))]
+ROOT = next((p for p in places if (p / "helpers" / "__init__.py").is_file()), None)
+if ROOT is None:
+    raise FileNotFoundError("helpers/ not found: open this notebook inside the repository, "
+                            "or add the repository to the Kaggle kernel as a dataset")
 sys.path.insert(0, str(ROOT))
 
 import pandas as pd

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -245,3 +246,21 @@ def test_save_cfg_to_explicit_path(tmp_path):
     assert path.exists()
     assert load_saved_cfg(tmp_path / "elsewhere").epochs == 2
     assert not (tmp_path / "models").exists()
+
+
+def test_outputs_leave_a_read_only_repository(tmp_path, monkeypatch):
+    """The repository added to a Kaggle kernel as a dataset is read-only: relative output
+    folders (models/, submissions/, .cache/) go to the working directory instead."""
+    import os
+
+    from helpers import config
+
+    assert config.under_root("models") == config.ROOT / "models"
+    real_access = os.access
+    monkeypatch.setattr(config.os, "access", lambda p, mode: False if Path(p) == config.ROOT else real_access(p, mode))
+    monkeypatch.chdir(tmp_path)
+    cfg = CFG(experiment="kg")
+    assert cfg.exp_dir == tmp_path / "models" / "kg"
+    assert config.under_root(cfg.cache_dir) == tmp_path / ".cache"
+    assert config.under_root("/abs/models") == Path("/abs/models")
+    assert cfg.path(cfg.train_csv) == config.ROOT / "inputs" / "digits" / "train.csv"  # inputs are only read
