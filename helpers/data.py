@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from .config import CFG
 
-IMG_EXTS = (".jpg", ".jpeg", ".png")
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")  # tried in this order, any letter case
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV's own threads only contend
@@ -94,16 +94,29 @@ def pred_columns(cfg: CFG, classes: list | None) -> list[str]:
 
 def locate_images(ids: pd.Series, image_dir: Path, image_ext: str) -> list[tuple[str | None, list[str]]]:
     """For every id: (the image file found, or None; the names tried). The id may carry its
-    extension; else <id><image_ext>, or <id>.jpg/.jpeg/.png when image_ext is ''."""
-    listing = set(os.listdir(image_dir))
-    exists = lambda name: name in listing if "/" not in name else (image_dir / name).exists()  # noqa: E731
+    extension (or a sub-folder: 'n01440764/x.JPEG'); else <id><image_ext>, or <id> with each
+    of IMG_EXTS when image_ext is ''. An extension matches in any letter case (a.JPG)."""
+    def ext_folded(name: str) -> str:  # 'a.JPG' -> 'a.jpg': only the extension loses its case
+        stem, ext = os.path.splitext(name)
+        return stem + ext.lower()
+
+    names = os.listdir(image_dir)
+    exact, folded = set(names), {}
+    for name in names:
+        folded.setdefault(ext_folded(name), name)
+
+    def find(name: str) -> str | None:
+        if "/" in name:
+            return name if (image_dir / name).exists() else None
+        return name if name in exact else folded.get(ext_folded(name))
+
     out = []
     for value in ids.astype(str):
         if image_ext:
             candidates = [value if value.lower().endswith(image_ext.lower()) else value + image_ext]
         else:
             candidates = ([value] if value.lower().endswith(IMG_EXTS) else []) + [value + e for e in IMG_EXTS]
-        found = next((c for c in candidates if exists(c)), None)
+        found = next((f for f in map(find, candidates) if f), None)
         out.append((str(image_dir / found) if found else None, candidates))
     return out
 

@@ -23,7 +23,8 @@ def image_dir(tmp_path):
     d = tmp_path / "images"
     for name in ("a.png", "b.jpg", "c.jpeg", "d.png", "e.JPG"):
         touch_image(d / name)
-    (d / "f.tif").write_bytes(b"x")  # only found with image_ext='.tif'
+    (d / "f.tif").write_bytes(b"x")
+    (d / "g.gif").write_bytes(b"x")  # only found with image_ext='.gif'
     return d
 
 
@@ -39,6 +40,19 @@ def test_resolve_ids_with_extension_used_as_is(image_dir, tmp_path):
     assert paths == [str(image_dir / "a.png"), str(image_dir / "b.jpg"), str(image_dir / "e.JPG")]
 
 
+def test_resolve_extension_in_any_case_and_more_formats(tmp_path):
+    """Kaggle sets ship .JPG, .JPEG, .tif, .bmp, .webp and class sub-folders (ImageNet-Sketch)."""
+    d = tmp_path / "imgs"
+    for name in ("a.JPG", "b.JPEG", "c.tif", "d.bmp", "e.webp", "n0144/x.JPEG", "Up.png"):
+        touch_image(d / name)
+    ids = pd.Series(["a", "b", "c", "d", "e", "n0144/x.JPEG", "a.jpg"])
+    assert resolve_paths(ids, d, "", tmp_path / "t.csv") == [
+        str(d / n) for n in ("a.JPG", "b.JPEG", "c.tif", "d.bmp", "e.webp", "n0144/x.JPEG", "a.JPG")]
+    assert resolve_paths(pd.Series(["b"]), d, ".jpeg", tmp_path / "t.csv") == [str(d / "b.JPEG")]
+    with pytest.raises(FileNotFoundError, match="id=up"):  # the name itself keeps its case
+        resolve_paths(pd.Series(["up"]), d, "", tmp_path / "t.csv")
+
+
 def test_resolve_numeric_ids(tmp_path):
     d = tmp_path / "imgs"
     touch_image(d / "7.png")
@@ -50,7 +64,9 @@ def test_resolve_explicit_image_ext(image_dir, tmp_path):
     # with an explicit extension only that extension is tried
     assert resolve_paths(pd.Series(["a", "d", "d.png"]), image_dir, ".png", tmp_path / "t.csv") == [
         str(image_dir / "a.png"), str(image_dir / "d.png"), str(image_dir / "d.png")]
-    assert resolve_paths(pd.Series(["f"]), image_dir, ".tif", tmp_path / "t.csv") == [str(image_dir / "f.tif")]
+    assert resolve_paths(pd.Series(["g"]), image_dir, ".gif", tmp_path / "t.csv") == [str(image_dir / "g.gif")]
+    with pytest.raises(FileNotFoundError, match="id=g"):
+        resolve_paths(pd.Series(["g"]), image_dir, "", tmp_path / "t.csv")
     with pytest.raises(FileNotFoundError, match="id=b"):
         resolve_paths(pd.Series(["b"]), image_dir, ".png", tmp_path / "t.csv")  # b.jpg exists, b.png does not
 
