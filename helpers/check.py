@@ -32,13 +32,14 @@ class DataError(ValueError):
     """The problems the pre-flight check found, one per line."""
 
 
-def config_problems(path: str, experiment: str = "", overrides: dict | None = None) -> tuple[CFG, list[str]]:
+def config_problems(path: str, experiment: str = "", overrides: dict | None = None) -> tuple[CFG | None, list[str]]:
     """Load the config, collecting every bad key instead of stopping at the first; the CFG
-    returned keeps the good keys so that the data can still be checked."""
+    returned keeps the good keys so that the data can still be checked (None when the file
+    itself cannot be read: there is no data to check then)."""
     try:
         layers = config_layers(path, experiment, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
-        return CFG(), [str(e.args[0])]
+        return None, [str(e.args[0])]
     problems, values = [], {}
     for where, layer in layers:
         for key, value in layer.items():
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-images", action="store_true", help="skip reading the image headers")
     args = parser.parse_args(argv)
     cfg, problems = config_problems(args.config, args.experiment, parse_set(args.set))
-    problems += check(cfg, images=not args.no_images)
+    if cfg is not None:
+        problems += check(cfg, images=not args.no_images)
     if problems:
         print(f"{len(problems)} problem(s):", *problems, sep="\n- ")
         return 1

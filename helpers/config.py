@@ -232,7 +232,11 @@ def read_yaml(path: str | Path) -> dict:
         path = ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        with open(path) as f:  # a stream, so that YAML's message names the file
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:  # a typo in the file: say where, without a traceback
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
     return data

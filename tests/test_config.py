@@ -114,6 +114,13 @@ def test_unknown_key_in_overrides_names_it_and_suggests():
     assert "epochs" in msg  # close match suggested
 
 
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("epochs: 3\nlr: [0.1\nseed: 1\n")
+    with pytest.raises(ValueError, match=r"(?s)broken.yaml: not valid YAML.*broken.yaml\", line 3"):
+        load_cfg(path)
+
+
 def test_unknown_key_in_yaml_names_it(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"learning_rate": 0.1})
     with pytest.raises(KeyError, match="learning_rate"):
