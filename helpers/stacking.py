@@ -31,7 +31,7 @@ from .cache import build_cache
 from .config import CFG, save_cfg
 from .models import TimmModel, create_model
 from .train import fold_dir, frame_predictions, make_loader, num_outputs, predict, write_score
-from .utils import HIGHER_IS_BETTER, atomic_save, atomic_to_csv, get_device, get_score
+from .utils import HIGHER_IS_BETTER, atomic_save_npy, atomic_to_csv, get_device, get_score
 
 
 def feature_dir(cfg: CFG) -> Path:
@@ -50,7 +50,7 @@ def load_fold_model(cfg: CFG, fold: int, device) -> tuple[torch.nn.Module, list 
 
 
 def _save(array: np.ndarray, path: Path) -> None:
-    atomic_save(array.astype(np.float16), path, saver=lambda a, p: np.save(p, a))
+    atomic_save_npy(array.astype(np.float16), path)
 
 
 def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger | None = None) -> Path:

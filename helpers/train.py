@@ -5,8 +5,9 @@ LR decay), Mixup/CutMix, EMA weights (ModelEmaV3). Also gradient accumulation an
 AMP on CUDA (bf16 where supported, else fp16 with a GradScaler), channels_last, torch.compile,
 progressive unfreezing, TTA, early stopping on the CV metric. Per fold it writes, under
 models/<exp>/: fold{k}/best.pt, fold{k}/last.pt (resumable, every epoch), fold{k}/metrics.jsonl
-(one line per epoch), oof_fold{k}.csv (the fold's validation rows) and test_fold{k}.csv.
-`finalize_experiment` combines the folds into oof.csv, test.csv and score.json.
+(one line per epoch), oof_fold{k}.csv (the fold's validation rows), oof_logits_fold{k}.npy (their
+raw outputs) and test_fold{k}.csv. `finalize_experiment` combines the folds into oof.csv,
+oof_logits.npy, test.csv and score.json.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .config import CFG, to_dict
 from .data import ImageDataset, get_classes, get_transforms, input_stats, pred_columns, to_model_input
 from .losses import TargetScale, loss_kind, make_criterion
 from .models import create_model
-from .utils import atomic_save, atomic_to_csv, atomic_write_text, get_device, get_score, is_better, seed_everything
+from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_text, get_device, get_score, is_better, seed_everything
 
 # settings that do not change what a fold learns: a finished fold trained under other values is kept
 RUN_ONLY_KEYS = {"folds", "retrain", "num_workers", "device", "debug_rows", "submission_name", "ensemble_iters",
@@ -185,9 +186,10 @@ def predict_batch(model, images: torch.Tensor, cfg: CFG, device, scale: TargetSc
 @torch.no_grad()
 def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = False, scale: TargetScale | None = None):
     """Predictions (probabilities / values, averaged over cfg.tta flips), or embeddings with
-    features=True. With a criterion, also returns the mean loss: (preds, loss)."""
+    features=True. With a criterion, also the mean loss and the raw outputs (logits) of the
+    unflipped images: (preds, loss, logits)."""
     model.eval()
-    outs, total, count = [], 0.0, 0
+    outs, logits, total, count = [], [], 0.0, 0
     stats = input_stats(cfg)
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
         images = model_input(images, cfg, device, stats)
@@ -199,15 +201,16 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
         if criterion is not None:
             total += criterion(out.float(), loss_targets(targets.to(device), cfg, scale)).item() * len(images)
             count += len(images)
+            logits.append(out.float().cpu())
         outs.append(preds.cpu())
     preds = torch.cat(outs).numpy()
-    return (preds, total / max(count, 1)) if criterion is not None else preds
+    return (preds, total / max(count, 1), torch.cat(logits).numpy()) if criterion is not None else preds
 
 
 def validate(model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale: TargetScale | None = None):
-    """Validation loss, metric and predictions."""
-    preds, loss = predict(model, loader, cfg, device, criterion, scale=scale)
-    return loss, get_score(cfg.metric, targets, preds), preds
+    """Validation loss, metric, predictions and logits."""
+    preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale)
+    return loss, get_score(cfg.metric, targets, preds), preds, logits
 
 
 def _memory_mib(device: torch.device) -> float:
@@ -295,7 +298,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     train_cache = build_cache(cfg, folds["path"].tolist(), logger)
     valid_loader = make_loader(cfg, valid_df, train=False, cache=train_cache)
 
-    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_preds": None}
+    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_preds": None,
+             "best_logits": None}
     last_path = out_dir / "last.pt"
     if last_path.exists() and not cfg.retrain:
         last = torch.load(last_path, map_location="cpu", weights_only=False)
@@ -327,14 +331,14 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
                                      scale, mix, ema, step_model)
         scheduler.step(epoch + 1)
         eval_model = ema.module if ema is not None else model
-        valid_loss, score, preds = validate(eval_model, valid_loader, criterion, cfg, device, valid_targets, scale)
+        valid_loss, score, preds, logits = validate(eval_model, valid_loader, criterion, cfg, device, valid_targets, scale)
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_loss": round(valid_loss, 6),
                "metric": round(score, 6), "lr": max(g["lr"] for g in optimizer.param_groups),
                "time_s": round(time.perf_counter() - start, 2), "mem_MiB": round(_memory_mib(device), 1)}
         state["history"].append(row)
         improved = is_better(cfg.metric, score, state["best_score"])
         if improved:
-            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_preds=preds)
+            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_preds=preds, best_logits=logits)
             atomic_save({"model": eval_model.state_dict(), "cfg": to_dict(cfg), "classes": classes, "epoch": epoch + 1,
                          "score": score, "history": state["history"], "num_features": model.num_features,
                          "target_range": (scale.low, scale.high) if scale else None}, out_dir / "best.pt")
@@ -363,6 +367,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         test_cache = build_cache(cfg, test["path"].tolist(), logger)
         test_preds = predict(model, make_loader(cfg, test, train=False, cache=test_cache), cfg, device, scale=scale)
         atomic_to_csv(frame_predictions(test[cfg.id_col], test_preds, cfg, classes), cfg.exp_dir / f"test_fold{fold}.csv")
+    if state.get("best_logits") is not None:  # raw outputs, rows as in oof_fold{k}.csv (for calibration, stacking)
+        atomic_save_npy(state["best_logits"].astype(np.float32), cfg.exp_dir / f"oof_logits_fold{fold}.npy")
     atomic_to_csv(oof, cfg.exp_dir / f"oof_fold{fold}.csv")  # last: its presence marks the fold done
     logger.info(f"fold {fold}: best {cfg.metric} {state['best_score']:.5f} at epoch {state['best_epoch']}")
     return {"fold": fold, "score": state["best_score"], "best_epoch": state["best_epoch"], "history": state["history"]}
@@ -384,6 +390,9 @@ def finalize_experiment(cfg: CFG, logger: logging.Logger | None = None) -> dict 
         test[cols] = np.mean([t[cols].to_numpy() for t in tests], axis=0)
         atomic_to_csv(test, cfg.exp_dir / "test.csv")
     atomic_to_csv(oof, cfg.exp_dir / "oof.csv")
+    logit_paths = [cfg.exp_dir / f"oof_logits_fold{k}.npy" for k in cfg.fold_ids]
+    if all(p.exists() for p in logit_paths):  # rows as in oof.csv
+        atomic_save_npy(np.concatenate([np.load(p) for p in logit_paths]), cfg.exp_dir / "oof_logits.npy")
     wall = sum(sum(json.loads(line)["time_s"] for line in (fold_dir(cfg, k) / "metrics.jsonl").read_text().splitlines())
                for k in cfg.fold_ids if (fold_dir(cfg, k) / "metrics.jsonl").exists())
     return write_score(cfg, oof, logger, wall_s=wall)

@@ -51,6 +51,11 @@ def atomic_save(obj, path: str | Path, saver: Callable | None = None) -> None:
         saver(obj, tmp)
 
 
+def atomic_save_npy(array: np.ndarray, path: str | Path) -> None:
+    """np.save through a temp file and a rename."""
+    atomic_save(array, path, saver=lambda a, tmp: np.save(tmp, a))
+
+
 def save_figure(fig, path: str | Path) -> None:
     """Save a matplotlib figure beside the results (atomically)."""
     with atomic_path(path) as tmp:

@@ -57,6 +57,9 @@ def test_runner_runs_every_notebook(tiny_run):
             assert set(json.loads(lines[0])) == {"epoch", "train_loss", "valid_loss", "metric", "lr", "time_s", "mem_MiB"}
         oof = pd.read_csv(d / "oof.csv")
         assert len(oof) == len(pd.read_csv(comp / "train.csv")) and set(oof["fold"]) == {0, 1}
+        logits = np.load(d / "oof_logits.npy")  # raw outputs, rows as in oof.csv (no TTA here)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(probs / probs.sum(1, keepdims=True), oof.filter(like="prob_").to_numpy(), atol=1e-5)
         assert (d / "features" / "train_fold0.npy").exists()
         stack = pd.read_csv(models / f"{exp}_lgbm" / "oof.csv")
         assert len(stack) == len(oof)
