@@ -42,6 +42,13 @@ class TimmModel(nn.Module):
                 raise ValueError(f"config key 'pretrained_path': {cfg.pretrained_path} does not fit model "
                                  f"'{cfg.model_name}': {first}") from e
             raise
+        except OSError as e:  # the hub cannot be reached (a Kaggle kernel with internet off) or has no such file
+            if not cfg.pretrained or cfg.pretrained_path:
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"config key 'pretrained': could not fetch the weights of '{cfg.model_name}' from the "
+                               f"Hugging Face hub ({first}). Without internet, add the weights to the kernel as a "
+                               f"dataset and set pretrained_path to the file (.safetensors/.pth/.bin)") from e
         if cfg.pretrained and cfg.pretrained_path:
             _check_weights_file(Path(cfg.pretrained_path).expanduser(), self.backbone, cfg.model_name)
         self.num_features = self.backbone.num_features

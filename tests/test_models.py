@@ -2,12 +2,14 @@
 step by step, and TimmModel's offline pretrained weights."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from helpers.config import CFG
+from helpers.config import CFG, ROOT
 from helpers.models import MODELS, HybridModel, TimmModel, create_model
 
 
@@ -146,6 +148,20 @@ def test_timm_pretrained_path_missing(tmp_path):
         TimmModel(cfg, 3)
     assert "pretrained_path" in str(e.value)
     assert "nope.safetensors" in str(e.value)
+
+
+def test_timm_pretrained_without_internet_says_what_to_do(tmp_path):
+    """A Kaggle kernel with internet off and no pretrained_path: the hub's error, plus the fix."""
+    import subprocess
+    import sys
+
+    code = ("from helpers.config import CFG\nfrom helpers.models import create_model\n"
+            "create_model(CFG(model_name='resnet18', pretrained=True), 3)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # no network, empty cache
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: config key 'pretrained'") and "'resnet18'" in last and "pretrained_path" in last
 
 
 @pytest.fixture(scope="module")
