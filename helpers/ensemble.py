@@ -52,7 +52,7 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Colle
             found.append((d.name, exp_cfg))
     if not found:
         raise FileNotFoundError(f"no experiment with oof.csv and test.csv for {cfg.competition_dir} under {root}")
-    experiments, ref_oof, ref_test = [], None, None
+    experiments, ref_oof, ref_test, ref_y = [], None, None, None
     for name, exp_cfg in found:
         oof = pd.read_csv(root / name / "oof.csv")
         test = pd.read_csv(root / name / "test.csv")
@@ -67,7 +67,7 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Colle
         y_true, y_pred = oof_targets(cfg, oof)
         experiments.append(Experiment(name, exp_cfg, y_pred.reshape(len(oof), -1), test[cols].to_numpy(float),
                                       get_score(cfg.metric, y_true, y_pred)))
-        ref_y = y_true if len(experiments) == 1 else ref_y
+        ref_y = y_true if ref_y is None else ref_y  # rows are aligned: every experiment's y_true is the same
     return Collection(experiments, ref_oof, ref_y, ref_test[cfg.id_col])
 
 

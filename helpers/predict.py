@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import CFG, ROOT, load_saved_cfg, under_root
+from .config import CFG, load_saved_cfg, under_root
 from .data import get_transforms, input_stats, read_image
 from .losses import TargetScale
 from .models import create_model
@@ -98,7 +98,7 @@ class Predictor:
         width = 1 if self.cfg.task == "regression" else len(self.classes)
         out = np.full((len(items), width), np.nan)
         errors: dict[int, str] = {}
-        dataset = _Items(list(items), self.transform, self.cfg.in_chans, self.cfg.img_size)
+        dataset = _Items(list(items), self.transform, self.cfg.in_chans)
         workers = self.cfg.num_workers if len(items) > 4 * self.cfg.batch_size else 0
         loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=_collate, pin_memory=self.device.type == "cuda")
@@ -140,8 +140,8 @@ class Predictor:
 class _Items(Dataset):
     """Paths or arrays -> (uint8 tensor, index, error): a bad item yields its error, not an exception."""
 
-    def __init__(self, items: list, transform, in_chans: int, img_size: int):
-        self.items, self.transform, self.in_chans, self.img_size = items, transform, in_chans, img_size
+    def __init__(self, items: list, transform, in_chans: int):
+        self.items, self.transform, self.in_chans = items, transform, in_chans
 
     def __len__(self) -> int:
         return len(self.items)
