@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import CFG, check_value, config_layers, parse_set, to_dict, validate
-from .data import locate_images
+from .data import locate_images, no_test_metadata
 from .utils import atomic_write_text
 
 
@@ -104,8 +104,7 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     sample = _csv(sample_path, "sample submission", [cfg.id_col], problems)
     test = _csv(test_path, "test CSV", [cfg.id_col, *cfg.metadata_cols], problems) if test_path.exists() else None
     if test is None and cfg.metadata_cols:
-        problems.append(f"test CSV not found: {test_path}; config key 'metadata_cols' {cfg.metadata_cols} needs "
-                        f"the test rows' metadata from it (or set metadata_cols: [])")
+        problems.append(no_test_metadata(cfg))
     if test is None and sample is not None and cfg.id_col in sample:
         test, test_path = sample[[cfg.id_col]], sample_path
     if test is not None and cfg.id_col in test:

@@ -65,8 +65,7 @@ def read_test(cfg: CFG) -> pd.DataFrame:
     if test_path.exists():
         df = read_csv(test_path, [cfg.id_col, *cfg.metadata_cols], "test CSV")
     elif cfg.metadata_cols:
-        raise FileNotFoundError(f"test CSV not found: {test_path}; config key 'metadata_cols' {cfg.metadata_cols} "
-                                f"needs the test rows' metadata from it (or set metadata_cols: [])")
+        raise FileNotFoundError(no_test_metadata(cfg))
     else:
         test_path = cfg.path(cfg.sample_submission)
         df = read_csv(test_path, [cfg.id_col], "sample submission (no test CSV)")[[cfg.id_col]]
@@ -74,6 +73,12 @@ def read_test(cfg: CFG) -> pd.DataFrame:
         raise ValueError(f"{test_path}: the test set is empty")
     df["path"] = resolve_paths(df[cfg.id_col], cfg.path(cfg.image_dir_test), cfg.image_ext, test_path)
     return df.reset_index(drop=True)
+
+
+def no_test_metadata(cfg: CFG) -> str:
+    """The problem of metadata columns without a test CSV: the stacker would lack them for test."""
+    return (f"test CSV not found: {cfg.path(cfg.test_csv)}; config key 'metadata_cols' {cfg.metadata_cols} needs "
+            f"the test rows' metadata from it (or set metadata_cols: [])")
 
 
 def read_sample_submission(cfg: CFG) -> pd.DataFrame:
