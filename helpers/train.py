@@ -367,8 +367,11 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         test_cache = build_cache(cfg, test["path"].tolist(), logger)
         test_preds = predict(model, make_loader(cfg, test, train=False, cache=test_cache), cfg, device, scale=scale)
         atomic_to_csv(frame_predictions(test[cfg.id_col], test_preds, cfg, classes), cfg.exp_dir / f"test_fold{fold}.csv")
-    if state.get("best_logits") is not None:  # raw outputs, rows as in oof_fold{k}.csv (for calibration, stacking)
-        atomic_save_npy(state["best_logits"].astype(np.float32), cfg.exp_dir / f"oof_logits_fold{fold}.npy")
+    logits_path = cfg.exp_dir / f"oof_logits_fold{fold}.npy"  # raw outputs, rows as in oof_fold{k}.csv
+    if state.get("best_logits") is not None:
+        atomic_save_npy(state["best_logits"].astype(np.float32), logits_path)
+    else:  # resumed from a last.pt that kept no logits: never leave an earlier run's file beside this OOF
+        logits_path.unlink(missing_ok=True)
     atomic_to_csv(oof, cfg.exp_dir / f"oof_fold{fold}.csv")  # last: its presence marks the fold done
     logger.info(f"fold {fold}: best {cfg.metric} {state['best_score']:.5f} at epoch {state['best_epoch']}")
     return {"fold": fold, "score": state["best_score"], "best_epoch": state["best_epoch"], "history": state["history"]}
