@@ -6,13 +6,14 @@ CONFIG ?= configs/digits.yaml
 
 .PHONY: setup run test demo notebooks clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv and install the pinned requirements
+setup: $(VENV)/.installed  ## create .venv, install the pinned requirements and helpers (editable)
 
 demo: setup  ## build the demo competition inputs/digits/ from scikit-learn's digits
 	$(PY) -m helpers.demo

@@ -6,24 +6,25 @@ from __future__ import annotations
 
 import logging
 
-from .config import CFG, ROOT, load_cfg, save_cfg
+from .config import CFG, ROOT, load_cfg
 
 
 def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
           log_name: str = "train.log") -> tuple[CFG, logging.Logger]:
     """Resolve the config (YAML + overrides), seed everything, open the experiment's logger
     and save the config snapshot. Builds the demo competition on first use."""
+    from . import artifacts
     from .utils import get_logger, seed_everything
 
     cfg = load_cfg(config_path, experiment, overrides)
     if not cfg.path(cfg.train_csv).exists() and cfg.path("") == ROOT / "inputs" / "digits":
-        from .demo import build_digits
+        from .demo import write_digits
 
-        build_digits(cfg.path(""))
+        write_digits(cfg.path(""))
     seed_everything(cfg.seed)
-    logger = get_logger("kaggle", cfg.exp_dir / log_name)
-    save_cfg(cfg)
+    logger = get_logger("kaggle", artifacts.log_path(cfg, log_name))
+    artifacts.save_config(cfg)
     return cfg, logger
 
 
-__all__ = ["CFG", "ROOT", "load_cfg", "save_cfg", "setup"]
+__all__ = ["CFG", "ROOT", "load_cfg", "setup"]

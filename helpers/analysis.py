@@ -1,23 +1,21 @@
 """Error analysis of out-of-fold predictions: what the model gets wrong.
 
-Classification: confusion matrix plot, classification report, wrong_oof.csv (id, path, true
+Classification: the confusion matrix, the classification report, wrong_oof.csv (id, path, true
 class, predicted class, confidence; most confident first) and a grid of the most confident
 wrong images. Regression: residual plots, largest_errors.csv and a grid of the worst images.
-Everything is written to models/<exp>/analysis/ and returned for the notebook to show.
+Tables go to the experiment's analysis folder (helpers.artifacts); figures are helpers.plots'.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from sklearn.metrics import classification_report, confusion_matrix
 
+from . import artifacts, plots
 from .config import CFG
-from .plots import image_grid
-from .utils import atomic_to_csv, save_figure
+from .utils import atomic_to_csv
 
 
 def classification_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir: Path) -> dict:
@@ -36,17 +34,13 @@ def classification_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_
     report = pd.DataFrame(report).T.round(4)
     atomic_to_csv(report.reset_index(names="class"), out_dir / "classification_report.csv")
     cm = confusion_matrix(true, pred, labels=classes)
-    size = min(0.5 * len(classes) + 3, 20)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    sns.heatmap(cm, annot=len(classes) <= 30, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax)
-    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix (OOF, {len(wrong)} wrong of {len(true)})")
-    fig.tight_layout()
-    save_figure(fig, out_dir / "confusion_matrix.png")
+    fig = plots.confusion_heatmap(cm, classes, f"confusion matrix (OOF, {len(wrong)} wrong of {len(true)})",
+                                  out_dir / "confusion_matrix.png")
     grid = None
     if len(wrong):
         top = wrong.head(16)
-        grid = image_grid(top["path"].tolist(), [f"{t} -> {p} ({c:.2f})" for t, p, c in zip(top["true"], top["pred"], top["confidence"])],
-                          out_dir / "wrong_confident.png")
+        grid = plots.image_grid(top["path"].tolist(), [f"{t} -> {p} ({c:.2f})" for t, p, c in zip(top["true"], top["pred"], top["confidence"])],
+                                out_dir / "wrong_confident.png")
     return {"wrong": wrong, "report": report, "confusion": fig, "grid": grid}
 
 
@@ -57,27 +51,18 @@ def regression_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir:
     merged["abs_error"] = merged["residual"].abs()
     largest = merged.sort_values("abs_error", ascending=False)
     atomic_to_csv(largest, out_dir / "largest_errors.csv")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    sns.scatterplot(data=merged, x=cfg.target_col, y="pred", s=12, ax=ax1)
-    lo, hi = merged[[cfg.target_col, "pred"]].min().min(), merged[[cfg.target_col, "pred"]].max().max()
-    ax1.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax1.set_title("OOF prediction vs target")
-    sns.histplot(merged["residual"], bins=40, ax=ax2)
-    ax2.set_title("residuals (prediction - target)")
-    fig.tight_layout()
-    save_figure(fig, out_dir / "residuals.png")
+    fig = plots.residuals(merged, cfg.target_col, out_dir / "residuals.png")
     top = largest.head(16)
-    grid = image_grid(top["path"].tolist(), [f"{t:.1f} -> {p:.1f}" for t, p in zip(top[cfg.target_col], top["pred"])],
-                      out_dir / "largest_errors.png")
+    grid = plots.image_grid(top["path"].tolist(), [f"{t:.1f} -> {p:.1f}" for t, p in zip(top[cfg.target_col], top["pred"])],
+                            out_dir / "largest_errors.png")
     return {"largest": largest, "residuals": fig, "grid": grid}
 
 
 def error_analysis(cfg: CFG, folds: pd.DataFrame) -> dict | None:
-    """Analyse models/<exp>/oof.csv (None until every fold is trained)."""
-    path = cfg.exp_dir / "oof.csv"
-    if not path.exists():
+    """Analyse the experiment's OOF predictions (None until every fold is trained)."""
+    if not artifacts.predictions_path(cfg, "oof").exists():
         return None
-    oof = pd.read_csv(path)
-    out_dir = cfg.exp_dir / "analysis"
+    oof = artifacts.read_predictions(cfg, "oof")
+    out_dir = artifacts.analysis_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     return (regression_errors if cfg.task == "regression" else classification_errors)(cfg, oof, folds, out_dir)

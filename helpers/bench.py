@@ -31,12 +31,12 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .cache import build_cache
+from .cache import create_cache
 from .config import CFG
-from .data import ImageDataset, get_transforms
-from .losses import make_criterion
+from .data import ImageDataset, create_transforms
+from .losses import create_criterion
 from .models import create_model
-from .train import make_loader, train_one_epoch
+from .train import create_loader, train_one_epoch
 
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +68,7 @@ def train_loop_ratio(repeats: int, device: torch.device) -> tuple[float, float, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, step_on_epochs=False, updates_per_epoch=len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    criterion = make_criterion(cfg, np.arange(10), 10).to(device)
+    criterion = create_criterion(cfg, np.arange(10), 10).to(device)
     ours_times, plain_times = [], []
     plain_epoch(model, loader, optimizer, device)  # warm-up both paths
     train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg, device, 0)
@@ -86,7 +86,7 @@ def train_loop_ratio(repeats: int, device: torch.device) -> tuple[float, float, 
     return ours, plain, ours / plain
 
 
-def make_jpegs(folder: Path, count: int, size: int = 512) -> list[str]:
+def write_jpegs(folder: Path, count: int, size: int = 512) -> list[str]:
     """Photo-like 512 px JPEGs: smooth colour fields plus texture (realistic file sizes)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -112,20 +112,20 @@ def cache_and_decode(n_images: int, workers: list[int]) -> dict:
     time; decode + augment img/s in one process."""
     out: dict = {"epochs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(Path(tmp) / "jpg", n_images)
+        paths = write_jpegs(Path(tmp) / "jpg", n_images)
         cfg = CFG(img_size=224, batch_size=32, augment="light", hflip=True, cache_dir=str(Path(tmp) / "cache"))
         df = pd.DataFrame({"path": paths, "target": np.zeros(len(paths), dtype=int)})
         start = time.perf_counter()
-        cache = build_cache(cfg, paths)
+        cache = create_cache(cfg, paths)
         out["build_s"] = time.perf_counter() - start
         for w in workers:
             c = replace(cfg, num_workers=w)
             no_cache, with_cache = [], []
             for seed in range(3):  # interleaved, medians
-                no_cache.append(loader_epoch(make_loader(replace(c, cache=False), df, train=True, seed=seed)))
-                with_cache.append(loader_epoch(make_loader(c, df, train=True, seed=seed, cache=cache)))
+                no_cache.append(loader_epoch(create_loader(replace(c, cache=False), df, train=True, seed=seed)))
+                with_cache.append(loader_epoch(create_loader(c, df, train=True, seed=seed, cache=cache)))
             out["epochs"][w] = (statistics.median(no_cache), statistics.median(with_cache))
-        dataset = ImageDataset(paths, None, get_transforms(cfg, train=True), 3)
+        dataset = ImageDataset(paths, None, create_transforms(cfg, train=True), 3)
         start = time.perf_counter()
         for i in range(len(dataset)):
             dataset[i]
@@ -149,7 +149,7 @@ def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=10, step_on_epochs=False, updates_per_epoch=steps)
         bf16 = torch.cuda.is_bf16_supported()
         scaler = torch.amp.GradScaler("cuda", enabled=amp and not bf16)
-        criterion = make_criterion(cfg, np.arange(1000), 1000).to(device)
+        criterion = create_criterion(cfg, np.arange(1000), 1000).to(device)
         train_one_epoch(model, data[:5], criterion, optimizer, scheduler, scaler, cfg, device, 0)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -8,7 +8,6 @@ not fit on disk.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .config import CFG, under_root
+from . import artifacts
+from .config import CFG
 from .data import read_image
 from .utils import atomic_path, atomic_write_text
 
@@ -58,15 +58,7 @@ def resize_image(path: str, size: int, in_chans: int) -> np.ndarray:
     return out.reshape(size, size, in_chans)
 
 
-def cache_key(paths: list[str], size: int, in_chans: int) -> str:
-    h = hashlib.sha1(f"{size}:{in_chans}:linear".encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def build_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = None, workers: int | None = None) -> ImageCache | None:
+def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = None, workers: int | None = None) -> ImageCache | None:
     """The cache of these images at cfg.img_size (built on first use); None when cfg.cache is
     off or the cache would not fit on disk."""
     if not cfg.cache:
@@ -74,9 +66,9 @@ def build_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = None
     logger = logger or logging.getLogger("kaggle")
     paths = list(dict.fromkeys(paths))  # unique, order kept
     shape = (len(paths), cfg.img_size, cfg.img_size, cfg.in_chans)
-    root = under_root(cfg.cache_dir)
+    root = artifacts.cache_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, cfg.img_size, cfg.in_chans)
+    key = f"{artifacts.paths_digest(paths)}_{cfg.img_size}_{cfg.in_chans}"
     file, meta = root / f"images_{key}.u8", root / f"images_{key}.json"
     if file.exists() and meta.exists():
         return ImageCache(file, paths, shape)

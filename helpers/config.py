@@ -8,7 +8,10 @@ overrides on top of the file's shared settings:
     competition_dir: inputs/digits
     experiments:
       digits_resnet: {model_name: resnet18}
-      digits_hybrid: {arch: hybrid}
+      digits_hybrid: {arch: hybrid, model_kwargs: {patch_size: 16}}
+
+This module knows settings only: where outputs go is helpers.artifacts' business, and the
+model registry (helpers.models) checks its own `model_kwargs`.
 """
 from __future__ import annotations
 
@@ -23,15 +26,14 @@ from typing import Any
 
 import yaml
 
-from .utils import atomic_write_text
-
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: relative paths start here
+ARCHS = ("timm", "hybrid")  # the model registry's keys (helpers.models.MODELS checks it has exactly these)
 
 
 @dataclass
 class CFG:
     # --- data -------------------------------------------------------------------------
-    competition_dir: str = "inputs/digits"  # folder of the competition's CSVs and images
+    competition_dir: str = ""  # folder of the competition's CSVs and images (required; the demo's is inputs/digits)
     train_csv: str = "train.csv"  # relative to competition_dir (or absolute)
     test_csv: str = "test.csv"  # test ids; if missing, ids come from sample_submission
     sample_submission: str = "sample_submission.csv"  # the submission's shape: ids, order, columns
@@ -57,17 +59,12 @@ class CFG:
     # --- model ------------------------------------------------------------------------
     arch: str = "timm"  # model registry key: 'timm' (any timm backbone) | 'hybrid'
     model_name: str = "resnet18"  # timm backbone name (arch 'timm')
+    model_kwargs: dict = field(default_factory=dict)  # the architecture's own settings: timm.create_model kwargs, or the hybrid's patch_size, patch_channels, featured_patch_dim, emb_dim, num_heads
     pretrained: bool = False  # load pretrained weights (hub, or pretrained_path when offline)
     pretrained_path: str = ""  # local .safetensors/.pth/.bin weights for internet-off kernels
     img_size: int = 224  # images are resized to img_size x img_size
     in_chans: int = 3  # 3 = RGB; 1 = grayscale
     drop_rate: float = 0.1  # dropout before the classifier
-    # hybrid CNN-transformer (arch 'hybrid')
-    patch_size: int = 16  # side of the square patches the image is cut into
-    patch_channels: list = field(default_factory=lambda: [32, 64])  # widths of the shared patch CNN
-    featured_patch_dim: int = 32  # width of a patch feature (the patch CNN's output)
-    emb_dim: int = 24  # attention width of the decoder
-    num_heads: int = 4  # attention heads (must divide emb_dim)
     # --- training ---------------------------------------------------------------------
     batch_size: int = 32  # images per step
     epochs: int = 10  # maximum epochs per fold
@@ -117,11 +114,7 @@ class CFG:
     stacker: str = "lgbm"  # 'lgbm' | 'svr' (SVR/SVC) | 'logistic' (logistic/ridge regression)
     stack_pca: int = 0  # PCA components of the embeddings (fitted per fold on its training rows); 0 = off
     stack_c: float = 1.0  # regularisation C of the svr / logistic heads
-    lgbm_n_estimators: int = 2000  # maximum boosting rounds (early stopping picks the best)
-    lgbm_learning_rate: float = 0.05  # boosting learning rate
-    lgbm_num_leaves: int = 15  # leaves per tree
-    lgbm_feature_fraction: float = 0.5  # share of features per tree
-    lgbm_early_stopping: int = 50  # rounds without improvement before stopping
+    lgbm_params: dict = field(default_factory=dict)  # LightGBM parameters over helpers.stacking.LGBM_DEFAULTS (n_estimators 2000, learning_rate 0.05, num_leaves 15, colsample_bytree 0.5, early_stopping_round 50, ...)
     # --- ensemble -------------------------------------------------------------------
     ensemble_method: str = "hill"  # 'hill' (hill climbing on OOF) | 'mean' | 'rank' (rank averaging)
     ensemble_iters: int = 50  # hill-climbing steps (forward selection with replacement)
@@ -137,30 +130,9 @@ class CFG:
         return (comp if comp.is_absolute() else ROOT / comp) / p
 
     @property
-    def exp_dir(self) -> Path:
-        """models/<experiment>: everything this experiment produced."""
-        return under_root(self.models_dir) / self.experiment
-
-    @property
     def fold_ids(self) -> list[int]:
         """The folds to train."""
         return list(self.folds) if self.folds else list(range(self.n_folds))
-
-
-def output_root() -> Path:
-    """Where relative output folders (models/, submissions/, .cache/) go: the repository, or,
-    when it is read-only (added to a Kaggle kernel as a dataset under /kaggle/input),
-    /kaggle/working, else the working directory."""
-    if os.access(ROOT, os.W_OK):
-        return ROOT
-    kaggle = Path("/kaggle/working")
-    return kaggle if kaggle.is_dir() else Path.cwd()
-
-
-def under_root(p: str) -> Path:
-    """An output path: absolute as given, relative under output_root()."""
-    path = Path(os.path.expanduser(p))
-    return path if path.is_absolute() else output_root() / path
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(CFG)}
@@ -175,8 +147,24 @@ KNOWN_AS = {"learning_rate": "lr", "size": "img_size", "image_size": "img_size",
             "workers": "num_workers", "model_arch": "model_name", "train_bs": "batch_size"}
 
 
+# keys that moved under a mapping: the old flat key is an error that names its new place
+MOVED = {**{k: "model_kwargs" for k in ("patch_size", "patch_channels", "featured_patch_dim", "emb_dim", "num_heads")},
+         "lgbm_n_estimators": "lgbm_params.n_estimators", "lgbm_learning_rate": "lgbm_params.learning_rate",
+         "lgbm_num_leaves": "lgbm_params.num_leaves", "lgbm_feature_fraction": "lgbm_params.colsample_bytree",
+         "lgbm_early_stopping": "lgbm_params.early_stopping_round"}
+
+
+def moved_message(key: str) -> str:
+    place = MOVED[key]
+    parent, _, name = place.partition(".")
+    return (f"config key '{key}' has moved: set it under {parent} "
+            f"(e.g. {parent}: {{{name or key}: ...}})")
+
+
 def check_value(key: str, value: Any) -> Any:
     """Coerce a value to the field's type, or raise naming the key."""
+    if key in MOVED:
+        raise KeyError(moved_message(key))
     if key not in FIELDS:
         close = ([KNOWN_AS[key.lower()]] if key.lower() in KNOWN_AS else []) + difflib.get_close_matches(key, FIELDS, n=3)
         close = list(dict.fromkeys(close))[:3]
@@ -276,15 +264,19 @@ def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: di
     The first unknown key or wrong type raises, naming the key."""
     values = {key: check_value(key, value) for _, layer in config_layers(path, experiment, overrides) for key, value in layer.items()}
     cfg = CFG(**values)
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 
-def validate(cfg: CFG) -> None:
-    """Check values that have a fixed set of choices, naming the key."""
+def check_config(cfg: CFG) -> None:
+    """Check values that have a fixed set of choices or a range, naming the key."""
+    if not cfg.competition_dir:
+        raise ValueError("config key 'competition_dir' is not set: point it at your competition's folder "
+                         "(its CSVs and images); the demo's config, configs/digits.yaml, uses inputs/digits")
     choices = {
         "task": ("classification", "regression"),
         "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
+        "arch": ARCHS,
         "augment": ("none", "light", "medium", "heavy"),
         "loss": ("auto", "ce", "focal", "bce", "mse"),
         "class_weights": ("", "balanced"),
@@ -313,26 +305,20 @@ def validate(cfg: CFG) -> None:
     bad = [f for f in cfg.folds if not 0 <= f < cfg.n_folds]
     if bad:
         raise ValueError(f"config key 'folds' has folds outside 0..{cfg.n_folds - 1}: {bad}")
-    from .models import MODELS  # late import: models imports torch
-
-    if cfg.arch not in MODELS:
-        raise ValueError(f"config key 'arch' must be one of {list(MODELS)}, got {cfg.arch!r}")
-    if cfg.emb_dim % cfg.num_heads:
-        raise ValueError(f"config key 'num_heads' ({cfg.num_heads}) must divide emb_dim ({cfg.emb_dim})")
 
 
 def to_dict(cfg: CFG) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_cfg(cfg: CFG, path: Path | None = None) -> Path:
-    """Snapshot the resolved config as models/<experiment>/config.yaml."""
-    path = path or cfg.exp_dir / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
-
-
-def load_saved_cfg(exp_dir: str | Path) -> CFG:
-    """The config an experiment was run with (models/<exp>/config.yaml)."""
-    data = read_yaml(Path(exp_dir) / "config.yaml")
+def cfg_from_dict(data: dict) -> CFG:
+    """A CFG from a saved mapping (a checkpoint's or a snapshot's config). Keys that have
+    moved since it was saved are carried to their new place."""
+    data = dict(data)
+    for key in [k for k in data if k in MOVED]:
+        parent, _, name = MOVED[key].partition(".")
+        value = data.pop(key)
+        if parent == "model_kwargs" and data.get("arch") != "hybrid":
+            continue  # the hybrid's settings meant nothing to another architecture
+        data[parent] = {**data.get(parent, {}), (name or key): value}
     return CFG(**{k: check_value(k, v) for k, v in data.items()})

@@ -21,16 +21,75 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV's own threads only contend
 
 
-# --- CSVs ----------------------------------------------------------------------------------
+# --- CSVs and their checks (the pre-flight report, helpers.check, runs the same ones) ---------
+class DataError(ValueError):
+    """Problems of the competition's data, one per line, each naming its file, row or column."""
+
+
+def _rows(mask: pd.Series, limit: int = 8) -> str:
+    rows = (np.flatnonzero(np.asarray(mask)) + 2).tolist()  # +2: the header is line 1, rows start at line 2
+    return ", ".join(map(str, rows[:limit])) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def column_problems(df: pd.DataFrame, path: Path, columns: list[str]) -> list[str]:
+    return [f"{path}: missing column '{c}' (it has {list(df.columns)})" for c in dict.fromkeys(columns) if c and c not in df.columns]
+
+
 def read_csv(path: Path, required: list[str], what: str) -> pd.DataFrame:
     """Read a CSV and check it has the required columns (an error names file and column)."""
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     df = pd.read_csv(path)
-    missing = [c for c in required if c not in df.columns]
+    missing = column_problems(df, path, required)
     if missing:
-        raise KeyError(f"{path}: missing column(s) {missing}; it has {list(df.columns)}")
+        raise KeyError("; ".join(missing))
     return df
+
+
+def class_count_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
+    """Classes with fewer rows than folds: stratified folds cannot put one in every fold."""
+    counts = train[cfg.target_col].dropna().value_counts()
+    return [f"{path}: class {label!r} of '{cfg.target_col}' has {n} row(s), fewer than n_folds={cfg.n_folds}; "
+            f"lower n_folds or merge rare classes" for label, n in counts[counts < cfg.n_folds].items()]
+
+
+def train_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
+    """Every problem of train.csv's table: columns, rows, ids, the target."""
+    problems = column_problems(train, path, [cfg.id_col, cfg.target_col, *cfg.metadata_cols, cfg.group_col])
+    if len(train) == 0:
+        problems.append(f"{path}: no rows")
+    if cfg.id_col in train:
+        dup = train[cfg.id_col].duplicated(keep=False)
+        if dup.any():
+            problems.append(f"{path}: {int(dup.sum())} rows share an id in '{cfg.id_col}' (rows {_rows(dup)})")
+    if cfg.target_col in train:
+        nan = train[cfg.target_col].isna()
+        if nan.any():
+            problems.append(f"{path}: NaN in target column '{cfg.target_col}' (rows {_rows(nan)})")
+        if cfg.task == "classification":
+            problems += class_count_problems(cfg, train, path)
+        elif not pd.api.types.is_numeric_dtype(train[cfg.target_col]):
+            problems.append(f"{path}: regression target '{cfg.target_col}' is not numeric")
+    return problems
+
+
+def test_problems(cfg: CFG, test: pd.DataFrame, test_path: Path, sample: pd.DataFrame | None, sample_path: Path) -> list[str]:
+    """Problems of the test ids: none, duplicates, and ids that test.csv and sample_submission
+    do not share."""
+    problems = []
+    if len(test) == 0:
+        problems.append(f"{test_path}: the test set is empty")
+    dup = test[cfg.id_col].duplicated(keep=False)
+    if dup.any():
+        problems.append(f"{test_path}: {int(dup.sum())} rows share an id in '{cfg.id_col}' (rows {_rows(dup)})")
+    if sample is not None and cfg.id_col in sample and test_path != sample_path:
+        test_ids, sample_ids = set(test[cfg.id_col].astype(str)), set(sample[cfg.id_col].astype(str))
+        if test_ids - sample_ids:
+            problems.append(f"{test_path}: {len(test_ids - sample_ids)} test id(s) missing from {sample_path.name}, "
+                            f"e.g. {sorted(test_ids - sample_ids)[:3]}")
+        if sample_ids - test_ids:
+            problems.append(f"{sample_path}: {len(sample_ids - test_ids)} id(s) have no test row, e.g. {sorted(sample_ids - test_ids)[:3]}")
+    return problems
 
 
 def read_train(cfg: CFG) -> pd.DataFrame:
@@ -38,10 +97,9 @@ def read_train(cfg: CFG) -> pd.DataFrame:
     path = cfg.path(cfg.train_csv)
     required = [cfg.id_col, cfg.target_col, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
     df = read_csv(path, required, "train CSV")
-    nan = df[cfg.target_col].isna()
-    if nan.any():
-        rows = (np.flatnonzero(nan) + 2).tolist()[:5]
-        raise ValueError(f"{path}: {int(nan.sum())} NaN value(s) in target column '{cfg.target_col}' (rows {rows})")
+    problems = train_problems(cfg, df, path)
+    if problems:
+        raise DataError("\n".join(problems))
     df["path"] = resolve_paths(df[cfg.id_col], cfg.path(cfg.image_dir_train), cfg.image_ext, path)
     if cfg.task == "classification":
         classes = get_classes(df, cfg)
@@ -90,13 +148,6 @@ def get_classes(train: pd.DataFrame, cfg: CFG) -> list:
     return sorted(train[cfg.target_col].unique().tolist())
 
 
-def pred_columns(cfg: CFG, classes: list | None) -> list[str]:
-    """Prediction columns of OOF/test files: one probability per class, or `pred`."""
-    if cfg.task == "regression":
-        return ["pred"]
-    return [f"prob_{c}" for c in classes]
-
-
 def locate_images(ids: pd.Series, image_dir: Path, image_ext: str) -> list[tuple[str | None, list[str]]]:
     """For every id: (the image file found, or None; the names tried). The id may carry its
     extension (or a sub-folder: 'n01440764/x.JPEG'); else <id><image_ext>, or <id> with each
@@ -132,12 +183,17 @@ def resolve_paths(ids: pd.Series, image_dir: Path, image_ext: str, csv_path: Pat
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir} (images for {csv_path.name})")
     located = locate_images(ids, image_dir, image_ext)
-    missing = [f"row {row + 2} id={value} (tried {', '.join(tried)})"
-               for row, (value, (path, tried)) in enumerate(zip(ids.astype(str), located)) if path is None]
+    missing = [line for _, line in missing_images(ids, located)]
     if missing:
         shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise FileNotFoundError(f"{csv_path}: {len(missing)} image(s) not found in {image_dir}:\n  {shown}")
     return [path for path, _ in located]
+
+
+def missing_images(ids: pd.Series, located: list[tuple[str | None, list[str]]]) -> list[tuple[int, str]]:
+    """(row index, 'row R id=V (tried ...)') of every id whose image was not found."""
+    return [(row, f"row {row + 2} id={value} (tried {', '.join(tried)})")
+            for row, (value, (path, tried)) in enumerate(zip(ids.astype(str), located)) if path is None]
 
 
 # --- images --------------------------------------------------------------------------------
@@ -232,7 +288,7 @@ def input_stats(cfg: CFG) -> tuple[tuple, tuple, float]:
     return (0.449,) * cfg.in_chans, (0.226,) * cfg.in_chans, 255.0
 
 
-def get_transforms(cfg: CFG, train: bool) -> A.Compose:
+def create_transforms(cfg: CFG, train: bool) -> A.Compose:
     """Training: cfg.augment_pipeline when given, else Resize + the augment preset.
     Validation/test: Resize. Both end with ToTensorV2 and yield uint8 tensors: normalisation
     (input_stats) happens on the device, in `to_model_input`, so workers send 4x fewer bytes.

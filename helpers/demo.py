@@ -23,7 +23,7 @@ from .utils import atomic_to_csv
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def build_digits(out_dir: str | Path, size: int = 64, n: int | None = None, test_size: float = 0.2,
+def write_digits(out_dir: str | Path, size: int = 64, n: int | None = None, test_size: float = 0.2,
                  string_labels: bool = False, metadata: bool = False, seed: int = 0) -> Path:
     """Write a digits competition to out_dir (n rows in all; None = all 1797)."""
     out = Path(out_dir)
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "inputs" / "digits"), help="competition folder to write")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args()
-    out = build_digits(args.out, size=args.size)
+    out = write_digits(args.out, size=args.size)
     print(f"demo competition written to {out}: {len(pd.read_csv(out / 'train.csv'))} train, "
           f"{len(pd.read_csv(out / 'test.csv'))} test images")
 

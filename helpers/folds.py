@@ -1,13 +1,17 @@
 """Cross-validation folds: StratifiedKFold for classification, stratified on a binned target
-for regression, (Stratified)GroupKFold when `group_col` is set. Saved as folds.csv."""
+for regression, (Stratified)GroupKFold when `group_col` is set. Saved as folds.csv, remade
+whenever what they were made from (train.csv, n_folds, seed, group_col, n_bins, ...) changed."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 
+from . import artifacts
 from .config import CFG
-from .utils import atomic_to_csv
+from .data import DataError, class_count_problems
 
 
 def stratify_labels(cfg: CFG, train: pd.DataFrame) -> np.ndarray:
@@ -18,17 +22,13 @@ def stratify_labels(cfg: CFG, train: pd.DataFrame) -> np.ndarray:
     return train["target"].to_numpy()
 
 
-def make_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
+def create_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
     """`train` with a `fold` column (0..n_folds-1)."""
+    if cfg.task == "classification":
+        problems = class_count_problems(cfg, train, cfg.path(cfg.train_csv))
+        if problems:
+            raise DataError("\n".join(problems))
     y = stratify_labels(cfg, train)
-    counts = pd.Series(y).value_counts()
-    if cfg.task == "classification" and counts.min() < cfg.n_folds:
-        small = counts[counts < cfg.n_folds]
-        labels = [train.loc[train["target"] == i, cfg.target_col].iloc[0] for i in small.index]
-        raise ValueError(
-            f"{cfg.path(cfg.train_csv)}: class(es) {labels} of '{cfg.target_col}' have fewer rows "
-            f"({small.tolist()}) than n_folds={cfg.n_folds}; lower n_folds or merge rare classes"
-        )
     if cfg.group_col:
         groups = train[cfg.group_col].to_numpy()
         if cfg.task == "classification":
@@ -44,13 +44,19 @@ def make_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
     return train.assign(fold=fold)
 
 
-def get_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
-    """models/<exp>/folds.csv if it exists and matches `train`, else made and saved."""
-    path = cfg.exp_dir / "folds.csv"
-    if path.exists():
-        saved = pd.read_csv(path, usecols=[cfg.id_col, "fold"])
+def get_folds(cfg: CFG, train: pd.DataFrame, logger: logging.Logger | None = None) -> pd.DataFrame:
+    """The saved folds when they are up to date (helpers.artifacts.stale), else new ones,
+    saved, with the reason logged."""
+    logger = logger or logging.getLogger("kaggle")
+    why = artifacts.stale(cfg, "folds")
+    if why is None:
+        saved = artifacts.read_folds(cfg)
         if len(saved) == len(train) and (saved[cfg.id_col].astype(str).values == train[cfg.id_col].astype(str).values).all():
             return train.assign(fold=saved["fold"].to_numpy())
-    folds = make_folds(cfg, train)
-    atomic_to_csv(folds, path)
+        why = "folds.csv does not list train.csv's rows"
+    folds = create_folds(cfg, train)
+    if artifacts.folds_path(cfg).exists():
+        logger.info(f"folds remade: {why}")
+    artifacts.write_folds(cfg, folds)
+    artifacts.record(cfg, "folds")
     return folds

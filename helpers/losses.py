@@ -84,7 +84,7 @@ def loss_kind(cfg: CFG) -> str:
     return "mse" if cfg.task == "regression" else "ce"
 
 
-def make_criterion(cfg: CFG, train_targets: np.ndarray, n_outputs: int) -> nn.Module:
+def create_criterion(cfg: CFG, train_targets: np.ndarray, n_outputs: int) -> nn.Module:
     """The loss cfg.loss names ('auto': ce for classification, mse for regression)."""
     kind = loss_kind(cfg)
     if cfg.task == "regression":

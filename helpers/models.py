@@ -2,10 +2,13 @@
 [B, num_features] (width from the model, never hard-coded) and `forward(x)` -> outputs.
 
 MODELS is the registry (a plain dict): 'timm' wraps any timm backbone; 'hybrid' is the
-sewer-defect CNN-transformer (PatchConvEncoder -> CatsDecoder -> Classifier).
+sewer-defect CNN-transformer (PatchConvEncoder -> CatsDecoder -> Classifier). Each reads its
+own settings from cfg.model_kwargs (timm.create_model's keyword arguments, or HYBRID_DEFAULTS'
+keys); `model_problems` checks them before anything trains.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CFG
+from .config import ARCHS, CFG
 
 
 class TimmModel(nn.Module):
@@ -22,7 +25,7 @@ class TimmModel(nn.Module):
 
     def __init__(self, cfg: CFG, num_outputs: int):
         super().__init__()
-        kwargs = dict(pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans)
+        kwargs = dict(cfg.model_kwargs, pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans)
         if cfg.drop_path:
             kwargs["drop_path_rate"] = cfg.drop_path
         if cfg.pretrained and cfg.pretrained_path:
@@ -35,8 +38,7 @@ class TimmModel(nn.Module):
             self.backbone = timm.create_model(cfg.model_name, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
-                close = timm.list_models(f"*{cfg.model_name.split('_')[0]}*")[:8]
-                raise ValueError(f"config key 'model_name': unknown timm model '{cfg.model_name}'; close: {close}") from e
+                raise ValueError(unknown_model(cfg.model_name)) from e
             if cfg.pretrained and cfg.pretrained_path:  # e.g. weights of another architecture
                 first = str(e).strip().splitlines()[0][:300]
                 raise ValueError(f"config key 'pretrained_path': {cfg.pretrained_path} does not fit model "
@@ -166,13 +168,15 @@ class HybridModel(nn.Module):
 
     def __init__(self, cfg: CFG, num_outputs: int):
         super().__init__()
-        if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"config keys 'img_size' ({cfg.img_size}) must be a multiple of 'patch_size' ({cfg.patch_size})")
-        num_patches = (cfg.img_size // cfg.patch_size) ** 2
-        self.encoder = PatchConvEncoder(cfg.in_chans, cfg.patch_size, cfg.patch_channels, cfg.featured_patch_dim)
-        self.decoder = CatsDecoder(num_patches, num_outputs, cfg.featured_patch_dim, cfg.emb_dim, cfg.num_heads, cfg.drop_rate)
-        self.to_classifier = Decoder2Classifier(cfg.emb_dim, cfg.featured_patch_dim)
-        self.num_features = self.decoder.num_queries * cfg.featured_patch_dim
+        problems = hybrid_problems(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+        k = {**HYBRID_DEFAULTS, **cfg.model_kwargs}
+        num_patches = (cfg.img_size // k["patch_size"]) ** 2
+        self.encoder = PatchConvEncoder(cfg.in_chans, k["patch_size"], k["patch_channels"], k["featured_patch_dim"])
+        self.decoder = CatsDecoder(num_patches, num_outputs, k["featured_patch_dim"], k["emb_dim"], k["num_heads"], cfg.drop_rate)
+        self.to_classifier = Decoder2Classifier(k["emb_dim"], k["featured_patch_dim"])
+        self.num_features = self.decoder.num_queries * k["featured_patch_dim"]
         self.classifier = Classifier(self.num_features, num_outputs, cfg.drop_rate)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +186,56 @@ class HybridModel(nn.Module):
         return self.classifier(self.features(x))
 
 
+HYBRID_DEFAULTS = {
+    "patch_size": 16,  # side of the square patches the image is cut into
+    "patch_channels": [32, 64],  # widths of the shared patch CNN
+    "featured_patch_dim": 32,  # width of a patch feature (the patch CNN's output)
+    "emb_dim": 24,  # attention width of the decoder
+    "num_heads": 4,  # attention heads (must divide emb_dim)
+}
+
+
+def hybrid_problems(cfg: CFG) -> list[str]:
+    """What is wrong with the hybrid's model_kwargs, each naming its key."""
+    unknown = [k for k in cfg.model_kwargs if k not in HYBRID_DEFAULTS]
+    if unknown:
+        return [f"config key 'model_kwargs': the hybrid model has no setting {unknown}; it takes {list(HYBRID_DEFAULTS)}"]
+    k = {**HYBRID_DEFAULTS, **cfg.model_kwargs}
+    problems = [f"config key 'model_kwargs.{name}' must be a positive whole number, got {k[name]!r}"
+                for name in ("patch_size", "featured_patch_dim", "emb_dim", "num_heads")
+                if not isinstance(k[name], int) or isinstance(k[name], bool) or k[name] < 1]
+    if problems:
+        return problems
+    if k["emb_dim"] % k["num_heads"]:
+        problems.append(f"config key 'model_kwargs.num_heads' ({k['num_heads']}) must divide emb_dim ({k['emb_dim']})")
+    if cfg.img_size % k["patch_size"]:
+        problems.append(f"config key 'img_size' ({cfg.img_size}) must be a multiple of 'model_kwargs.patch_size' ({k['patch_size']})")
+    return problems
+
+
 MODELS: dict[str, type[nn.Module]] = {"timm": TimmModel, "hybrid": HybridModel}
+assert tuple(MODELS) == ARCHS, "helpers.config.ARCHS must list the registry's keys"
 
 
 def create_model(cfg: CFG, num_outputs: int) -> nn.Module:
     """The model cfg.arch names, with num_outputs outputs (classes, or 1 for regression)."""
     return MODELS[cfg.arch](cfg, num_outputs)
+
+
+def unknown_model(name: str) -> str:
+    """The error for a timm model name timm does not have, with the closest names it has."""
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    return f"config key 'model_name': unknown timm model '{name}'" + (f" (close: {', '.join(close)})" if close else "")
+
+
+def model_problems(cfg: CFG) -> list[str]:
+    """The model settings' problems, each naming its key: an unknown timm name, a missing
+    pretrained_path, the hybrid's model_kwargs."""
+    problems = []
+    if cfg.arch == "timm" and not timm.is_model(cfg.model_name):
+        problems.append(unknown_model(cfg.model_name))
+    if cfg.pretrained and cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
+        problems.append(f"config key 'pretrained_path': weights file not found: {cfg.pretrained_path}")
+    if cfg.arch == "hybrid":
+        problems += hybrid_problems(cfg)
+    return problems

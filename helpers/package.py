@@ -2,10 +2,10 @@
 
     python -m helpers.package models/<exp> OUT
 
-writes OUT/ ready to upload as a Kaggle dataset: helpers/ (this package), model/ (the
-resolved config.yaml and every fold's best.pt) and inference.ipynb, a notebook that reads the
-competition from /kaggle/input, loads no weights from the internet (they are in model/) and
-writes /kaggle/working/submission.csv in sample_submission's shape.
+writes OUT/ ready to upload as a Kaggle dataset: helpers/ (this package), model/ (every fold's
+best.pt, each carrying the config it was trained with) and inference.ipynb, a notebook that
+reads the competition from /kaggle/input, loads no weights from the internet (they are in
+model/) and writes /kaggle/working/submission.csv in sample_submission's shape.
 """
 from __future__ import annotations
 
@@ -13,24 +13,24 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .config import ROOT, under_root
+from .artifacts import under_root
+from .config import ROOT
 
 TEMPLATE = ROOT / "notebooks" / "kaggle_inference.ipynb"
 
 
 def package(exp_dir: str | Path, out: str | Path) -> Path:
-    """Copy helpers, the config and the fold checkpoints of exp_dir, and the inference notebook."""
+    """Copy helpers, the fold checkpoints of exp_dir and the inference notebook."""
     exp_dir, out = Path(exp_dir), Path(out)
     if not exp_dir.is_absolute() and not exp_dir.exists():
         exp_dir = under_root(str(exp_dir))
     ckpts = sorted(exp_dir.glob("fold*/best.pt"))
-    if not (exp_dir / "config.yaml").exists() or not ckpts:
-        raise FileNotFoundError(f"{exp_dir}: needs config.yaml and fold*/best.pt (train the experiment first)")
+    if not ckpts:
+        raise FileNotFoundError(f"{exp_dir}: no fold*/best.pt (train the experiment first)")
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(ROOT / "helpers", out / "helpers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (out / "model").mkdir(parents=True)
-    shutil.copy2(exp_dir / "config.yaml", out / "model" / "config.yaml")
     for ckpt in ckpts:
         (out / "model" / ckpt.parent.name).mkdir()
         shutil.copy2(ckpt, out / "model" / ckpt.parent.name / "best.pt")

@@ -5,25 +5,27 @@
 
 00_eda runs once; 01_folds, 02_train (one run per fold), 03_features and 04_stacking run for
 every experiment of the config; 05_ensemble runs once at the end. Each executed notebook is
-saved under models/<experiment>/notebooks/. A re-run (after a kill, say) skips the stages that
-finished with the same config and redoes only what is missing (a killed fold resumes from its
-last.pt); --force runs everything again. With several GPUs visible (or --gpus N), the folds of
-02_train run in parallel, one papermill process per GPU. The first failing cell stops the run with the
-notebook, the cell, the original error and where the executed copy is. Ends with a table of
-the CV of every stage and the local leaderboard score.
+saved under models/<experiment>/notebooks/. A stage runs only when its output is not up to
+date (helpers.artifacts.stale: a config key it depends on, an input file or an upstream output
+changed), and the runner says why; so a re-run after a kill redoes only what is missing (a
+killed fold resumes from its last.pt), and a changed key redoes what depends on it.
+--dry-run lists what would run and why; --force runs (and retrains) everything. With several
+GPUs visible (or --gpus N), the folds of 02_train run in parallel, one papermill process per
+GPU. The first failing cell stops the run with the notebook, the cell, the original error and
+where the executed copy is. Ends with a table of the CV of every stage and the local
+leaderboard score.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CFG, ROOT, experiment_names, load_cfg, parse_set, to_dict
-from .utils import atomic_write_text
+from . import artifacts
+from .config import CFG, ROOT, experiment_names, load_cfg, parse_set
 
 NOTEBOOKS = ROOT / "notebooks"
 STAGES = ["00_eda", "01_folds", "02_train", "03_features", "04_stacking", "05_ensemble"]
@@ -46,15 +48,16 @@ class NotebookFailed(RuntimeError):
     pass
 
 
-def ensemble_dir(cfg: CFG) -> Path:
-    return cfg.exp_dir.parent / "ensemble"
-
-
 def plan(config: str, overrides: dict, experiments: list[str] | None = None, stages: list[str] | None = None) -> list[Job]:
-    """All notebook runs, in order. Every experiment's config is resolved (and so checked)
-    before anything runs."""
+    """All notebook runs, in order. Every experiment's config is resolved and its model
+    settings checked before anything runs."""
+    from .models import model_problems
+
     names = experiments or experiment_names(config)
     cfgs = [load_cfg(config, name, overrides) for name in names]
+    problems = [f"experiments.{cfg.experiment}: {p}" if len(cfgs) > 1 else p for cfg in cfgs for p in model_problems(cfg)]
+    if problems:
+        raise ValueError("\n  ".join(problems))
     stages = stages or STAGES
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -62,34 +65,40 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
     config_path = str(Path(config).resolve() if Path(config).exists() else ROOT / config)
     jobs: list[Job] = []
 
-    def add(stage: str, cfg: CFG, out_dir: Path, name: str, experiment: str, **extra) -> None:
+    def add(stage: str, cfg: CFG, name: str, experiment: str, **extra) -> None:
         if stage in stages:
             params = {"config_path": config_path, "experiment": experiment, "overrides": overrides, **extra}
-            jobs.append(Job(stage, cfg, params, out_dir / "notebooks" / f"{name}.ipynb"))
+            jobs.append(Job(stage, cfg, params, artifacts.notebook_path(cfg, name, ensemble=stage == "05_ensemble")))
 
-    add("00_eda", cfgs[0], cfgs[0].exp_dir, "00_eda", names[0])
+    add("00_eda", cfgs[0], "00_eda", names[0])
     for name, cfg in zip(names, cfgs):
-        add("01_folds", cfg, cfg.exp_dir, "01_folds", name)
+        add("01_folds", cfg, "01_folds", name)
         for k in cfg.fold_ids:
-            add("02_train", cfg, cfg.exp_dir, f"02_train_fold{k}", name, fold=k)
-        add("03_features", cfg, cfg.exp_dir, "03_features", name)
-        add("04_stacking", cfg, cfg.exp_dir, "04_stacking", name)
-    add("05_ensemble", cfgs[0], ensemble_dir(cfgs[0]), "05_ensemble", names[0])
+            add("02_train", cfg, f"02_train_fold{k}", name, fold=k)
+        add("03_features", cfg, "03_features", name)
+        add("04_stacking", cfg, "04_stacking", name)
+    add("05_ensemble", cfgs[0], "05_ensemble", names[0])
     return jobs
 
 
-def marker(job: Job) -> Path:
-    return job.output.with_suffix(".done.json")
-
-
-def _stamp(job: Job) -> dict:
-    return {"parameters": job.parameters, "cfg": to_dict(job.cfg)}
-
-
-def is_done(job: Job) -> bool:
-    """The job finished before with the same parameters and resolved config."""
-    path = marker(job)
-    return path.exists() and json.loads(path.read_text()) == json.loads(json.dumps(_stamp(job)))
+def stale(job: Job) -> str | None:
+    """Why the job's outputs must be (re)made, or None when they are up to date."""
+    cfg, fold = job.cfg, job.parameters.get("fold")
+    if job.stage == "00_eda":
+        return artifacts.stale(cfg, "eda")
+    if job.stage == "01_folds":
+        return artifacts.stale(cfg, "folds")
+    if job.stage == "02_train":
+        return artifacts.stale(cfg, "train", fold) or artifacts.stale(cfg, "test", fold)
+    if job.stage == "03_features":
+        parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids
+        reasons = [artifacts.stale(cfg, "features", k) for k in parts]
+        if cfg.features_from == "folds":
+            reasons.insert(0, artifacts.stale(cfg, "cv"))
+        return next((r for r in reasons if r), None)
+    if job.stage == "04_stacking":
+        return artifacts.stale(cfg, "stacking")
+    return artifacts.stale(cfg, "ensemble")
 
 
 def execute(job: Job) -> float:
@@ -106,7 +115,6 @@ def execute(job: Job) -> float:
             f"notebook {job.stage}.ipynb failed ({job.label}) at cell {e.cell_index} (execution count {e.exec_count}):\n"
             f"  {e.ename}: {e.evalue}\n  executed copy with the traceback: {job.output}"
         ) from None
-    atomic_write_text(marker(job), json.dumps(_stamp(job)))
     return time.perf_counter() - start
 
 
@@ -151,7 +159,6 @@ def execute_on_gpus(jobs: list[Job], gpus: list[str]) -> list[float]:
             proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise _failure(job, proc.stderr)
-            atomic_write_text(marker(job), json.dumps(_stamp(job)))
             return time.perf_counter() - start
         finally:
             free.put(gpu)
@@ -176,20 +183,18 @@ def summary(cfgs: list[CFG]) -> str:
     lines = [f"{'stage':<34} {'metric':<9} {'CV':>9} {'fold mean ± std':>20}"]
     seen = set()
     for cfg in cfgs:
-        for exp_dir in (cfg.exp_dir, cfg.exp_dir.parent / f"{cfg.experiment}_{cfg.stacker}"):
-            path = exp_dir / "score.json"
-            if path.exists() and exp_dir not in seen:
-                seen.add(exp_dir)
-                s = json.loads(path.read_text())
+        for folder in (artifacts.exp_dir(cfg), artifacts.exp_dir(artifacts.stack_cfg(cfg))):
+            if (folder / "score.json").exists() and folder not in seen:
+                seen.add(folder)
+                s = artifacts.read_score(folder)
                 lines.append(f"{s['experiment']:<34} {s['metric']:<9} {s['cv']:>9.5f} {s['cv_mean']:>11.5f} ± {s['cv_std']:.5f}")
-    path = ensemble_dir(cfgs[0]) / "score.json"
-    if path.exists():
-        s = json.loads(path.read_text())
+    s = artifacts.read_ensemble_score(cfgs[0])
+    if s is not None:
         lines.append(f"{'ensemble (' + s['method'] + ', in-sample)':<34} {s['metric']:<9} {s['in_sample']:>9.5f}")
         lines.append(f"{'ensemble (' + s['method'] + ', held-out)':<34} {s['metric']:<9} {s['held_out']:>9.5f}")
         if s.get("local_lb") is not None:
             lines.append(f"{'local leaderboard (solution.csv)':<34} {s['metric']:<9} {s['local_lb']:>9.5f}")
-        lines.append(f"submission: {s['submission']}; all results: {cfgs[0].exp_dir.parent / 'results.csv'}")
+        lines.append(f"submission: {s['submission']}; all results: {artifacts.results_path(cfgs[0])}")
     return "\n".join(lines)
 
 
@@ -199,42 +204,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--experiments", nargs="*", help="only these experiments of the config")
     parser.add_argument("--stages", nargs="*", help=f"only these stages, of {STAGES}")
-    parser.add_argument("--force", action="store_true", help="run every stage, also those done before")
+    parser.add_argument("--force", action="store_true", help="run every stage and retrain, also what is up to date")
+    parser.add_argument("--dry-run", action="store_true", help="list what would run and why, run nothing")
     parser.add_argument("--gpus", type=int, help="train folds in parallel on this many GPUs (default: every visible GPU)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_set(args.set)
+        if args.force:
+            overrides["retrain"] = True
         jobs = plan(args.config, overrides, args.experiments, args.stages)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     gpus = [str(g) for g in range(args.gpus)] if args.gpus is not None else visible_gpus()
     start = time.perf_counter()
-    rerun: set[str] = set()  # experiments with a stage that ran: their later stages run too
+    ran = False  # a stage ran (or would run): the ensemble, made from every experiment, runs too
     pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
 
     def flush() -> None:
         if not pending:
             return
-        for i, job in pending:
-            print(f"[{i}/{len(jobs)}] {job.label} ... on GPU {gpus[(i - pending[0][0]) % len(gpus)]} (parallel)", flush=True)
         seconds = execute_on_gpus([job for _, job in pending], gpus)
         print(f"    {len(pending)} folds in parallel: {', '.join(f'{s:.1f}s' for s in seconds)}", flush=True)
         pending.clear()
 
     try:
         for i, job in enumerate(jobs, 1):
-            downstream_of_rerun = job.cfg.experiment in rerun or (job.stage == "05_ensemble" and rerun)
-            if not args.force and not downstream_of_rerun and is_done(job):
-                print(f"[{i}/{len(jobs)}] {job.label} ... done before, skipped", flush=True)
+            if job.stage != "02_train":
+                flush()  # the folds running side by side finish before anything made from them
+            why = "--force" if args.force else stale(job)
+            if why is None and job.stage == "05_ensemble" and ran and args.dry_run:
+                why = "experiments will be remade"
+            if why is None:
+                print(f"[{i}/{len(jobs)}] {job.label} ... up to date, skipped", flush=True)
                 continue
-            if job.stage != "00_eda":
-                rerun.add(job.cfg.experiment)
+            ran = True
+            if args.dry_run:
+                print(f"[{i}/{len(jobs)}] {job.label} ... would run ({why})", flush=True)
+                continue
             if job.stage == "02_train" and len(gpus) > 1:
+                print(f"[{i}/{len(jobs)}] {job.label} ... on GPU {gpus[len(pending) % len(gpus)]} (parallel) ({why})", flush=True)
                 pending.append((i, job))
                 continue
-            flush()
-            print(f"[{i}/{len(jobs)}] {job.label} ...", end=" ", flush=True)
+            print(f"[{i}/{len(jobs)}] {job.label} ... ({why})", end=" ", flush=True)
             seconds = execute(job)
             print(f"{seconds:.1f}s", flush=True)
         flush()
@@ -242,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print("FAILED")
         print(str(e), file=sys.stderr)
         return 1
+    if args.dry_run:
+        return 0
     cfgs = {job.cfg.experiment: job.cfg for job in jobs}
     print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
     print(summary([c for c in cfgs.values()]))

@@ -123,3 +123,24 @@ def correlation_heatmap(corr: pd.DataFrame, path=None):
     sns.heatmap(corr, annot=True, fmt=".3f", cmap="viridis", square=True, ax=ax, cbar_kws={"shrink": 0.8})
     ax.set_title("OOF prediction correlation")
     return _done(fig, path)
+
+
+def confusion_heatmap(cm: np.ndarray, classes: list[str], title: str, path=None):
+    """A confusion matrix (rows true, columns predicted), counts written in when it is small."""
+    size = min(0.5 * len(classes) + 3, 20)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    sns.heatmap(cm, annot=len(classes) <= 30, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _done(fig, path)
+
+
+def residuals(frame: pd.DataFrame, target_col: str, path=None):
+    """Regression: OOF prediction against target, and the residuals' histogram."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    sns.scatterplot(data=frame, x=target_col, y="pred", s=12, ax=ax1)
+    lo, hi = frame[[target_col, "pred"]].min().min(), frame[[target_col, "pred"]].max().max()
+    ax1.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax1.set_title("OOF prediction vs target")
+    sns.histplot(frame["residual"], bins=40, ax=ax2)
+    ax2.set_title("residuals (prediction - target)")
+    return _done(fig, path)

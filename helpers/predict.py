@@ -32,11 +32,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import CFG, load_saved_cfg, under_root
-from .data import get_transforms, input_stats, read_image
+from . import artifacts
+from .config import CFG
+from .data import create_transforms, input_stats, read_image
 from .losses import TargetScale
-from .models import create_model
-from .train import model_input, num_outputs, predict_batch
+from .train import load_model, model_input, predict_batch
 from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
 
 
@@ -62,34 +62,31 @@ class Predictor:
     def __init__(self, cfg: CFG, models: list[torch.nn.Module], classes: list | None, scale: TargetScale | None,
                  device: torch.device, logger: logging.Logger | None = None):
         self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
-        self.transform = get_transforms(cfg, train=False)
+        self.transform = create_transforms(cfg, train=False)
         self.logger = logger or get_logger("kaggle.predict")
 
     @classmethod
     def from_experiment(cls, exp_dir: str | Path, device: str = "auto", folds: list[int] | None = None) -> "Predictor":
-        """Load models/<exp>/config.yaml and every fold{k}/best.pt (no download: weights come
-        from the checkpoints, so `pretrained` is switched off)."""
+        """Every fold{k}/best.pt of an experiment folder, each model rebuilt from the config
+        stored in its checkpoint (no download: the weights are in the checkpoints)."""
         exp_dir = Path(exp_dir)
         if not exp_dir.is_absolute() and not exp_dir.exists():
-            exp_dir = under_root(str(exp_dir))
-        cfg = load_saved_cfg(exp_dir)
-        cfg.pretrained = False
-        ckpts = sorted(exp_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+            exp_dir = artifacts.under_root(str(exp_dir))
+        paths = sorted(exp_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
         if folds is not None:
-            ckpts = [p for p in ckpts if int(p.parent.name[4:]) in folds]
-        if not ckpts:
+            paths = [p for p in paths if int(p.parent.name[4:]) in folds]
+        if not paths:
             raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
+        ckpts = [artifacts.load_checkpoint(p) for p in paths]
+        cfg = artifacts.checkpoint_config(ckpts[0])
+        for path, ckpt in zip(paths, ckpts):
+            other = artifacts.checkpoint_config(ckpt)
+            if (other.img_size, other.in_chans, other.task, ckpt["classes"]) != (cfg.img_size, cfg.in_chans, cfg.task, ckpts[0]["classes"]):
+                raise ValueError(f"{path} was trained for other inputs or classes than the first fold's: "
+                                 f"its folds cannot be averaged (train them again together)")
         dev = get_device(device if device != "auto" else cfg.device)
-        models, classes, scale = [], None, None
-        for path in ckpts:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            classes = ckpt["classes"]
-            if ckpt.get("target_range"):
-                scale = TargetScale(*ckpt["target_range"])
-            model = create_model(cfg, num_outputs(cfg, classes))
-            model.load_state_dict(ckpt["model"])
-            models.append(model.to(dev).eval())
-        return cls(cfg, models, classes, scale, dev)
+        scale = TargetScale(*ckpts[0]["target_range"]) if ckpts[0].get("target_range") else None
+        return cls(cfg, [load_model(ckpt, dev) for ckpt in ckpts], ckpts[0]["classes"], scale, dev)
 
     def predict_array(self, items: list, progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
         """Fold-averaged predictions [n, classes] (or [n, 1]) for the readable items; NaN rows
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_to_csv(table, args.out)
     if args.save:
-        folder = under_root("predictions") / f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}"
+        folder = artifacts.under_root("predictions") / f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}"
         atomic_to_csv(table, folder / "predictions.csv")
         atomic_write_text(folder / "summary.json", json.dumps({"experiment": predictor.cfg.experiment, "items": len(table),
                                                               "failed": int((table["label"] == "ERROR").sum())}, indent=1))

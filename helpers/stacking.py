@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
@@ -27,82 +25,53 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.svm import SVC, SVR
 
-from .cache import build_cache
-from .config import CFG, save_cfg
-from .models import TimmModel, create_model
-from .train import fold_dir, frame_predictions, make_loader, num_outputs, predict, write_score
-from .utils import HIGHER_IS_BETTER, atomic_save_npy, atomic_to_csv, get_device, get_score
+from . import artifacts
+from .cache import create_cache
+from .config import CFG
+from .metrics import HIGHER_IS_BETTER, get_score
+from .models import TimmModel
+from .train import create_loader, load_model, predict, write_score
+from .utils import get_device
+
+# LightGBM's settings unless cfg.lgbm_params says otherwise (early_stopping_round: rounds without
+# improvement of the competition metric on the fold's held-out rows)
+LGBM_DEFAULTS = {"n_estimators": 2000, "learning_rate": 0.05, "num_leaves": 15, "colsample_bytree": 0.5,
+                 "subsample": 0.8, "subsample_freq": 1, "min_child_samples": 10, "early_stopping_round": 50}
 
 
-def feature_dir(cfg: CFG) -> Path:
-    return cfg.exp_dir / "features"
-
-
-def load_fold_model(cfg: CFG, fold: int, device) -> tuple[torch.nn.Module, list | None]:
-    """Fold k's best checkpoint, ready for inference; (model, classes)."""
-    path = fold_dir(cfg, fold) / "best.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint for fold {fold}: {path} (train the fold with 02_train first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = create_model(cfg, num_outputs(cfg, ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["classes"]
-
-
-def _save(array: np.ndarray, path: Path) -> None:
-    atomic_save_npy(array.astype(np.float16), path)
-
-
-def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger | None = None) -> Path:
-    """Embeddings (float16) of every train row (folds.csv order) and the test set, with
-    train_ids.csv / test_ids.csv: features/{train,test}_fold{k}.npy from fold k's best model,
-    or features/{train,test}_all.npy from a frozen pretrained backbone (features_from
-    'pretrained'). Folds already extracted from an unchanged checkpoint are kept."""
+def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger | None = None) -> None:
+    """Embeddings (float16) of every train row (folds.csv order) and the test set: from fold
+    k's best model (its own config from its checkpoint), or from a frozen pretrained backbone
+    (features_from 'pretrained'). Embeddings that are up to date are kept."""
     logger = logger or logging.getLogger("kaggle")
-    out = feature_dir(cfg)
     device = get_device(cfg.device)
-    atomic_to_csv(folds[[cfg.id_col, "fold"]], out / "train_ids.csv")
-    atomic_to_csv(test[[cfg.id_col]], out / "test_ids.csv")
-    train_loader = make_loader(cfg, folds, train=False, cache=build_cache(cfg, folds["path"].tolist(), logger))
-    test_loader = make_loader(cfg, test, train=False, cache=build_cache(cfg, test["path"].tolist(), logger))
-    if cfg.features_from == "pretrained":
-        if cfg.arch != "timm":
-            raise ValueError("config key 'features_from': 'pretrained' needs a timm backbone (arch 'timm')")
-        if not cfg.pretrained:
-            logger.warning("features_from 'pretrained' with pretrained=False: embeddings of random weights")
-        model = TimmModel(cfg, 1).to(device).eval()
-        for loader, path in ((train_loader, out / "train_all.npy"), (test_loader, out / "test_all.npy")):
-            _save(predict(model, loader, cfg, device, features=True), path)
-        logger.info(f"frozen {cfg.model_name}: embeddings {model.num_features} wide for {len(folds)} train and {len(test)} test rows")
-        return out
-    for k in cfg.fold_ids:
-        train_path, test_path = out / f"train_fold{k}.npy", out / f"test_fold{k}.npy"
-        ckpt = fold_dir(cfg, k) / "best.pt"
-        ckpt_time = ckpt.stat().st_mtime if ckpt.exists() else 0
-        if train_path.exists() and test_path.exists() and train_path.stat().st_mtime > ckpt_time and not cfg.retrain:
-            logger.info(f"fold {k}: features already extracted")
-            continue
-        model, _ = load_fold_model(cfg, k, device)
-        for loader, path in ((train_loader, train_path), (test_loader, test_path)):
-            _save(predict(model, loader, cfg, device, features=True), path)
-        logger.info(f"fold {k}: embeddings {model.num_features} wide for {len(folds)} train and {len(test)} test rows")
-    return out
-
-
-def fold_features(src: Path, split: str, fold: int) -> np.ndarray:
-    """The embeddings the fold-k stacker uses: fold k's CNN's, or the frozen backbone's."""
-    path = src / f"{split}_fold{fold}.npy"
-    if not path.exists() and (src / f"{split}_all.npy").exists():
-        path = src / f"{split}_all.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"no embeddings for fold {fold}: {path} (run 03_features first)")
-    return np.load(path)
-
-
-def _check_ids(ids_path: Path, expected: pd.Series, id_col: str) -> None:
-    saved = pd.read_csv(ids_path)[id_col].astype(str).to_numpy()
-    if len(saved) != len(expected) or (saved != expected.astype(str).to_numpy()).any():
-        raise ValueError(f"{ids_path}: ids differ from the current data; extract the features again (retrain=True)")
+    parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids
+    todo = [k for k in parts if cfg.retrain or artifacts.stale(cfg, "features", k)]
+    for k in set(parts) - set(todo):
+        logger.info(f"{artifacts.output_name('features', k)}: up to date")
+    if not todo:
+        return
+    train_loader = create_loader(cfg, folds, train=False, cache=create_cache(cfg, folds["path"].tolist(), logger))
+    test_loader = create_loader(cfg, test, train=False, cache=create_cache(cfg, test["path"].tolist(), logger))
+    for k in todo:
+        made_from = artifacts.fingerprint(cfg, "features", k)
+        if k is None:
+            if cfg.arch != "timm":
+                raise ValueError("config key 'features_from': 'pretrained' needs a timm backbone (arch 'timm')")
+            if not cfg.pretrained:
+                logger.warning("features_from 'pretrained' with pretrained=False: embeddings of random weights")
+            model, what = TimmModel(cfg, 1).to(device).eval(), f"frozen {cfg.model_name}"
+        else:
+            ckpt = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))
+            trained = artifacts.checkpoint_config(ckpt)
+            if (trained.img_size, trained.in_chans) != (cfg.img_size, cfg.in_chans):
+                raise ValueError(f"fold {k} was trained at img_size {trained.img_size}, in_chans {trained.in_chans}; "
+                                 f"the config now says {cfg.img_size}, {cfg.in_chans}: train the folds again (02_train)")
+            model, what = load_model(ckpt, device), f"fold {k}"
+        for split, loader in (("train", train_loader), ("test", test_loader)):
+            artifacts.save_features(cfg, split, k, predict(model, loader, cfg, device, features=True))
+        artifacts.record(cfg, "features", k, made_from)
+        logger.info(f"{what}: embeddings {model.num_features} wide for {len(folds)} train and {len(test)} test rows")
 
 
 def feature_frame(cfg: CFG, emb: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
@@ -152,15 +121,15 @@ def _metric_eval(cfg: CFG, classes_present: np.ndarray, n_classes: int):
 
 
 def _fit_lgbm(cfg: CFG, X_trn, y_trn, X_val, y_val, n_classes: int):
-    params = dict(n_estimators=cfg.lgbm_n_estimators, learning_rate=cfg.lgbm_learning_rate, num_leaves=cfg.lgbm_num_leaves,
-                  colsample_bytree=cfg.lgbm_feature_fraction, subsample=0.8, subsample_freq=1, min_child_samples=10,
-                  random_state=cfg.seed, verbose=-1, n_jobs=max(torch.get_num_threads(), 1), metric="None")
+    params = {**LGBM_DEFAULTS, "random_state": cfg.seed, "verbose": -1, "n_jobs": max(torch.get_num_threads(), 1),
+              **cfg.lgbm_params, "metric": "None"}
+    rounds = params.pop("early_stopping_round")
     model = lgb.LGBMRegressor(**params) if cfg.task == "regression" else lgb.LGBMClassifier(**params)
     present = np.unique(y_trn).astype(int)
     model.fit(X_trn, y_trn, eval_X=(X_val,), eval_y=(y_val,), eval_metric=_metric_eval(cfg, present, n_classes),
-              callbacks=[lgb.early_stopping(cfg.lgbm_early_stopping, verbose=False)])
+              callbacks=[lgb.early_stopping(rounds, verbose=False)] if rounds else [])
     importance = pd.Series(model.booster_.feature_importance("gain"), index=X_trn.columns)
-    return model, importance, model.best_iteration_ or cfg.lgbm_n_estimators
+    return model, importance, model.best_iteration_ or params["n_estimators"]
 
 
 def _fit_sklearn(cfg: CFG, X_trn, y_trn):
@@ -191,28 +160,35 @@ def _predict(model, X: pd.DataFrame, cfg: CFG, n_classes: int) -> np.ndarray:
     return full
 
 
-def stack_experiment(cfg: CFG) -> CFG:
-    """The stacker's own experiment: models/<experiment>_<stacker> (e.g. digits_resnet18_lgbm)."""
-    return replace(cfg, experiment=f"{cfg.experiment}_{cfg.stacker}", arch=cfg.stacker)
+def _embeddings(cfg: CFG, split: str, fold: int, rows: int) -> np.ndarray:
+    emb = artifacts.load_features(cfg, split, fold)
+    if len(emb) != rows:
+        raise ValueError(f"{artifacts.feature_path(cfg, split, fold)}: {len(emb)} rows of embeddings for {rows} {split} "
+                         f"rows: run 03_features again")
+    return emb
 
 
 def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger | None = None) -> dict:
-    """The stacker per fold on fold k's embeddings (optionally PCA-reduced) + metadata; writes
-    models/<exp>_<stacker>/{oof.csv, test.csv, score.json, config.yaml} (+ importance.csv for
-    LightGBM). Returns the score dict, with the fold-averaged importance under 'importance'
-    (None for the scikit-learn heads)."""
+    """The stacker per fold on fold k's embeddings (optionally PCA-reduced) + metadata; its OOF,
+    test predictions, score (and LightGBM's importance) form the experiment <exp>_<stacker>.
+    Returns the score dict, with the fold-averaged importance under 'importance' (None for the
+    scikit-learn heads). Kept as it is while up to date."""
     logger = logger or logging.getLogger("kaggle")
+    out_cfg = artifacts.stack_cfg(cfg)
+    why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "stacking")
+    if why is None:
+        logger.info(f"{out_cfg.experiment}: up to date")
+        return {**artifacts.read_score(artifacts.exp_dir(out_cfg)), "importance": artifacts.read_importance(out_cfg)}
+    logger.info(f"{out_cfg.experiment}: stacking: {why}")
+    made_from = artifacts.fingerprint(cfg, "stacking")
     start = time.perf_counter()
-    src, stack_cfg = feature_dir(cfg), stack_experiment(cfg)
-    _check_ids(src / "train_ids.csv", folds[cfg.id_col], cfg.id_col)
-    _check_ids(src / "test_ids.csv", test[cfg.id_col], cfg.id_col)
     classes = sorted(folds[cfg.target_col].unique().tolist()) if cfg.task == "classification" else None
     n_classes = len(classes) if classes else 1
     y = folds["target"].to_numpy()
     oof_parts, test_preds, importances = [], [], []
     for k in cfg.fold_ids:
-        X = feature_frame(cfg, fold_features(src, "train", k), folds)
-        X_test = feature_frame(cfg, fold_features(src, "test", k), test)
+        X = feature_frame(cfg, _embeddings(cfg, "train", k, len(folds)), folds)
+        X_test = feature_frame(cfg, _embeddings(cfg, "test", k, len(test)), test)
         trn, val = (folds["fold"] != k).to_numpy(), (folds["fold"] == k).to_numpy()
         X_trn, X_val = X[trn].reset_index(drop=True), X[val].reset_index(drop=True)
         if cfg.stack_pca:
@@ -223,22 +199,22 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
             importances.append(importance)
         else:
             model, _, trees = _fit_sklearn(cfg, X_trn, y[trn])
-        part = frame_predictions(folds.loc[val, cfg.id_col], _predict(model, X_val, cfg, n_classes), cfg, classes)
+        part = artifacts.frame_predictions(folds.loc[val, cfg.id_col], _predict(model, X_val, cfg, n_classes), cfg, classes)
         part.insert(1, cfg.target_col, folds.loc[val, cfg.target_col].to_numpy())
         part.insert(2, "fold", k)
         oof_parts.append(part)
         test_preds.append(_predict(model, X_test, cfg, n_classes))
         logger.info(f"{cfg.stacker} stacker fold {k}: {X_trn.shape[1]} features" + (f", {trees} trees" if trees else ""))
     oof = pd.concat(oof_parts, ignore_index=True)
-    stack_cfg.exp_dir.mkdir(parents=True, exist_ok=True)
-    save_cfg(stack_cfg)
-    atomic_to_csv(frame_predictions(test[cfg.id_col], np.mean(test_preds, axis=0), cfg, classes), stack_cfg.exp_dir / "test.csv")
-    atomic_to_csv(oof, stack_cfg.exp_dir / "oof.csv")
+    artifacts.save_config(out_cfg, artifacts.exp_dir(out_cfg) / "config.yaml")
+    artifacts.write_predictions(out_cfg, "test", artifacts.frame_predictions(test[cfg.id_col], np.mean(test_preds, axis=0), cfg, classes))
+    artifacts.write_predictions(out_cfg, "oof", oof)
     importance = None
     if importances:
         importance = pd.concat(importances, axis=1).mean(axis=1).sort_values(ascending=False)
         importance = importance.rename("gain").rename_axis("feature").reset_index()
         importance["kind"] = np.where(importance["feature"].isin(cfg.metadata_cols), "metadata", "image")
-        atomic_to_csv(importance, stack_cfg.exp_dir / "importance.csv")
-    score = write_score(stack_cfg, oof, logger, wall_s=time.perf_counter() - start)
+        artifacts.write_importance(out_cfg, importance)
+    score = write_score(out_cfg, oof, logger, wall_s=time.perf_counter() - start, model=cfg.stacker)
+    artifacts.record(cfg, "stacking", made_from=made_from)
     return {**score, "importance": importance}

@@ -3,21 +3,19 @@
 From timm: the optimizer and scheduler (create_optimizer_v2 / create_scheduler_v2, layer-wise
 LR decay), Mixup/CutMix, EMA weights (ModelEmaV3). Also gradient accumulation and clipping,
 AMP on CUDA (bf16 where supported, else fp16 with a GradScaler), channels_last, torch.compile,
-progressive unfreezing, TTA, early stopping on the CV metric. Per fold it writes, under
-models/<exp>/: fold{k}/best.pt, fold{k}/last.pt (resumable, every epoch), fold{k}/metrics.jsonl
-(one line per epoch), oof_fold{k}.csv (the fold's validation rows), oof_logits_fold{k}.npy (their
-raw outputs) and test_fold{k}.csv. `finalize_experiment` combines the folds into oof.csv,
-oof_logits.npy, test.csv and score.json.
+progressive unfreezing, TTA, early stopping on the CV metric. Per fold it writes (through
+helpers.artifacts, which knows where): the best and the last (resumable) checkpoint, the
+epochs' metrics, the fold's OOF predictions and their logits, and its test predictions.
+`finalize_experiment` combines the folds into the experiment's OOF, test predictions and score.
+A fold is trained again only when what it is made from changed (helpers.artifacts.stale).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,17 +28,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .cache import build_cache
+from . import artifacts
+from .cache import create_cache
 from .config import CFG, to_dict
-from .data import ImageDataset, get_classes, get_transforms, input_stats, pred_columns, to_model_input
-from .losses import TargetScale, loss_kind, make_criterion
+from .data import ImageDataset, create_transforms, get_classes, input_stats, to_model_input
+from .losses import TargetScale, create_criterion, loss_kind
+from .metrics import get_score, is_better
 from .models import create_model
-from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_text, get_device, get_score, is_better, seed_everything
+from .utils import get_device, seed_everything
 
-# settings that do not change what a fold learns: a finished fold trained under other values is kept
-RUN_ONLY_KEYS = {"folds", "retrain", "num_workers", "device", "debug_rows", "submission_name", "ensemble_iters",
-                 "cache", "cache_dir", "wandb", "wandb_project", "compile", "models_dir", "submissions_dir"}
-RUN_ONLY_KEYS |= {k for k in to_dict(CFG()) if k.startswith(("lgbm_", "stack", "ensemble_"))} | {"features_from"}
 HEAD_PREFIXES = ("head.", "classifier.")  # parameters of the head; the rest is the backbone
 
 
@@ -54,10 +50,10 @@ def _worker_init(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def make_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=None) -> DataLoader:
+def create_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=None) -> DataLoader:
     """A DataLoader over df's images; train loaders shuffle and augment, reproducibly per `seed`."""
     targets = df["target"].to_numpy() if "target" in df else None
-    dataset = ImageDataset(df["path"].tolist(), targets, get_transforms(cfg, train), cfg.in_chans, cache)
+    dataset = ImageDataset(df["path"].tolist(), targets, create_transforms(cfg, train), cfg.in_chans, cache)
     dataset.transform.set_random_seed(seed)  # used as is when num_workers == 0
     return DataLoader(
         dataset,
@@ -219,31 +215,6 @@ def _memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def fold_dir(cfg: CFG, fold: int) -> Path:
-    return cfg.exp_dir / f"fold{fold}"
-
-
-def _same_run(saved: dict, cfg: CFG) -> bool:
-    now = to_dict(cfg)
-    return all(saved.get(k) == v for k, v in now.items() if k not in RUN_ONLY_KEYS)
-
-
-def fold_is_done(cfg: CFG, fold: int) -> bool:
-    """A fold is done when its OOF file exists and its best.pt was trained with this config."""
-    best = fold_dir(cfg, fold) / "best.pt"
-    if not (cfg.exp_dir / f"oof_fold{fold}.csv").exists() or not best.exists():
-        return False
-    return _same_run(torch.load(best, map_location="cpu", weights_only=False)["cfg"], cfg)
-
-
-def frame_predictions(ids: pd.Series, preds: np.ndarray, cfg: CFG, classes: list | None) -> pd.DataFrame:
-    """id + one column per class probability (or `pred`)."""
-    cols = pred_columns(cfg, classes)
-    out = pd.DataFrame(preds.reshape(len(ids), len(cols)), columns=cols)
-    out.insert(0, cfg.id_col, ids.to_numpy())
-    return out
-
-
 def _wandb_run(cfg: CFG, fold: int):
     """A W&B run when cfg.wandb (offline without WANDB_API_KEY); None otherwise."""
     if not cfg.wandb:
@@ -254,20 +225,25 @@ def _wandb_run(cfg: CFG, fold: int):
         raise ImportError("config key 'wandb' is on but wandb is not installed: pip install wandb") from e
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return wandb.init(project=cfg.wandb_project, name=f"{cfg.experiment}_fold{fold}", config=to_dict(cfg),
-                      mode=mode, dir=str(cfg.exp_dir), reinit=True)
+                      mode=mode, dir=str(artifacts.exp_dir(cfg)), reinit=True)
 
 
 def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | None = None,
                logger: logging.Logger | None = None) -> dict:
-    """Train one fold; resumes from last.pt when a killed run left one, skips a finished fold
-    (unless cfg.retrain). Returns {'fold', 'score', 'best_epoch', 'history'}."""
+    """Train one fold and predict the test set with it. An up-to-date fold is kept (unless
+    cfg.retrain), only its test predictions redone if the test set changed; a killed run
+    resumes from last.pt. Returns {'fold', 'score', 'best_epoch', 'history'}."""
     logger = logger or logging.getLogger("kaggle")
-    out_dir = fold_dir(cfg, fold)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.retrain and fold_is_done(cfg, fold):
-        best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
-        logger.info(f"fold {fold}: already trained (score {best['score']:.5f}); set retrain=True to train again")
+    why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "train", fold)
+    if why is None:
+        best = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, fold))
+        logger.info(f"fold {fold}: up to date (score {best['score']:.5f}); set retrain=True to train it again")
+        if test is not None and (test_why := artifacts.stale(cfg, "test", fold)):
+            logger.info(f"fold {fold}: predicting the test set again: {test_why}")
+            predict_test(cfg, best, test, fold, logger)
         return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"], "skipped": True}
+    logger.info(f"fold {fold}: training: {why}")
+    made_from = artifacts.fingerprint(cfg, "train", fold)
 
     device = get_device(cfg.device)
     classes = get_classes(folds, cfg) if cfg.task == "classification" else None
@@ -284,7 +260,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
-    criterion = make_criterion(cfg, train_df["target"].to_numpy(), n_out).to(device)
+    criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out).to(device)
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(len(train_df) // cfg.batch_size // cfg.grad_accum, 1)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.scheduler, num_epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
@@ -295,15 +271,15 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
                       label_smoothing=cfg.label_smoothing, num_classes=n_out)
-    train_cache = build_cache(cfg, folds["path"].tolist(), logger)
-    valid_loader = make_loader(cfg, valid_df, train=False, cache=train_cache)
+    train_cache = create_cache(cfg, folds["path"].tolist(), logger)
+    valid_loader = create_loader(cfg, valid_df, train=False, cache=train_cache)
 
     state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_preds": None,
              "best_logits": None}
-    last_path = out_dir / "last.pt"
+    last_path, best_path = artifacts.checkpoint_path(cfg, fold, "last"), artifacts.checkpoint_path(cfg, fold)
     if last_path.exists() and not cfg.retrain:
-        last = torch.load(last_path, map_location="cpu", weights_only=False)
-        if _same_run(last["cfg"], cfg):
+        last = artifacts.load_checkpoint(last_path)
+        if last.get("made_from") == artifacts.digest(made_from):
             model.load_state_dict(last["model"])
             optimizer.load_state_dict(last["optimizer"])
             scheduler.load_state_dict(last["scheduler"])
@@ -313,7 +289,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
             state = last["state"]
             logger.info(f"fold {fold}: resuming from {last_path} after epoch {state['epoch']}")
         else:
-            logger.info(f"fold {fold}: {last_path} was made with another config; starting over")
+            logger.info(f"fold {fold}: {last_path} was made from other settings or data; starting over")
 
     logger.info(f"fold {fold}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}")
     valid_targets = valid_df["target"].to_numpy()
@@ -325,7 +301,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         epoch_seed = cfg.seed * 1000 + fold * 100 + epoch
         seed_everything(epoch_seed)  # every epoch's randomness from its own seed: a resumed run matches
         set_backbone_trainable(model, epoch >= cfg.freeze_epochs)
-        train_loader = make_loader(cfg, train_df, train=True, seed=epoch_seed, cache=train_cache)
+        train_loader = create_loader(cfg, train_df, train=True, seed=epoch_seed, cache=train_cache)
         mix = mixup if mixup is not None and not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch) else None
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch,
                                      scale, mix, ema, step_model)
@@ -339,16 +315,18 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         improved = is_better(cfg.metric, score, state["best_score"])
         if improved:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_preds=preds, best_logits=logits)
-            atomic_save({"model": eval_model.state_dict(), "cfg": to_dict(cfg), "classes": classes, "epoch": epoch + 1,
-                         "score": score, "history": state["history"], "num_features": model.num_features,
-                         "target_range": (scale.low, scale.high) if scale else None}, out_dir / "best.pt")
+            artifacts.save_checkpoint({"model": eval_model.state_dict(), "cfg": to_dict(cfg), "classes": classes,
+                                       "epoch": epoch + 1, "score": score, "history": state["history"],
+                                       "num_features": model.num_features,
+                                       "target_range": (scale.low, scale.high) if scale else None}, best_path)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "state": state, "cfg": to_dict(cfg)}, last_path)
-        atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+        artifacts.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                   "ema": ema.state_dict() if ema is not None else None, "state": state,
+                                   "cfg": to_dict(cfg), "made_from": artifacts.digest(made_from)}, last_path)
+        artifacts.write_metrics(cfg, fold, state["history"])
         if wandb_run is not None:
             wandb_run.log(row)
         logger.info(f"fold {fold} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f} "
@@ -356,70 +334,87 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     if wandb_run is not None:
         wandb_run.finish()
 
-    oof = frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
+    oof = artifacts.frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
     oof.insert(1, cfg.target_col, valid_df[cfg.target_col].to_numpy())
     oof.insert(2, "fold", fold)
-    best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
+    best = artifacts.load_checkpoint(best_path)
     best["history"] = state["history"]
-    atomic_save(best, out_dir / "best.pt")
+    artifacts.save_checkpoint(best, best_path)
+    artifacts.save_logits(cfg, state.get("best_logits"), fold)  # None (resumed from a last.pt without them): no stale file
+    artifacts.write_predictions(cfg, "oof", oof, fold)
+    artifacts.record(cfg, "train", fold, made_from)  # last: from now on the fold counts as done
     if test is not None:
-        model.load_state_dict(best["model"])
-        test_cache = build_cache(cfg, test["path"].tolist(), logger)
-        test_preds = predict(model, make_loader(cfg, test, train=False, cache=test_cache), cfg, device, scale=scale)
-        atomic_to_csv(frame_predictions(test[cfg.id_col], test_preds, cfg, classes), cfg.exp_dir / f"test_fold{fold}.csv")
-    logits_path = cfg.exp_dir / f"oof_logits_fold{fold}.npy"  # raw outputs, rows as in oof_fold{k}.csv
-    if state.get("best_logits") is not None:
-        atomic_save_npy(state["best_logits"].astype(np.float32), logits_path)
-    else:  # resumed from a last.pt that kept no logits: never leave an earlier run's file beside this OOF
-        logits_path.unlink(missing_ok=True)
-    atomic_to_csv(oof, cfg.exp_dir / f"oof_fold{fold}.csv")  # last: its presence marks the fold done
+        predict_test(cfg, best, test, fold, logger, model=model, device=device)
     logger.info(f"fold {fold}: best {cfg.metric} {state['best_score']:.5f} at epoch {state['best_epoch']}")
     return {"fold": fold, "score": state["best_score"], "best_epoch": state["best_epoch"], "history": state["history"]}
 
 
+def load_model(ckpt: dict, device) -> nn.Module:
+    """The model a checkpoint describes (its own config), with its weights, ready for inference."""
+    model_cfg = artifacts.checkpoint_config(ckpt)
+    model = create_model(model_cfg, num_outputs(model_cfg, ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    if model_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval()
+
+
+def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int, logger: logging.Logger,
+                 model: nn.Module | None = None, device=None) -> None:
+    """Fold k's test predictions from its best checkpoint, recorded as made from it."""
+    made_from = artifacts.fingerprint(cfg, "test", fold)
+    device = device or get_device(cfg.device)
+    model = model if model is not None else load_model(best, device)
+    model.load_state_dict(best["model"])
+    scale = TargetScale(*best["target_range"]) if best.get("target_range") else None
+    loader = create_loader(cfg, test, train=False, cache=create_cache(cfg, test["path"].tolist(), logger))
+    preds = predict(model, loader, cfg, device, scale=scale)
+    artifacts.write_predictions(cfg, "test", artifacts.frame_predictions(test[cfg.id_col], preds, cfg, best["classes"]), fold)
+    artifacts.record(cfg, "test", fold, made_from)
+
+
 def finalize_experiment(cfg: CFG, logger: logging.Logger | None = None) -> dict | None:
-    """When every fold of cfg.fold_ids is done: oof.csv (all folds), test.csv (mean over folds)
-    and score.json (CV over all OOF rows, and mean ± std over folds). None until then."""
+    """When every fold of cfg.fold_ids is trained and has predicted the test set: the
+    experiment's OOF (all folds), test predictions (mean over folds), OOF logits and score.
+    None until then; the recorded score when nothing changed since."""
     logger = logger or logging.getLogger("kaggle")
-    paths = [cfg.exp_dir / f"oof_fold{k}.csv" for k in cfg.fold_ids]
-    if not all(p.exists() for p in paths):
+    waiting = [k for k in cfg.fold_ids if artifacts.stale(cfg, "train", k) or artifacts.stale(cfg, "test", k)]
+    if waiting:
+        logger.info(f"{cfg.experiment}: folds {waiting} are not trained (or not up to date) yet")
         return None
-    oof = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-    test_paths = [cfg.exp_dir / f"test_fold{k}.csv" for k in cfg.fold_ids]
-    if all(p.exists() for p in test_paths):
-        tests = [pd.read_csv(p) for p in test_paths]
-        test = tests[0].copy()
-        cols = [c for c in test.columns if c != cfg.id_col]
-        test[cols] = np.mean([t[cols].to_numpy() for t in tests], axis=0)
-        atomic_to_csv(test, cfg.exp_dir / "test.csv")
-    atomic_to_csv(oof, cfg.exp_dir / "oof.csv")
-    logit_paths = [cfg.exp_dir / f"oof_logits_fold{k}.npy" for k in cfg.fold_ids]
-    if all(p.exists() for p in logit_paths):  # rows as in oof.csv
-        atomic_save_npy(np.concatenate([np.load(p) for p in logit_paths]), cfg.exp_dir / "oof_logits.npy")
-    wall = sum(sum(json.loads(line)["time_s"] for line in (fold_dir(cfg, k) / "metrics.jsonl").read_text().splitlines())
-               for k in cfg.fold_ids if (fold_dir(cfg, k) / "metrics.jsonl").exists())
-    return write_score(cfg, oof, logger, wall_s=wall)
+    if artifacts.stale(cfg, "cv") is None:
+        return artifacts.read_score(artifacts.exp_dir(cfg))
+    made_from = artifacts.fingerprint(cfg, "cv")
+    oof = pd.concat([artifacts.read_predictions(cfg, "oof", k) for k in cfg.fold_ids], ignore_index=True)
+    tests = [artifacts.read_predictions(cfg, "test", k) for k in cfg.fold_ids]
+    test = tests[0].copy()
+    cols = [c for c in test.columns if c != cfg.id_col]
+    test[cols] = np.mean([t[cols].to_numpy() for t in tests], axis=0)
+    artifacts.write_predictions(cfg, "test", test)
+    artifacts.write_predictions(cfg, "oof", oof)
+    logit_paths = [artifacts.logits_path(cfg, k) for k in cfg.fold_ids]
+    artifacts.save_logits(cfg, np.concatenate([np.load(p) for p in logit_paths]) if all(p.exists() for p in logit_paths) else None)
+    wall = sum(r["time_s"] for k in cfg.fold_ids for r in artifacts.read_metrics(cfg, k))
+    score = write_score(cfg, oof, logger, wall_s=wall)
+    artifacts.record(cfg, "cv", made_from=made_from)
+    return score
 
 
-def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true, y_pred) of an OOF frame: class indices + probabilities, or values."""
-    cols = [c for c in oof.columns if c.startswith("prob_")] or ["pred"]
-    if cfg.task == "regression":
-        return oof[cfg.target_col].to_numpy(float), oof["pred"].to_numpy(float)
-    classes = [c[len("prob_"):] for c in cols]
-    index = {c: i for i, c in enumerate(classes)}
-    return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
-
-
-def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = None, wall_s: float | None = None) -> dict:
-    """score.json of an experiment: CV on all OOF rows, mean ± std over folds, wall time."""
-    y_true, y_pred = oof_targets(cfg, oof)
+def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = None, wall_s: float | None = None,
+                model: str | None = None) -> dict:
+    """score.json of an experiment: CV on all OOF rows, mean ± std over folds, wall time, what
+    made it (model, image size, epochs) and which data it belongs to."""
+    y_true, y_pred = artifacts.oof_targets(cfg, oof)
     per_fold = [get_score(cfg.metric, y_true[oof["fold"] == k], y_pred[(oof["fold"] == k).to_numpy()])
                 for k in sorted(oof["fold"].unique())]
+    cnn = model is None
     score = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": get_score(cfg.metric, y_true, y_pred),
              "cv_mean": float(np.mean(per_fold)), "cv_std": float(np.std(per_fold)), "folds": per_fold,
-             "wall_s": None if wall_s is None else round(wall_s, 1)}
-    atomic_write_text(cfg.exp_dir / "score.json", json.dumps(score, indent=1))
+             "wall_s": None if wall_s is None else round(wall_s, 1),
+             "model": (cfg.model_name if cfg.arch == "timm" else cfg.arch) if cnn else model,
+             "img_size": cfg.img_size if cnn else None, "epochs": cfg.epochs if cnn else None,
+             "data": artifacts.competition_digest(cfg)}
+    artifacts.write_score(cfg, score)
     if logger:
         logger.info(f"{cfg.experiment}: CV {cfg.metric} {score['cv']:.5f} "
                     f"(folds {score['cv_mean']:.5f} ± {score['cv_std']:.5f})")

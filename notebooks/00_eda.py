@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -20,28 +22,23 @@
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
 experiment = ""  # which experiment of the YAML (empty: the first)
 overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+helpers_path = ""  # in a Kaggle kernel: the dataset folder that holds helpers/ (e.g. /kaggle/input/my-repo)
 
 # %%
 import sys
-from pathlib import Path
 
-# the repository: this folder or a parent, or a Kaggle dataset that holds it (/kaggle/input/...)
-places = [Path.cwd(), *Path.cwd().parents, *sorted(Path("/kaggle/input").glob("*")), *sorted(Path("/kaggle/input").glob("*/*"))]
-ROOT = next((p for p in places if (p / "helpers" / "__init__.py").is_file()), None)
-if ROOT is None:
-    raise FileNotFoundError("helpers/ not found: open this notebook inside the repository, "
-                            "or add the repository to the Kaggle kernel as a dataset")
-sys.path.insert(0, str(ROOT))
+if helpers_path:  # a copy of the repository added to a Kaggle kernel as a dataset
+    sys.path.insert(0, helpers_path)
 
 import pandas as pd
 from IPython.display import display
 
-from helpers import setup
-from helpers import plots
+from helpers import artifacts, plots, setup
 from helpers.data import image_header, read_test, read_train
 
 cfg, logger = setup(config_path, experiment, overrides, log_name="eda.log")
-out = cfg.exp_dir / "eda"
+made_from = artifacts.fingerprint(cfg, "eda")
+out = artifacts.eda_dir(cfg)
 
 # %% [markdown]
 # ## Data
@@ -93,3 +90,4 @@ if cfg.metadata_cols:
         display(train.groupby(cfg.target_col)[numeric].mean())
 else:
     print("no metadata columns (config key metadata_cols)")
+artifacts.record(cfg, "eda", made_from=made_from)

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -14,32 +16,28 @@
 # %% [markdown]
 # # 02 · Train
 # One CNN per fold: the runner passes `fold`; left at `None`, this notebook trains every fold
-# of `cfg.folds` in turn. Each fold writes `best.pt`, `last.pt` (a killed run resumes from it),
-# `metrics.jsonl`, its OOF and test predictions under `models/<experiment>/`.
+# of `cfg.folds` in turn. Each fold writes `best.pt` (the weights and the config they were
+# trained with), `last.pt` (a killed run resumes from it), `metrics.jsonl`, its OOF and test
+# predictions under `models/<experiment>/`. A fold that is up to date (nothing it is made from
+# changed) is not trained again; the log says what changed when one is.
 
 # %% tags=["parameters"]
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
 experiment = ""  # which experiment of the YAML (empty: the first)
 overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+helpers_path = ""  # in a Kaggle kernel: the dataset folder that holds helpers/ (e.g. /kaggle/input/my-repo)
 fold = None  # the fold to train (None: every fold in cfg.folds)
 
 # %%
 import sys
-from pathlib import Path
 
-# the repository: this folder or a parent, or a Kaggle dataset that holds it (/kaggle/input/...)
-places = [Path.cwd(), *Path.cwd().parents, *sorted(Path("/kaggle/input").glob("*")), *sorted(Path("/kaggle/input").glob("*/*"))]
-ROOT = next((p for p in places if (p / "helpers" / "__init__.py").is_file()), None)
-if ROOT is None:
-    raise FileNotFoundError("helpers/ not found: open this notebook inside the repository, "
-                            "or add the repository to the Kaggle kernel as a dataset")
-sys.path.insert(0, str(ROOT))
+if helpers_path:  # a copy of the repository added to a Kaggle kernel as a dataset
+    sys.path.insert(0, helpers_path)
 
 import pandas as pd
 from IPython.display import display
 
-from helpers import setup
-from helpers import plots
+from helpers import artifacts, plots, setup
 from helpers.analysis import error_analysis
 from helpers.check import run_check
 from helpers.data import read_test, read_train
@@ -54,7 +52,7 @@ cfg, logger = setup(config_path, experiment, overrides)
 
 # %%
 run_check(cfg, logger)
-folds = get_folds(cfg, read_train(cfg))
+folds = get_folds(cfg, read_train(cfg), logger)
 test = read_test(cfg)
 to_train = cfg.fold_ids if fold is None else [fold]
 logger.info(f"{cfg.experiment}: {cfg.arch} {cfg.model_name if cfg.arch == 'timm' else ''} {cfg.img_size}px, folds {to_train}")
@@ -65,7 +63,7 @@ display(pd.DataFrame(results)[["fold", "score", "best_epoch"]])
 
 # %%
 for r in results:
-    plots.learning_curves({r["fold"]: r["history"]}, cfg.metric, cfg.exp_dir / f"fold{r['fold']}" / "learning_curves.png");
+    plots.learning_curves({r["fold"]: r["history"]}, cfg.metric, artifacts.fold_dir(cfg, r["fold"]) / "learning_curves.png");
 
 # %% [markdown]
 # Once every fold is trained, the folds are combined into `oof.csv`, `test.csv` and the CV score.

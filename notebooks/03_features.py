@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -28,34 +30,29 @@
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
 experiment = ""  # which experiment of the YAML (empty: the first)
 overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+helpers_path = ""  # in a Kaggle kernel: the dataset folder that holds helpers/ (e.g. /kaggle/input/my-repo)
 
 # %%
 import sys
-from pathlib import Path
 
-# the repository: this folder or a parent, or a Kaggle dataset that holds it (/kaggle/input/...)
-places = [Path.cwd(), *Path.cwd().parents, *sorted(Path("/kaggle/input").glob("*")), *sorted(Path("/kaggle/input").glob("*/*"))]
-ROOT = next((p for p in places if (p / "helpers" / "__init__.py").is_file()), None)
-if ROOT is None:
-    raise FileNotFoundError("helpers/ not found: open this notebook inside the repository, "
-                            "or add the repository to the Kaggle kernel as a dataset")
-sys.path.insert(0, str(ROOT))
+if helpers_path:  # a copy of the repository added to a Kaggle kernel as a dataset
+    sys.path.insert(0, helpers_path)
 
-from helpers import setup
+from helpers import artifacts, setup
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
-from helpers.stacking import extract_features, fold_features
+from helpers.stacking import extract_features
 from helpers.train import finalize_experiment
 
 cfg, logger = setup(config_path, experiment, overrides)
 
 # %%
-folds = get_folds(cfg, read_train(cfg))
+folds = get_folds(cfg, read_train(cfg), logger)
 test = read_test(cfg)
 finalize_experiment(cfg, logger)
-out = extract_features(cfg, folds, test, logger)
+extract_features(cfg, folds, test, logger)
 
 # %%
 for k in cfg.fold_ids:
-    emb = fold_features(out, "train", k)
-    print(f"fold {k}: train {emb.shape}, test {fold_features(out, 'test', k).shape}, dtype {emb.dtype}")
+    emb = artifacts.load_features(cfg, "train", k)
+    print(f"fold {k}: train {emb.shape}, test {artifacts.load_features(cfg, 'test', k).shape}, dtype {emb.dtype}")

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,47 +26,40 @@
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
 experiment = ""  # which experiment of the YAML (empty: the first)
 overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+helpers_path = ""  # in a Kaggle kernel: the dataset folder that holds helpers/ (e.g. /kaggle/input/my-repo)
 
 # %%
 import sys
-from pathlib import Path
 
-# the repository: this folder or a parent, or a Kaggle dataset that holds it (/kaggle/input/...)
-places = [Path.cwd(), *Path.cwd().parents, *sorted(Path("/kaggle/input").glob("*")), *sorted(Path("/kaggle/input").glob("*/*"))]
-ROOT = next((p for p in places if (p / "helpers" / "__init__.py").is_file()), None)
-if ROOT is None:
-    raise FileNotFoundError("helpers/ not found: open this notebook inside the repository, "
-                            "or add the repository to the Kaggle kernel as a dataset")
-sys.path.insert(0, str(ROOT))
-
-import json
+if helpers_path:  # a copy of the repository added to a Kaggle kernel as a dataset
+    sys.path.insert(0, helpers_path)
 
 import pandas as pd
 from IPython.display import display
 
-from helpers import setup
-from helpers import plots
+from helpers import artifacts, plots, setup
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
-from helpers.stacking import run_stacking, stack_experiment
+from helpers.stacking import run_stacking
 
 cfg, logger = setup(config_path, experiment, overrides)
+stacker = artifacts.stack_cfg(cfg)
 
 # %%
-folds = get_folds(cfg, read_train(cfg))
+folds = get_folds(cfg, read_train(cfg), logger)
 test = read_test(cfg)
 result = run_stacking(cfg, folds, test, logger)
 
 # %%
 if result["importance"] is not None:  # LightGBM: gain per feature, metadata in red
-    plots.feature_importance(result["importance"], stack_experiment(cfg).exp_dir / "importance.png");
+    plots.feature_importance(result["importance"], artifacts.exp_dir(stacker) / "importance.png");
 
 # %% [markdown]
 # ## CNN vs stacker, out of fold
 
 # %%
-rows = [{"model": stack_experiment(cfg).experiment, "cv": result["cv"], "cv_mean": result["cv_mean"], "cv_std": result["cv_std"]}]
-if (cfg.exp_dir / "score.json").exists():  # absent when the embeddings come from a frozen pretrained backbone
-    cnn = json.loads((cfg.exp_dir / "score.json").read_text())
+rows = [{"model": stacker.experiment, "cv": result["cv"], "cv_mean": result["cv_mean"], "cv_std": result["cv_std"]}]
+if artifacts.score_path(cfg).exists():  # absent when the embeddings come from a frozen pretrained backbone
+    cnn = artifacts.read_score(artifacts.exp_dir(cfg))
     rows.insert(0, {"model": cfg.experiment, "cv": cnn["cv"], "cv_mean": cnn["cv_mean"], "cv_std": cnn["cv_std"]})
 display(pd.DataFrame(rows).set_index("model").round(5))

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,69 +25,42 @@
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)
 experiment = ""  # which experiment of the YAML (empty: the first)
 overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
+helpers_path = ""  # in a Kaggle kernel: the dataset folder that holds helpers/ (e.g. /kaggle/input/my-repo)
 
 # %%
 import sys
-from pathlib import Path
 
-# the repository: this folder or a parent, or a Kaggle dataset that holds it (/kaggle/input/...)
-places = [Path.cwd(), *Path.cwd().parents, *sorted(Path("/kaggle/input").glob("*")), *sorted(Path("/kaggle/input").glob("*/*"))]
-ROOT = next((p for p in places if (p / "helpers" / "__init__.py").is_file()), None)
-if ROOT is None:
-    raise FileNotFoundError("helpers/ not found: open this notebook inside the repository, "
-                            "or add the repository to the Kaggle kernel as a dataset")
-sys.path.insert(0, str(ROOT))
+if helpers_path:  # a copy of the repository added to a Kaggle kernel as a dataset
+    sys.path.insert(0, helpers_path)
 
-import json
-
-import pandas as pd
 from IPython.display import display
 
-from helpers import setup
-from helpers import plots
-from helpers.data import read_train
-from helpers.ensemble import (classes_of, collect_experiments, correlation, fit_ensemble, local_lb, make_submission,
-                              results_table, write_submission)
-from helpers.pipeline import ensemble_dir
-from helpers.utils import atomic_write_text
+from helpers import artifacts, plots, setup
+from helpers.ensemble import run_ensemble
 
 cfg, logger = setup(config_path, experiment, overrides)
-out = ensemble_dir(cfg)
+out = artifacts.ensemble_dir(cfg)
 
 # %%
-collection = collect_experiments(cfg, logger)
-experiments = collection.experiments
-result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
-                      cfg.ensemble_method, cfg.ensemble_iters)
-weights = pd.DataFrame({"experiment": [e.name for e in experiments], "cv": [e.score for e in experiments],
-                        "weight": result["weights"]})
-display(weights.round(4))
+ensemble = run_ensemble(cfg, logger)
+display(ensemble["weights"].round(4))
 
 # %% [markdown]
 # ## Results across experiments (`models/results.csv`)
 
 # %%
-results = results_table(cfg, result)
-display(results.round(5))
+display(ensemble["results"].round(5))
+plots.score_bars(ensemble["results"], cfg.metric, out / "scores.png");
 
 # %%
-plots.score_bars(results, cfg.metric, out / "scores.png");
-
-# %%
-corr = correlation(experiments)
-plots.correlation_heatmap(corr, out / "correlation.png");
+plots.correlation_heatmap(ensemble["correlation"], out / "correlation.png");
 
 # %% [markdown]
 # ## Submission
+# Checked against sample_submission (ids, order, columns, dtypes, NaN, known labels) before it
+# is written; scored against `solution.csv` when the competition folder has one.
 
 # %%
-classes = classes_of(cfg, read_train(cfg))
-submission = make_submission(cfg, collection.test_ids, result["test"], classes)
-paths = write_submission(cfg, submission, classes)
-lb = local_lb(cfg, submission, classes)
-atomic_write_text(out / "score.json", json.dumps({"metric": cfg.metric, "method": result["method"],
-                                                  "in_sample": result["in_sample"], "held_out": result["held_out"],
-                                                  "local_lb": lb, "weights": dict(zip(weights["experiment"], weights["weight"])),
-                                                  "submission": str(paths[0])}, indent=1))
-display(submission.head())
-print(f"wrote {', '.join(map(str, paths))}" + (f"; local LB {cfg.metric}: {lb:.5f}" if lb is not None else ""))
+display(ensemble["submission"].head())
+lb = ensemble["local_lb"]
+print(f"wrote {', '.join(map(str, ensemble['paths']))}" + (f"; local LB {cfg.metric}: {lb:.5f}" if lb is not None else ""))

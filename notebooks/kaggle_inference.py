@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -29,9 +31,9 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub
 sys.path.insert(0, package_dir)
 
-from helpers.ensemble import make_submission, validate_submission
 from helpers.data import read_test
 from helpers.predict import Predictor
+from helpers.submission import check_submission, create_submission
 from helpers.utils import atomic_to_csv
 
 predictor = Predictor.from_experiment(f"{package_dir}/model")
@@ -43,8 +45,8 @@ test = read_test(cfg)
 preds, errors = predictor.predict_array(test["path"].tolist(), progress=True)
 if errors:
     raise ValueError(f"{len(errors)} test image(s) could not be read: " + "; ".join(list(errors.values())[:5]))
-submission = make_submission(cfg, test[cfg.id_col], preds, predictor.classes)
-validate_submission(cfg, submission, predictor.classes)
+submission = create_submission(cfg, test[cfg.id_col], preds, predictor.classes)
+check_submission(cfg, submission, predictor.classes)
 atomic_to_csv(submission, output_csv)
 print(f"wrote {output_csv}: {len(submission)} rows")
 submission.head()

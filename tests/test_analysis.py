@@ -4,15 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from helpers import artifacts
 from helpers.analysis import error_analysis
 from helpers.config import CFG
-from helpers.demo import build_digits
+from helpers.demo import write_digits
 from helpers.data import read_train
 
 
 def _setup(tmp_path, **kw):
-    comp = build_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
-    cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), experiment="a", **kw)
+    comp = write_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
+    cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), experiment="a", n_folds=2, **kw)
     folds = read_train(cfg).assign(fold=lambda d: np.arange(len(d)) % 2)
     return cfg, folds
 
@@ -28,16 +29,16 @@ def test_classification_analysis(tmp_path):
     oof.insert(0, "id", folds["id"])
     oof.insert(1, "label", folds["label"])
     oof.insert(2, "fold", folds["fold"])
-    cfg.exp_dir.mkdir(parents=True)
-    oof.to_csv(cfg.exp_dir / "oof.csv", index=False)
+    artifacts.exp_dir(cfg).mkdir(parents=True)
+    oof.to_csv(artifacts.exp_dir(cfg) / "oof.csv", index=False)
     result = error_analysis(cfg, folds)
-    wrong = pd.read_csv(cfg.exp_dir / "analysis" / "wrong_oof.csv")
+    wrong = pd.read_csv(artifacts.exp_dir(cfg) / "analysis" / "wrong_oof.csv")
     expected_wrong = (np.asarray(classes)[probs.argmax(1)] != folds["label"].to_numpy()).sum()
     assert len(wrong) == expected_wrong > 0
     assert wrong["confidence"].is_monotonic_decreasing and wrong["path"].str.endswith(".png").all()
     assert set(result["report"].index) >= set(classes) | {"macro avg"}
     for png in ("confusion_matrix.png", "wrong_confident.png"):
-        assert (cfg.exp_dir / "analysis" / png).exists()
+        assert (artifacts.exp_dir(cfg) / "analysis" / png).exists()
 
 
 def test_regression_analysis(tmp_path):
@@ -46,12 +47,12 @@ def test_regression_analysis(tmp_path):
     truth = np.linspace(0, 100, len(folds))
     pred = truth + np.where(np.arange(len(folds)) == 7, 50.0, 1.0)  # row 7 is the worst
     oof = pd.DataFrame({"id": folds["id"], "score": truth, "fold": folds["fold"], "pred": pred})
-    cfg.exp_dir.mkdir(parents=True)
-    oof.to_csv(cfg.exp_dir / "oof.csv", index=False)
+    artifacts.exp_dir(cfg).mkdir(parents=True)
+    oof.to_csv(artifacts.exp_dir(cfg) / "oof.csv", index=False)
     result = error_analysis(cfg, folds)
-    largest = pd.read_csv(cfg.exp_dir / "analysis" / "largest_errors.csv")
+    largest = pd.read_csv(artifacts.exp_dir(cfg) / "analysis" / "largest_errors.csv")
     assert largest.iloc[0]["id"] == folds["id"][7] and largest.iloc[0]["abs_error"] == 50.0
-    assert (cfg.exp_dir / "analysis" / "residuals.png").exists() and result["grid"] is not None
+    assert (artifacts.exp_dir(cfg) / "analysis" / "residuals.png").exists() and result["grid"] is not None
 
 
 def test_no_analysis_before_every_fold_is_trained(tmp_path):

@@ -5,14 +5,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import artifacts
 from helpers import check
 from helpers.config import CFG
-from helpers.demo import build_digits
+from helpers.demo import write_digits
 
 
 @pytest.fixture
 def bad_comp(tmp_path):
-    comp = build_digits(tmp_path / "comp", size=16, n=100, string_labels=True, metadata=True)
+    comp = write_digits(tmp_path / "comp", size=16, n=100, string_labels=True, metadata=True)
     train = pd.read_csv(comp / "train.csv")
     images = {i: comp / "train" / f"{i}.png" for i in train["id"]}
     ids = train["id"].tolist()
@@ -49,12 +50,12 @@ def test_every_problem_is_reported_at_once(bad_comp, tmp_path):
 
 
 def test_clean_data_has_no_problems(tmp_path):
-    comp = build_digits(tmp_path / "comp", size=16, n=60)
+    comp = write_digits(tmp_path / "comp", size=16, n=60)
     assert check.check(CFG(competition_dir=str(comp), n_folds=2)) == []
 
 
 def test_empty_test_set_and_missing_target_column(tmp_path):
-    comp = build_digits(tmp_path / "comp", size=16, n=60)
+    comp = write_digits(tmp_path / "comp", size=16, n=60)
     pd.read_csv(comp / "test.csv").iloc[:0].to_csv(comp / "test.csv", index=False)
     problems = check.check(CFG(competition_dir=str(comp), target_col="class", n_folds=2), images=False)
     assert any("test.csv: the test set is empty" in p for p in problems)
@@ -73,10 +74,10 @@ def test_cli_reports_config_keys_and_data(bad_comp, tmp_path, capsys):
 
 
 def test_run_check_raises_then_remembers_a_pass(tmp_path):
-    comp = build_digits(tmp_path / "comp", size=16, n=60)
+    comp = write_digits(tmp_path / "comp", size=16, n=60)
     cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), n_folds=2)
     check.run_check(cfg)
-    assert (cfg.exp_dir / "check.json").exists()
+    assert artifacts.stale(cfg, "check") is None  # the pass is recorded
     (comp / "test" / sorted(p.name for p in (comp / "test").iterdir())[0]).write_bytes(b"")
     pd.read_csv(comp / "test.csv").to_csv(comp / "test.csv", index=False)  # data changed: checked again
     with pytest.raises(check.DataError, match="zero-byte file"):

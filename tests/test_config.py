@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers.config import CFG, experiment_names, load_cfg, load_saved_cfg, parse_set, save_cfg
+from helpers import artifacts
+from helpers.artifacts import read_config, save_config
+from helpers.config import CFG, experiment_names, load_cfg, parse_set
 
 
 def write_yaml(path, data) -> str:
@@ -32,8 +34,8 @@ def multi_yaml(tmp_path):
 
 # --- defaults and YAML ---------------------------------------------------------------------
 def test_defaults_without_a_file():
-    cfg = load_cfg()
-    assert cfg == CFG()
+    cfg = load_cfg(overrides={"competition_dir": "comp"})
+    assert cfg == CFG(competition_dir="comp")
     assert cfg.task == "classification" and cfg.metric == "accuracy"
     assert cfg.n_folds == 5 and cfg.epochs == 10 and cfg.lr == pytest.approx(1e-3)
     assert cfg.arch == "timm" and cfg.pretrained is False
@@ -41,22 +43,46 @@ def test_defaults_without_a_file():
 
 
 def test_yaml_overrides_defaults_and_keeps_the_rest(tmp_path):
-    path = write_yaml(tmp_path / "c.yaml", {"epochs": 3, "lr": 0.5, "metadata_cols": ["a", "b"],
+    path = write_yaml(tmp_path / "c.yaml", {"competition_dir": "comp", "epochs": 3, "lr": 0.5, "metadata_cols": ["a", "b"],
                                              "models_dir": str(tmp_path / "models"), "experiment": "mine"})
     cfg = load_cfg(path)
     assert cfg.epochs == 3
     assert cfg.lr == 0.5
     assert cfg.metadata_cols == ["a", "b"]
     assert cfg.experiment == "mine"
-    assert cfg.exp_dir == tmp_path / "models" / "mine"
+    assert artifacts.exp_dir(cfg) == tmp_path / "models" / "mine"
     # untouched keys keep their defaults
     assert cfg.batch_size == CFG().batch_size and cfg.seed == CFG().seed
 
 
-def test_empty_yaml_gives_defaults(tmp_path):
+def test_a_config_without_competition_dir_is_an_error_naming_the_key(tmp_path):
+    """No silent demo: a user YAML that forgets competition_dir must not train on the digits."""
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert load_cfg(str(path)) == CFG()
+    with pytest.raises(ValueError, match="config key 'competition_dir' is not set"):
+        load_cfg(str(path))
+    path = write_yaml(tmp_path / "mine.yaml", {"target_col": "label", "epochs": 3})
+    with pytest.raises(ValueError, match="competition_dir"):
+        load_cfg(path)
+    from helpers.config import ROOT
+    assert load_cfg(ROOT / "configs" / "digits.yaml").competition_dir == "inputs/digits"  # only the demo's own config
+
+
+@pytest.mark.parametrize("key, place", [("patch_size", "model_kwargs"), ("emb_dim", "model_kwargs"),
+                                        ("lgbm_n_estimators", "lgbm_params"), ("lgbm_early_stopping", "lgbm_params")])
+def test_a_flat_key_that_moved_names_its_new_place(tmp_path, key, place):
+    path = write_yaml(tmp_path / "old.yaml", {"competition_dir": "comp", key: 8})
+    with pytest.raises(KeyError, match=f"config key '{key}' has moved: set it under {place}"):
+        load_cfg(path)
+
+
+def test_a_saved_config_with_moved_keys_is_carried_to_their_new_place():
+    from helpers.config import cfg_from_dict, to_dict
+
+    old = {**to_dict(CFG(arch="hybrid")), "patch_size": 8, "emb_dim": 16, "lgbm_n_estimators": 30}
+    del old["model_kwargs"], old["lgbm_params"]
+    cfg = cfg_from_dict(old)
+    assert cfg.model_kwargs == {"patch_size": 8, "emb_dim": 16} and cfg.lgbm_params == {"n_estimators": 30}
 
 
 def test_missing_yaml_file_raises(tmp_path):
@@ -92,7 +118,7 @@ def test_unknown_experiment_name_is_an_error(multi_yaml):
 
 
 def test_experiment_name_without_experiments_mapping(tmp_path):
-    path = write_yaml(tmp_path / "c.yaml", {"epochs": 2})
+    path = write_yaml(tmp_path / "c.yaml", {"competition_dir": "comp", "epochs": 2})
     assert load_cfg(path, experiment="named").experiment == "named"
     assert experiment_names(path) == [CFG().experiment]
 
@@ -108,7 +134,7 @@ def test_overrides_win_over_yaml_and_experiment(multi_yaml):
 # --- checked keys and types ----------------------------------------------------------------
 def test_unknown_key_in_overrides_names_it_and_suggests():
     with pytest.raises(KeyError) as e:
-        load_cfg(overrides={"epoch": 3})
+        load_cfg(overrides={"competition_dir": "comp", "epoch": 3})
     msg = str(e.value)
     assert "'epoch'" in msg
     assert "epochs" in msg  # close match suggested
@@ -131,7 +157,7 @@ def test_unknown_key_in_yaml_names_it(tmp_path):
                                         ("trn_fold", "folds"), ("apex", "amp"), ("gradient_accumulation_steps", "grad_accum")])
 def test_unknown_key_from_a_kaggle_cfg_notebook_suggests_ours(name, ours):
     with pytest.raises(KeyError, match=f"did you mean {ours}\\b"):
-        load_cfg(overrides={name: 1})
+        load_cfg(overrides={"competition_dir": "comp", name: 1})
 
 
 def test_unknown_key_in_an_experiment_names_it(tmp_path):
@@ -153,7 +179,7 @@ def test_unknown_key_in_an_experiment_names_it(tmp_path):
 ])
 def test_wrong_type_names_the_key(key, value):
     with pytest.raises(TypeError) as e:
-        load_cfg(overrides={key: value})
+        load_cfg(overrides={"competition_dir": "comp", key: value})
     assert f"'{key}'" in str(e.value)
 
 
@@ -164,13 +190,13 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
 
 
 def test_int_accepted_for_float_fields():
-    cfg = load_cfg(overrides={"lr": 1, "grad_clip": 0})
+    cfg = load_cfg(overrides={"competition_dir": "comp", "lr": 1, "grad_clip": 0})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.grad_clip == 0.0 and isinstance(cfg.grad_clip, float)
 
 
 def test_tuple_accepted_for_list_fields():
-    cfg = load_cfg(overrides={"folds": (0, 2)})
+    cfg = load_cfg(overrides={"competition_dir": "comp", "folds": (0, 2)})
     assert cfg.folds == [0, 2]
     assert cfg.fold_ids == [0, 2]
 
@@ -183,27 +209,31 @@ def test_tuple_accepted_for_list_fields():
 ])
 def test_invalid_choice_names_the_key(key, value):
     with pytest.raises(ValueError) as e:
-        load_cfg(overrides={key: value})
+        load_cfg(overrides={"competition_dir": "comp", key: value})
     assert f"'{key}'" in str(e.value)
     assert value in str(e.value)
 
 
 def test_regression_needs_rmse():
     with pytest.raises(ValueError, match="metric"):
-        load_cfg(overrides={"task": "regression", "metric": "accuracy"})
-    assert load_cfg(overrides={"task": "regression", "metric": "rmse"}).task == "regression"
+        load_cfg(overrides={"competition_dir": "comp", "task": "regression", "metric": "accuracy"})
+    assert load_cfg(overrides={"competition_dir": "comp", "task": "regression", "metric": "rmse"}).task == "regression"
 
 
 def test_folds_out_of_range_and_too_few_folds():
     with pytest.raises(ValueError, match="folds"):
-        load_cfg(overrides={"n_folds": 3, "folds": [0, 3]})
+        load_cfg(overrides={"competition_dir": "comp", "n_folds": 3, "folds": [0, 3]})
     with pytest.raises(ValueError, match="n_folds"):
-        load_cfg(overrides={"n_folds": 1})
+        load_cfg(overrides={"competition_dir": "comp", "n_folds": 1})
 
 
 def test_num_heads_must_divide_emb_dim():
-    with pytest.raises(ValueError, match="num_heads"):
-        load_cfg(overrides={"emb_dim": 24, "num_heads": 5})
+    from helpers.models import model_problems
+
+    cfg = load_cfg(overrides={"competition_dir": "comp", "arch": "hybrid", "model_kwargs": {"emb_dim": 24, "num_heads": 5}})
+    assert any("model_kwargs.num_heads" in p and "emb_dim" in p for p in model_problems(cfg))
+    cfg.model_kwargs = {"patch_sz": 8}
+    assert any("patch_sz" in p and "patch_size" in p for p in model_problems(cfg))
 
 
 # --- --set parsing -------------------------------------------------------------------------
@@ -213,7 +243,7 @@ def test_parse_set_types():
     assert isinstance(out["epochs"], int) and not isinstance(out["epochs"], bool)
     assert isinstance(out["lr"], float)
     assert out["debug"] is True
-    cfg = load_cfg(overrides=out)
+    cfg = load_cfg(overrides={"competition_dir": "comp", **out})
     assert (cfg.epochs, cfg.lr, cfg.folds, cfg.debug) == (3, 0.1, [0, 1], True)
 
 
@@ -227,31 +257,31 @@ def test_parse_set_without_equals_is_an_error():
 
 
 def test_scientific_notation_float():
-    cfg = load_cfg(overrides=parse_set(["lr=1e-3"]))
+    cfg = load_cfg(overrides={"competition_dir": "comp", **parse_set(["lr=1e-3"])})
     assert cfg.lr == pytest.approx(1e-3)
 
 
 # --- snapshot round trip -------------------------------------------------------------------
 def test_save_then_load_saved_round_trip(tmp_path):
-    cfg = load_cfg(overrides={"models_dir": str(tmp_path / "models"), "experiment": "roundtrip", "epochs": 4,
+    cfg = load_cfg(overrides={"competition_dir": "comp", "models_dir": str(tmp_path / "models"), "experiment": "roundtrip", "epochs": 4,
                               "lr": 3e-4, "min_lr": 1e-7, "metadata_cols": ["ink", "site"], "folds": [1, 2],
                               "pretrained": True, "group_col": "patient", "arch": "hybrid"})
-    path = save_cfg(cfg)
+    path = save_config(cfg)
     assert path == tmp_path / "models" / "roundtrip" / "config.yaml"
     assert path.exists()
-    loaded = load_saved_cfg(cfg.exp_dir)
+    loaded = read_config(artifacts.exp_dir(cfg))
     assert loaded == cfg
     assert dataclasses.asdict(loaded) == dataclasses.asdict(cfg)
     assert isinstance(loaded.lr, float) and loaded.min_lr == pytest.approx(1e-7)
     # nothing but the snapshot was written
-    assert sorted(p.name for p in cfg.exp_dir.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in artifacts.exp_dir(cfg).iterdir()) == ["config.yaml"]
 
 
-def test_save_cfg_to_explicit_path(tmp_path):
+def test_save_config_to_explicit_path(tmp_path):
     cfg = CFG(models_dir=str(tmp_path / "models"), epochs=2)
-    path = save_cfg(cfg, tmp_path / "elsewhere" / "config.yaml")
+    path = save_config(cfg, tmp_path / "elsewhere" / "config.yaml")
     assert path.exists()
-    assert load_saved_cfg(tmp_path / "elsewhere").epochs == 2
+    assert read_config(tmp_path / "elsewhere").epochs == 2
     assert not (tmp_path / "models").exists()
 
 
@@ -262,12 +292,12 @@ def test_outputs_leave_a_read_only_repository(tmp_path, monkeypatch):
 
     from helpers import config
 
-    assert config.under_root("models") == config.ROOT / "models"
+    assert artifacts.under_root("models") == config.ROOT / "models"
     real_access = os.access
-    monkeypatch.setattr(config.os, "access", lambda p, mode: False if Path(p) == config.ROOT else real_access(p, mode))
+    monkeypatch.setattr(artifacts.os, "access", lambda p, mode: False if Path(p) == config.ROOT else real_access(p, mode))
     monkeypatch.chdir(tmp_path)
-    cfg = CFG(experiment="kg")
-    assert cfg.exp_dir == tmp_path / "models" / "kg"
-    assert config.under_root(cfg.cache_dir) == tmp_path / ".cache"
-    assert config.under_root("/abs/models") == Path("/abs/models")
+    cfg = CFG(experiment="kg", competition_dir="inputs/digits")
+    assert artifacts.exp_dir(cfg) == tmp_path / "models" / "kg"
+    assert artifacts.cache_dir(cfg) == tmp_path / ".cache"
+    assert artifacts.under_root("/abs/models") == Path("/abs/models")
     assert cfg.path(cfg.train_csv) == config.ROOT / "inputs" / "digits" / "train.csv"  # inputs are only read

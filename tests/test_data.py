@@ -8,7 +8,7 @@ import pytest
 
 from helpers.config import CFG
 from helpers.data import read_image, read_test, read_train, resolve_paths
-from helpers.demo import NAMES, build_digits
+from helpers.demo import NAMES, write_digits
 
 
 def touch_image(path, value: int = 128, size: int = 4) -> str:
@@ -167,7 +167,7 @@ def test_read_image_missing_file(tmp_path):
 # --- read_train / read_test ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def comp_dir(tmp_path_factory):
-    return build_digits(tmp_path_factory.mktemp("data") / "comp", size=16, n=120, string_labels=True, metadata=True)
+    return write_digits(tmp_path_factory.mktemp("data") / "comp", size=16, n=120, string_labels=True, metadata=True)
 
 
 def comp_cfg(comp, tmp_path, **kw) -> CFG:
@@ -235,7 +235,7 @@ def test_read_train_nan_target_names_rows(tmp_path):
     pd.DataFrame({"id": ["a", "b", "c"], "label": ["x", None, "y"]}).to_csv(comp / "train.csv", index=False)
     with pytest.raises(ValueError) as e:
         read_train(comp_cfg(comp, tmp_path))
-    assert "label" in str(e.value) and "[3]" in str(e.value)
+    assert "NaN in target column 'label' (rows 3)" in str(e.value)
 
 
 def test_read_train_missing_image_names_row(comp_dir, tmp_path):

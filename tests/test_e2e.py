@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers import pipeline
-from helpers.demo import build_digits
+from helpers.demo import write_digits
 
 
 def write_config(tmp_path: Path, comp: Path, **extra) -> Path:
@@ -21,9 +21,9 @@ def write_config(tmp_path: Path, comp: Path, **extra) -> Path:
         "competition_dir": str(comp), "models_dir": str(tmp_path / "models"),
         "submissions_dir": str(tmp_path / "submissions"), "metadata_cols": ["ink"],
         "n_folds": 2, "epochs": 1, "img_size": 32, "batch_size": 32, "num_workers": 0,
-        "lgbm_n_estimators": 30, "submission_name": "tiny_sub",
+        "lgbm_params": {"n_estimators": 30}, "submission_name": "tiny_sub",
         "experiments": {"tiny_cnn": {"model_name": "resnet18"},
-                        "tiny_hybrid": {"arch": "hybrid", "patch_size": 8, "emb_dim": 16, "num_heads": 2}},
+                        "tiny_hybrid": {"arch": "hybrid", "model_kwargs": {"patch_size": 8, "emb_dim": 16, "num_heads": 2}}},
         **extra,
     }
     path = tmp_path / "tiny.yaml"
@@ -34,7 +34,7 @@ def write_config(tmp_path: Path, comp: Path, **extra) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    comp = build_digits(tmp / "comp", size=24, n=160, string_labels=True, metadata=True)
+    comp = write_digits(tmp / "comp", size=24, n=160, string_labels=True, metadata=True)
     config = write_config(tmp, comp)
     rc = pipeline.main(["--config", str(config)])
     return tmp, comp, rc
@@ -89,22 +89,120 @@ def test_submission_matches_sample_submission(tiny_run):
     assert results.loc[results["experiment"] == "tiny_cnn", "wall_s"].iloc[0] > 0
 
 
-def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(tiny_run, capsys):
+def ran(out: str) -> list[str]:
+    """The jobs a runner's output says it ran (or, with --dry-run, would run)."""
+    return [line.split("] ", 1)[1].split(" ...")[0] for line in out.splitlines()
+            if line.startswith("[") and "skipped" not in line]
+
+
+def test_changing_nothing_redoes_nothing(tiny_run, capsys):
     tmp, comp, _ = tiny_run
     capsys.readouterr()
     assert pipeline.main(["--config", str(tmp / "tiny.yaml")]) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 12
-    # as if fold 1 of tiny_cnn had been killed: no done marker, no OOF file yet
-    (tmp / "models" / "tiny_cnn" / "notebooks" / "02_train_fold1.done.json").unlink()
+    assert out.count("up to date, skipped") == 12 and ran(out) == []
+
+
+def test_a_killed_fold_is_redone_and_nothing_made_from_it_changes(tiny_run, capsys):
+    tmp, comp, _ = tiny_run
+    capsys.readouterr()
+    # as if fold 1 of tiny_cnn had been killed before it wrote its OOF file
     (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").unlink()
     assert pipeline.main(["--config", str(tmp / "tiny.yaml")]) == 0
     out = capsys.readouterr().out
-    ran = [line.split("] ", 1)[1].split(" ...")[0] for line in out.splitlines()
-           if line.startswith("[") and "skipped" not in line]
-    assert ran == ["02_train fold 1 [tiny_cnn]", "03_features [tiny_cnn]", "04_stacking [tiny_cnn]", "05_ensemble [tiny_cnn]"]
+    assert ran(out) == ["02_train fold 1 [tiny_cnn]"]  # resumed from last.pt: the same model, so nothing downstream
+    assert "oof_fold1.csv not made yet" in out
     assert (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").exists()
     assert (tmp / "submissions" / "submission.csv").exists()
+
+
+ALL_TRAIN = ["01_folds [tiny_cnn]", "02_train fold 0 [tiny_cnn]", "02_train fold 1 [tiny_cnn]", "03_features [tiny_cnn]",
+             "04_stacking [tiny_cnn]", "01_folds [tiny_hybrid]", "02_train fold 0 [tiny_hybrid]",
+             "02_train fold 1 [tiny_hybrid]", "03_features [tiny_hybrid]", "04_stacking [tiny_hybrid]", "05_ensemble [tiny_cnn]"]
+
+
+@pytest.mark.parametrize("change, why", [
+    ("n_folds=3", "n_folds 2 -> 3"),
+    ("seed=7", "seed 42 -> 7"),
+    ("group_col=ink", "group_col \"\" -> \"ink\""),
+])
+def test_a_fold_key_rebuilds_the_folds_and_retrains_every_fold(tiny_run, capsys, change, why):
+    tmp, comp, _ = tiny_run
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml"), "--dry-run", "--set", change]) == 0
+    out = capsys.readouterr().out
+    jobs = ran(out)
+    folds = 3 if change == "n_folds=3" else 2
+    assert [j for j in jobs if "02_train" in j] == [f"02_train fold {k} [{e}]" for e in ("tiny_cnn", "tiny_hybrid") for k in range(folds)]
+    assert {"01_folds [tiny_cnn]", "01_folds [tiny_hybrid]", "03_features [tiny_cnn]", "04_stacking [tiny_hybrid]",
+            "05_ensemble [tiny_cnn]"} <= set(jobs)
+    assert ("00_eda [tiny_cnn]" in jobs) == (change == "seed=7")  # the EDA's sample grid is drawn with the seed
+    assert f"01_folds [tiny_cnn] ... would run ({why})" in out
+    assert "02_train fold 0 [tiny_cnn] ... would run (folds changed (" in out  # the root cause, named
+
+
+@pytest.mark.parametrize("change, why", [("epochs=2", "epochs 1 -> 2"), ("lr=0.01", "lr 0.001 -> 0.01")])
+def test_a_training_key_retrains_but_keeps_the_folds(tiny_run, capsys, change, why):
+    tmp, comp, _ = tiny_run
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml"), "--dry-run", "--set", change]) == 0
+    out = capsys.readouterr().out
+    assert ran(out) == [j for j in ALL_TRAIN if "01_folds" not in j]
+    assert f"02_train fold 0 [tiny_cnn] ... would run ({why})" in out
+
+
+def test_n_bins_counts_for_a_regression_target_only(tiny_run):
+    from helpers import artifacts
+    from helpers.config import load_cfg
+
+    tmp, comp, _ = tiny_run
+    classification = load_cfg(tmp / "tiny.yaml")
+    rebinned = load_cfg(tmp / "tiny.yaml", overrides={"n_bins": 3})
+    assert artifacts.fingerprint(rebinned, "folds") == artifacts.fingerprint(classification, "folds")  # bins unused
+    regression = {"task": "regression", "metric": "rmse"}
+    before = artifacts.fingerprint(load_cfg(tmp / "tiny.yaml", overrides=regression), "folds")
+    after = artifacts.fingerprint(load_cfg(tmp / "tiny.yaml", overrides={**regression, "n_bins": 3}), "folds")
+    assert artifacts.explain(classification, before, after) == "n_bins 10 -> 3"
+
+
+def test_a_stacker_key_redoes_only_stacking_and_the_ensemble(tiny_run, capsys):
+    tmp, comp, _ = tiny_run
+    capsys.readouterr()
+    stamp = (tmp / "models" / "tiny_cnn" / "fold0" / "best.pt").stat().st_mtime_ns
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml"), "--set", "lgbm_params={n_estimators: 20}"]) == 0
+    out = capsys.readouterr().out
+    assert ran(out) == ["04_stacking [tiny_cnn]", "04_stacking [tiny_hybrid]", "05_ensemble [tiny_cnn]"]
+    assert "04_stacking [tiny_cnn] ... (lgbm_params" in out
+    assert (tmp / "models" / "tiny_cnn" / "fold0" / "best.pt").stat().st_mtime_ns == stamp
+    # and back: the stacking would be redone again, nothing else
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml"), "--dry-run"]) == 0
+    assert ran(capsys.readouterr().out) == ["04_stacking [tiny_cnn]", "04_stacking [tiny_hybrid]", "05_ensemble [tiny_cnn]"]
+
+
+def test_a_changed_image_retrains_and_a_changed_test_set_only_predicts_again(tiny_run, capsys):
+    from helpers import artifacts
+    from helpers.config import load_cfg
+
+    tmp, comp, _ = tiny_run
+    cfg = load_cfg(tmp / "tiny.yaml")
+    assert artifacts.stale(cfg, "train", 0) is None and artifacts.stale(cfg, "test", 0) is None
+    test_image = sorted((comp / "test").glob("*.png"))[0]
+    before = test_image.stat()
+    os.utime(test_image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        assert artifacts.stale(cfg, "train", 0) is None  # the model is made from the training images only
+        assert artifacts.stale(cfg, "test", 0) == "test/ changed"
+        assert "test/ changed" in artifacts.stale(cfg, "features", 0) and artifacts.stale(cfg, "folds") is None
+    finally:
+        os.utime(test_image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    train_image = sorted((comp / "train").glob("*.png"))[0]
+    before = train_image.stat()
+    os.utime(train_image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        assert artifacts.stale(cfg, "train", 1) == "train/ changed"
+    finally:
+        os.utime(train_image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert artifacts.stale(cfg, "train", 1) is None
 
 
 def test_folds_train_in_parallel_one_process_per_gpu(tiny_run, capsys):
@@ -118,11 +216,12 @@ def test_folds_train_in_parallel_one_process_per_gpu(tiny_run, capsys):
     assert "02_train fold 1 [tiny_hybrid] ... on GPU 1 (parallel)" in out
     assert "2 folds in parallel" in out
     for k in (0, 1):
-        assert (tmp / "models" / "tiny_hybrid" / "notebooks" / f"02_train_fold{k}.done.json").exists()
+        assert (tmp / "models" / "tiny_hybrid" / "notebooks" / f"02_train_fold{k}.ipynb").exists()
+        assert "retrain is set" in (tmp / "models" / "tiny_hybrid" / "train.log").read_text()
 
 
 def test_runner_reports_the_failing_notebook_and_cell(tmp_path, capsys):
-    comp = build_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
+    comp = write_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
     missing = sorted((comp / "train").glob("*.png"))[3]
     missing.unlink()
     config = write_config(tmp_path, comp, metadata_cols=[])

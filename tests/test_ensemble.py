@@ -5,10 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers.config import CFG, save_cfg
-from helpers.ensemble import (Experiment, blend, collect_experiments, fit_ensemble, hill_climb, local_lb,
-                              make_submission, validate_submission)
-from helpers.utils import get_score
+from helpers import artifacts
+from helpers.config import CFG
+from helpers.ensemble import Experiment, blend, collect_experiments, fit_ensemble, hill_climb
+from helpers.metrics import get_score
+from helpers.submission import check_submission, create_submission, local_lb
+from helpers.train import write_score
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -80,7 +82,7 @@ def test_hill_climb_regression_complementary():
 def test_fit_ensemble_in_sample_and_held_out():
     y, preds = complementary()
     folds = np.arange(len(y)) % 4
-    exps = [Experiment(name, CFG(), p, p[:5], get_score("accuracy", y, p)) for name, p in zip("abc", preds)]
+    exps = [Experiment(name, p, p[:5], get_score("accuracy", y, p)) for name, p in zip("abc", preds)]
     result = fit_ensemble(exps, y, folds, "accuracy", "hill", iters=10)
     assert set(result) >= {"weights", "in_sample", "held_out", "oof"}
     assert result["in_sample"] == 1.0
@@ -96,7 +98,7 @@ def test_fit_ensemble_held_out_is_honest():
     n = 200
     y = rng.integers(0, 2, n)
     preds = [softmax(rng.normal(size=(n, 2))) for _ in range(5)]
-    exps = [Experiment(str(i), CFG(), p, p, get_score("accuracy", y, p)) for i, p in enumerate(preds)]
+    exps = [Experiment(str(i), p, p, get_score("accuracy", y, p)) for i, p in enumerate(preds)]
     result = fit_ensemble(exps, y, np.arange(n) % 5, "accuracy", "hill", iters=15)
     assert result["in_sample"] >= max(e.score for e in exps)
     assert result["held_out"] <= result["in_sample"]
@@ -108,9 +110,15 @@ CLASSES = ["cat", "dog", "eel"]
 
 def write_experiment(cfg: CFG, name: str, oof: pd.DataFrame, test: pd.DataFrame, **cfg_kw) -> None:
     exp_cfg = CFG(**{**{k: getattr(cfg, k) for k in ("models_dir", "competition_dir")}, "experiment": name, **cfg_kw})
-    save_cfg(exp_cfg)
-    oof.to_csv(exp_cfg.exp_dir / "oof.csv", index=False)
-    test.to_csv(exp_cfg.exp_dir / "test.csv", index=False)
+    artifacts.write_predictions(exp_cfg, "oof", oof)
+    artifacts.write_predictions(exp_cfg, "test", test)
+    write_score(exp_cfg, oof)  # score.json names the data the experiment was made from
+
+
+def competition(folder, rows: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": [f"img_{i}" for i in range(rows)], "label": "cat"}).to_csv(folder / "train.csv", index=False)
+    return str(folder)
 
 
 @pytest.fixture
@@ -122,7 +130,7 @@ def two_experiments(tmp_path):
     labels = [CLASSES[c] for c in y]
     fold = np.arange(n) % 3
     prob_cols = [f"prob_{c}" for c in CLASSES]
-    cfg = CFG(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="exp_a")
+    cfg = CFG(models_dir=str(tmp_path / "models"), competition_dir=competition(tmp_path / "comp", n), experiment="exp_a")
     p_a = softmax(rng.normal(size=(n, 3)) + 2 * np.eye(3)[y])
     p_b = softmax(rng.normal(size=(n, 3)) + 1 * np.eye(3)[y])
     t_a, t_b = softmax(rng.normal(size=(n_test, 3))), softmax(rng.normal(size=(n_test, 3)))
@@ -157,17 +165,16 @@ def test_collect_experiments_aligns_rows(two_experiments):
     assert list(col.test_ids) == d["test_ids"]
     assert a.score == pytest.approx(get_score("accuracy", d["y"], d["p_a"]))
     assert b.score == pytest.approx(get_score("accuracy", d["y"], d["p_b"]))
-    assert a.cfg.experiment == "exp_a" and b.cfg.experiment == "exp_b"
 
 
 def test_collect_experiments_skips_other_competitions_and_incomplete(two_experiments, tmp_path):
     cfg, d = two_experiments
     oof = pd.DataFrame({"id": ["x"], "label": ["cat"], "fold": [0], "prob_cat": [1.0], "prob_dog": [0.0], "prob_eel": [0.0]})
     test = pd.DataFrame({"id": ["y"], "prob_cat": [1.0], "prob_dog": [0.0], "prob_eel": [0.0]})
-    write_experiment(cfg, "other_comp", oof, test, competition_dir=str(tmp_path / "elsewhere"))
+    write_experiment(cfg, "other_comp", oof, test, competition_dir=competition(tmp_path / "elsewhere", 3))
     incomplete = CFG(models_dir=cfg.models_dir, competition_dir=cfg.competition_dir, experiment="half_done")
-    save_cfg(incomplete)
-    oof.to_csv(incomplete.exp_dir / "oof.csv", index=False)  # no test.csv
+    artifacts.write_predictions(incomplete, "oof", oof)  # no test.csv
+    write_score(incomplete, oof)
     assert [e.name for e in collect_experiments(cfg).experiments] == ["exp_a", "exp_b"]
 
 
@@ -175,7 +182,7 @@ def test_collect_experiments_ids_differ_names_experiment(two_experiments):
     cfg, d = two_experiments
     bad = d["oof_b"].copy()
     bad.loc[3, "id"] = "intruder"
-    bad.to_csv(cfg.exp_dir.parent / "exp_b" / "oof.csv", index=False)
+    bad.to_csv(artifacts.exp_dir(cfg).parent / "exp_b" / "oof.csv", index=False)
     with pytest.raises(ValueError) as e:
         collect_experiments(cfg)
     assert "exp_b" in str(e.value)
@@ -184,7 +191,7 @@ def test_collect_experiments_ids_differ_names_experiment(two_experiments):
 
 def test_collect_experiments_test_ids_differ_names_experiment(two_experiments):
     cfg, d = two_experiments
-    d["test_b"].iloc[:-1].to_csv(cfg.exp_dir.parent / "exp_b" / "test.csv", index=False)
+    d["test_b"].iloc[:-1].to_csv(artifacts.exp_dir(cfg).parent / "exp_b" / "test.csv", index=False)
     with pytest.raises(ValueError, match="exp_b"):
         collect_experiments(cfg)
 
@@ -213,7 +220,7 @@ def test_make_submission_decodes_string_labels_in_sample_order(comp, tmp_path):
     sample.to_csv(comp / "sample_submission.csv", index=False)
     test_ids = pd.Series(["a", "b", "c", "d"])  # prediction order differs from the sample's
     pred = np.eye(3)[[1, 2, 0, 1]]  # a->dog, b->eel, c->cat, d->dog
-    sub = make_submission(sub_cfg(comp, tmp_path), test_ids, pred, CLASSES)
+    sub = create_submission(sub_cfg(comp, tmp_path), test_ids, pred, CLASSES)
     assert list(sub.columns) == ["id", "label"]
     assert list(sub["id"]) == ["c", "a", "d", "b"]
     assert list(sub["label"]) == ["cat", "dog", "dog", "eel"]
@@ -224,7 +231,7 @@ def test_make_submission_integer_classes_and_numeric_ids(comp, tmp_path):
     sample = pd.DataFrame({"image_id": [30, 10, 20], "digit": [0, 0, 0]})
     sample.to_csv(comp / "sample_submission.csv", index=False)
     cfg = sub_cfg(comp, tmp_path, id_col="image_id", target_col="digit")
-    sub = make_submission(cfg, pd.Series([10, 20, 30]), np.eye(4)[[3, 0, 2]], [0, 1, 2, 3])
+    sub = create_submission(cfg, pd.Series([10, 20, 30]), np.eye(4)[[3, 0, 2]], [0, 1, 2, 3])
     assert list(sub.columns) == ["image_id", "digit"]
     assert sub["image_id"].tolist() == [30, 10, 20]
     assert sub["digit"].tolist() == [2, 3, 0]
@@ -234,7 +241,7 @@ def test_make_submission_integer_classes_and_numeric_ids(comp, tmp_path):
 def test_make_submission_probability_columns(comp, tmp_path):
     pd.DataFrame({"id": ["y", "x"], "cat": 0.0, "dog": 0.0, "eel": 0.0}).to_csv(comp / "sample_submission.csv", index=False)
     pred = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
-    sub = make_submission(sub_cfg(comp, tmp_path), pd.Series(["x", "y"]), pred, CLASSES)
+    sub = create_submission(sub_cfg(comp, tmp_path), pd.Series(["x", "y"]), pred, CLASSES)
     assert list(sub.columns) == ["id", "cat", "dog", "eel"]
     assert list(sub["id"]) == ["y", "x"]
     np.testing.assert_allclose(sub[["cat", "dog", "eel"]].to_numpy(), pred[[1, 0]])
@@ -247,25 +254,25 @@ def test_make_submission_binary_writes_the_positive_probability(comp, tmp_path, 
     pd.DataFrame({"image_name": ["a", "b", "c"], "target": [1, 0, 1]}).to_csv(comp / "solution.csv", index=False)
     cfg = sub_cfg(comp, tmp_path, id_col="image_name", target_col="target", metric=metric)
     pred = np.array([[0.2, 0.8], [0.9, 0.1], [0.4, 0.6]])  # a, b, c
-    sub = make_submission(cfg, pd.Series(["a", "b", "c"]), pred, [0, 1])
+    sub = create_submission(cfg, pd.Series(["a", "b", "c"]), pred, [0, 1])
     assert sub["image_name"].tolist() == ["b", "a", "c"]
     np.testing.assert_allclose(sub["target"], [0.1, 0.8, 0.6])
-    validate_submission(cfg, sub, [0, 1])
+    check_submission(cfg, sub, [0, 1])
     assert local_lb(cfg, sub, [0, 1]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
-        validate_submission(cfg, sub.assign(target=[0.1, 1.8, 0.6]), [0, 1])
+        check_submission(cfg, sub.assign(target=[0.1, 1.8, 0.6]), [0, 1])
 
 
 def test_make_submission_binary_labels_when_the_sample_holds_labels(comp, tmp_path):
     pd.DataFrame({"id": ["a", "b"], "label": ["cat", "cat"]}).to_csv(comp / "sample_submission.csv", index=False)
-    sub = make_submission(sub_cfg(comp, tmp_path), pd.Series(["a", "b"]), np.array([[0.2, 0.8], [0.9, 0.1]]), ["cat", "dog"])
+    sub = create_submission(sub_cfg(comp, tmp_path), pd.Series(["a", "b"]), np.array([[0.2, 0.8], [0.9, 0.1]]), ["cat", "dog"])
     assert sub["label"].tolist() == ["dog", "cat"]
 
 
 def test_make_submission_regression(comp, tmp_path):
     pd.DataFrame({"id": [2, 1], "score": 0.0}).to_csv(comp / "sample_submission.csv", index=False)
     cfg = sub_cfg(comp, tmp_path, task="regression", metric="rmse", target_col="score")
-    sub = make_submission(cfg, pd.Series([1, 2]), np.array([[1.5], [2.5]]), None)
+    sub = create_submission(cfg, pd.Series([1, 2]), np.array([[1.5], [2.5]]), None)
     assert list(sub.columns) == ["id", "score"]
     assert sub["score"].tolist() == [2.5, 1.5]
 
@@ -273,7 +280,7 @@ def test_make_submission_regression(comp, tmp_path):
 def test_make_submission_missing_prediction(comp, tmp_path):
     pd.DataFrame({"id": ["a", "b", "z"], "label": "cat"}).to_csv(comp / "sample_submission.csv", index=False)
     with pytest.raises(ValueError, match="z"):
-        make_submission(sub_cfg(comp, tmp_path), pd.Series(["a", "b"]), np.eye(3)[[0, 1]], CLASSES)
+        create_submission(sub_cfg(comp, tmp_path), pd.Series(["a", "b"]), np.eye(3)[[0, 1]], CLASSES)
 
 
 def test_local_lb_scores_against_solution(comp, tmp_path):
@@ -291,7 +298,7 @@ def test_mean_and_rank_averaging():
     y = rng.integers(0, 3, n)
     a = softmax(np.eye(3)[y] * 2 + rng.normal(size=(n, 3)))
     b = softmax(np.eye(3)[y] * 2 + rng.normal(size=(n, 3)))
-    exps = [Experiment(name, CFG(), p, p[:20], get_score("accuracy", y, p)) for name, p in (("a", a), ("b", b))]
+    exps = [Experiment(name, p, p[:20], get_score("accuracy", y, p)) for name, p in (("a", a), ("b", b))]
     mean = fit_ensemble(exps, y, np.arange(n) % 5, "accuracy", "mean")
     assert np.allclose(mean["weights"], [0.5, 0.5]) and np.allclose(mean["oof"], (a + b) / 2)
     assert mean["in_sample"] == mean["held_out"]  # nothing fitted
@@ -302,13 +309,13 @@ def test_mean_and_rank_averaging():
 
 def test_results_table_lists_experiments_and_the_ensemble(tmp_path):
     from helpers.ensemble import results_table
-    from helpers.train import write_score
 
     cfg = CFG(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="cnn",
               model_name="resnet18", img_size=64, epochs=7)
     oof = pd.DataFrame({"id": list("abcd"), "label": ["cat", "dog", "cat", "dog"], "fold": [0, 0, 1, 1],
                         "prob_cat": [0.9, 0.2, 0.4, 0.3], "prob_dog": [0.1, 0.8, 0.6, 0.7]})
-    save_cfg(cfg)
+    artifacts.write_predictions(cfg, "oof", oof)
+    artifacts.write_predictions(cfg, "test", oof[["id", "prob_cat", "prob_dog"]])
     write_score(cfg, oof, wall_s=12.0)
     table = results_table(cfg, {"method": "hill", "in_sample": 0.9, "held_out": 0.8})
     assert (tmp_path / "models" / "results.csv").exists()

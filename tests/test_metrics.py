@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics
 
-from helpers.utils import HIGHER_IS_BETTER, get_logger, get_score, is_better
+from helpers.metrics import HIGHER_IS_BETTER, get_score, is_better
+from helpers.utils import get_logger
 
 
 @pytest.fixture

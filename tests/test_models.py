@@ -26,7 +26,7 @@ def one_torch_thread():
 # small settings per architecture, so every registered model runs in well under a second
 ARCH_KWARGS = {
     "timm": dict(model_name="resnet18", img_size=32),
-    "hybrid": dict(img_size=32, patch_size=8),
+    "hybrid": dict(img_size=32, model_kwargs={"patch_size": 8}),
 }
 
 
@@ -79,8 +79,8 @@ def test_registry_one_channel_input(arch):
 @torch.no_grad()
 def test_hybrid_exact_shapes():
     torch.manual_seed(0)
-    cfg = CFG(arch="hybrid", img_size=480, patch_size=120, featured_patch_dim=32, emb_dim=24, num_heads=4,
-              in_chans=3, patch_channels=[32, 64])
+    cfg = CFG(arch="hybrid", img_size=480, in_chans=3, model_kwargs=dict(patch_size=120, featured_patch_dim=32, emb_dim=24,
+                                                                     num_heads=4, patch_channels=[32, 64]))
     model = HybridModel(cfg, 2).eval()
     x = torch.randn(16, 3, 480, 480)
     assert x.shape == (16, 3, 480, 480)
@@ -111,7 +111,7 @@ def test_hybrid_exact_shapes():
 
 def test_hybrid_patches_row_major():
     """Patch i of an image is the i-th patch in row-major order."""
-    model = HybridModel(CFG(arch="hybrid", img_size=8, patch_size=4), 2)
+    model = HybridModel(CFG(arch="hybrid", img_size=8, model_kwargs={"patch_size": 4}), 2)
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8).repeat(1, 3, 1, 1)
     p = model.encoder.patches(x)
     assert p.shape == (8, 3, 4, 4)
@@ -123,7 +123,7 @@ def test_hybrid_patches_row_major():
 
 
 def test_hybrid_many_labels_use_ceil_queries():
-    cfg = CFG(arch="hybrid", img_size=32, patch_size=8, featured_patch_dim=32, emb_dim=24, num_heads=4)
+    cfg = CFG(arch="hybrid", img_size=32, model_kwargs=dict(patch_size=8, featured_patch_dim=32, emb_dim=24, num_heads=4))
     model = HybridModel(cfg, 70).eval()
     assert model.decoder.num_queries == 3  # ceil(70 / 32)
     assert model.num_features == 96
@@ -138,7 +138,7 @@ def test_hybrid_many_labels_use_ceil_queries():
 
 def test_hybrid_img_size_not_multiple_of_patch():
     with pytest.raises(ValueError, match="patch_size"):
-        HybridModel(CFG(arch="hybrid", img_size=30, patch_size=8), 2)
+        HybridModel(CFG(arch="hybrid", img_size=30, model_kwargs={"patch_size": 8}), 2)
 
 
 # --- TimmModel ------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from PIL import Image, ImageOps
 
 from helpers.config import CFG, ROOT
 from helpers.data import read_image
-from helpers.demo import build_digits
-from helpers.ensemble import make_submission, validate_submission, write_submission
+from helpers.demo import write_digits
+from helpers.submission import check_submission, create_submission, write_submission
 
 REF = np.zeros((40, 60, 3), np.uint8)
 REF[..., 0] = np.linspace(0, 255, 60)[None]
@@ -110,7 +110,7 @@ from helpers.folds import get_folds
 from helpers.train import train_fold
 from helpers.utils import get_logger
 cfg = CFG(competition_dir={comp!r}, models_dir={models!r}, experiment="kill", n_folds=2, epochs=6, patience=10,
-          img_size=32, batch_size=16, num_workers=0, arch="hybrid", patch_size=8, emb_dim=16, num_heads=2)
+          img_size=32, batch_size=16, num_workers=0, arch="hybrid", model_kwargs=dict(patch_size=8, emb_dim=16, num_heads=2))
 train_fold(cfg, get_folds(cfg, read_train(cfg)), 0, None, get_logger("kaggle"))
 """
 
@@ -122,7 +122,7 @@ def _script(tmp_path: Path, comp: Path, models: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory):
-    return build_digits(tmp_path_factory.mktemp("kill") / "comp", size=16, n=240)
+    return write_digits(tmp_path_factory.mktemp("kill") / "comp", size=16, n=240)
 
 
 def test_sigkill_mid_epoch_resumes_to_the_same_result(comp, tmp_path):
@@ -152,7 +152,7 @@ def test_sigkill_mid_epoch_resumes_to_the_same_result(comp, tmp_path):
 
     # a finished fold is skipped unless asked to retrain
     out = subprocess.run(_script(tmp_path, comp, killed), check=True, capture_output=True, text=True).stdout
-    assert "already trained" in out
+    assert "up to date" in out
 
 
 # --- the submission is validated before it is written -------------------------------------
@@ -165,7 +165,7 @@ def sub_cfg(tmp_path):
 
 
 def test_valid_submission_is_written(sub_cfg, tmp_path):
-    sub = make_submission(sub_cfg, pd.Series(["c", "a", "b"]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["cat", "dog"])
+    sub = create_submission(sub_cfg, pd.Series(["c", "a", "b"]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["cat", "dog"])
     assert sub["label"].tolist() == ["dog", "cat", "cat"]
     paths = write_submission(sub_cfg, sub, ["cat", "dog"])
     assert paths[0].name == "submission.csv" and paths[1].name.startswith("ensemble_hill_")
@@ -181,7 +181,7 @@ def test_valid_submission_is_written(sub_cfg, tmp_path):
 ])
 def test_invalid_submission_is_refused(sub_cfg, corrupt, message):
     good = pd.DataFrame({"id": ["a", "b", "c"], "label": ["cat", "dog", "dog"]})
-    validate_submission(sub_cfg, good, ["cat", "dog"])
+    check_submission(sub_cfg, good, ["cat", "dog"])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         write_submission(sub_cfg, corrupt(good), ["cat", "dog"])
     assert not (Path(sub_cfg.submissions_dir) / "submission.csv").exists()

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.config import CFG, load_saved_cfg
-from helpers.stacking import feature_dir, run_stacking
-from helpers.utils import atomic_save, atomic_to_csv, get_score
+from helpers import artifacts
+from helpers.artifacts import read_config
+from helpers.config import CFG
+from helpers.metrics import get_score
+from helpers.stacking import run_stacking
 
 N_FOLDS = 3
 
@@ -30,18 +32,15 @@ def one_thread():
 
 def make_cfg(tmp_path, **kw) -> CFG:
     base = dict(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="syn",
-                n_folds=N_FOLDS, lgbm_n_estimators=200, lgbm_learning_rate=0.1, lgbm_early_stopping=30, seed=0)
+                n_folds=N_FOLDS, lgbm_params=dict(n_estimators=200, learning_rate=0.1, early_stopping_round=30), seed=0)
     return CFG(**{**base, **kw})
 
 
 def write_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, train_embs: list, test_embs: list) -> None:
     """What extract_features writes, without the CNNs."""
-    out = feature_dir(cfg)
-    atomic_to_csv(folds[[cfg.id_col, "fold"]], out / "train_ids.csv")
-    atomic_to_csv(test[[cfg.id_col]], out / "test_ids.csv")
     for k in cfg.fold_ids:
-        atomic_save(train_embs[k].astype(np.float16), out / f"train_fold{k}.npy", saver=lambda a, p: np.save(p, a))
-        atomic_save(test_embs[k].astype(np.float16), out / f"test_fold{k}.npy", saver=lambda a, p: np.save(p, a))
+        artifacts.save_features(cfg, "train", k, train_embs[k])
+        artifacts.save_features(cfg, "test", k, test_embs[k])
 
 
 def fold_embeddings(signal: np.ndarray, rng, dim: int, noise: float = 1.0) -> list[np.ndarray]:
@@ -76,7 +75,7 @@ def classification_data(tmp_path):
 def test_stacking_classification_writes_outputs_and_learns(classification_data):
     cfg, folds, test, y_test = classification_data
     score = run_stacking(cfg, folds, test)
-    out = cfg.exp_dir.parent / "syn_lgbm"
+    out = artifacts.exp_dir(cfg).parent / "syn_lgbm"
     for name in ("oof.csv", "test.csv", "score.json", "config.yaml", "importance.csv"):
         assert (out / name).exists(), name
 
@@ -104,7 +103,7 @@ def test_stacking_classification_writes_outputs_and_learns(classification_data):
     np.testing.assert_allclose(test_pred[prob_cols].sum(axis=1), 1.0, atol=1e-6)
     assert (test_pred[prob_cols].to_numpy().argmax(1) == y_test).mean() > 0.75
 
-    assert load_saved_cfg(out).experiment == "syn_lgbm"
+    assert read_config(out).experiment == "syn_lgbm"
     importance = score["importance"]
     assert set(importance["feature"]) == {f"emb_{i}" for i in range(8)}
     # the three signal dimensions matter most
@@ -113,19 +112,36 @@ def test_stacking_classification_writes_outputs_and_learns(classification_data):
 
 def test_stacking_subset_of_folds(classification_data):
     cfg, folds, test, _ = classification_data
-    cfg = make_cfg(cfg.exp_dir.parent.parent, folds=[0, 2])
+    cfg = make_cfg(artifacts.exp_dir(cfg).parent.parent, folds=[0, 2])
     run_stacking(cfg, folds, test)
-    oof = pd.read_csv(cfg.exp_dir.parent / "syn_lgbm" / "oof.csv")
+    oof = pd.read_csv(artifacts.exp_dir(cfg).parent / "syn_lgbm" / "oof.csv")
     assert sorted(oof["fold"].unique()) == [0, 2]
     assert len(oof) == int(folds["fold"].isin([0, 2]).sum())
 
 
-def test_stacking_ids_must_match_the_features(classification_data):
+def test_stacking_rows_must_match_the_features(classification_data):
     cfg, folds, test, _ = classification_data
-    with pytest.raises(ValueError, match="train_ids.csv"):
-        run_stacking(cfg, folds.iloc[::-1].reset_index(drop=True), test)
-    with pytest.raises(ValueError, match="test_ids.csv"):
+    with pytest.raises(ValueError, match="train_fold0.npy.*run 03_features"):
+        run_stacking(cfg, folds.iloc[1:].reset_index(drop=True), test)
+    with pytest.raises(ValueError, match="test_fold0.npy"):
         run_stacking(cfg, folds, test.iloc[1:].reset_index(drop=True))
+
+
+def test_stacking_is_kept_while_up_to_date_and_redone_when_a_stacker_key_changes(classification_data, caplog):
+    import logging
+
+    cfg, folds, test, _ = classification_data
+    first = run_stacking(cfg, folds, test)
+    out = Path(cfg.models_dir) / "syn_lgbm" / "oof.csv"
+    mtime = out.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="kaggle"):
+        again = run_stacking(cfg, folds, test)
+    assert out.stat().st_mtime_ns == mtime and again["cv"] == first["cv"] and "syn_lgbm: up to date" in caplog.text
+    changed = make_cfg(Path(cfg.models_dir).parent, lgbm_params=dict(n_estimators=200, learning_rate=0.1,
+                                                                     early_stopping_round=30, num_leaves=4))
+    with caplog.at_level(logging.INFO, logger="kaggle"):
+        run_stacking(changed, folds, test)
+    assert out.stat().st_mtime_ns != mtime and "lgbm_params" in caplog.text
 
 
 def test_metadata_improves_the_stacker(tmp_path):
@@ -165,7 +181,7 @@ def test_categorical_string_metadata(tmp_path):
     write_features(cfg, folds, test, [e[:n] for e in embs], [e[n:] for e in embs])
     score = run_stacking(cfg, folds, test)
     assert score["cv"] > 0.95
-    test_pred = pd.read_csv(cfg.exp_dir.parent / "syn_lgbm" / "test.csv")
+    test_pred = pd.read_csv(artifacts.exp_dir(cfg).parent / "syn_lgbm" / "test.csv")
     assert ((test_pred["prob_yes"] > 0.5).to_numpy() == (site[n:] == "south")).mean() > 0.95
 
 
@@ -180,7 +196,7 @@ def test_stacking_regression(tmp_path):
     cfg = make_cfg(tmp_path, task="regression", metric="rmse")
     write_features(cfg, folds, test, [e[:n] for e in embs], [e[n:] for e in embs])
     score = run_stacking(cfg, folds, test)
-    out = cfg.exp_dir.parent / "syn_lgbm"
+    out = artifacts.exp_dir(cfg).parent / "syn_lgbm"
     oof = pd.read_csv(out / "oof.csv")
     assert list(oof.columns) == ["id", "label", "fold", "pred"]
     rmse = float(np.sqrt(np.mean((oof["pred"] - oof["label"]) ** 2)))
@@ -266,16 +282,16 @@ def test_pca_is_fitted_per_fold_and_keeps_the_signal(classification_data):
 
 def test_frozen_pretrained_backbone_features(tmp_path):
     from helpers.data import read_test, read_train
-    from helpers.demo import build_digits
+    from helpers.demo import write_digits
     from helpers.folds import get_folds
     from helpers.stacking import extract_features
 
-    comp = build_digits(tmp_path / "comp", size=16, n=120)
+    comp = write_digits(tmp_path / "comp", size=16, n=120)
     cfg = make_cfg(tmp_path, competition_dir=str(comp), features_from="pretrained", pretrained=False, arch="timm",
                    model_name="resnet18", img_size=32, num_workers=0, cache_dir=str(tmp_path / "cache"), n_folds=2)
     folds, test = get_folds(cfg, read_train(cfg)), read_test(cfg)
-    out = extract_features(cfg, folds, test)
-    assert np.load(out / "train_all.npy").shape == (len(folds), 512)
-    assert not (out / "train_fold0.npy").exists()
+    extract_features(cfg, folds, test)
+    assert np.load(artifacts.feature_path(cfg, "train", None)).shape == (len(folds), 512)
+    assert not artifacts.feature_path(cfg, "train", 0).exists()
     result = run_stacking(cfg, folds, test)  # every fold's stacker reads the one frozen set
     assert 0 <= result["cv"] <= 1

@@ -14,13 +14,14 @@ import pytest
 import torch
 import yaml
 
-from helpers.cache import build_cache, resize_image
+from helpers import artifacts
+from helpers.cache import create_cache, resize_image
 from helpers.config import CFG, ROOT, load_cfg
-from helpers.data import get_transforms, input_stats, read_train, to_model_input
+from helpers.data import create_transforms, input_stats, read_train, to_model_input
 from helpers.folds import get_folds
-from helpers.losses import FocalLoss, SoftCrossEntropy, TargetScale, make_criterion
+from helpers.losses import FocalLoss, SoftCrossEntropy, TargetScale, create_criterion
 from helpers.models import create_model
-from helpers.train import make_loader, param_groups, set_backbone_trainable, train_fold
+from helpers.train import create_loader, param_groups, set_backbone_trainable, train_fold
 from helpers.utils import seed_everything
 
 
@@ -34,15 +35,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory):
-    from helpers.demo import build_digits
+    from helpers.demo import write_digits
 
-    return build_digits(tmp_path_factory.mktemp("train") / "comp", size=16, n=200, string_labels=True)
+    return write_digits(tmp_path_factory.mktemp("train") / "comp", size=16, n=200, string_labels=True)
 
 
 def tiny_cfg(comp, tmp_path, **kw) -> CFG:
     base = dict(competition_dir=str(comp), models_dir=str(tmp_path / "models"), cache_dir=str(tmp_path / "cache"),
                 experiment="t", n_folds=2, epochs=3, img_size=32, batch_size=16, num_workers=0, lr=3e-3,
-                arch="hybrid", patch_size=8, emb_dim=16, num_heads=2, patience=10, warmup_epochs=0)
+                arch="hybrid", model_kwargs=dict(patch_size=8, emb_dim=16, num_heads=2), patience=10, warmup_epochs=0)
     return CFG(**{**base, **kw})
 
 
@@ -65,7 +66,7 @@ SWITCHES = {
     "sampling": {"sampling_ratio": 0.5},
     "no_cache": {"cache": False},
     "compile": {"compile": True},
-    "timm+layer_decay+drop_path": {"arch": "timm", "model_name": "resnet18", "layer_decay": 0.75, "drop_path": 0.1},
+    "timm+layer_decay+drop_path": {"arch": "timm", "model_name": "resnet18", "model_kwargs": {}, "layer_decay": 0.75, "drop_path": 0.1},
 }
 
 
@@ -76,10 +77,10 @@ def test_switch_trains(name, comp, tmp_path):
     history = result["history"]
     assert len(history) == 3
     assert history[-1]["train_loss"] < history[0]["train_loss"], history
-    best = torch.load(cfg.exp_dir / "fold0" / "best.pt", weights_only=False)
+    best = torch.load(artifacts.exp_dir(cfg) / "fold0" / "best.pt", weights_only=False)
     model = create_model(cfg, 10)
     model.load_state_dict(best["model"])  # the checkpoint round-trips into a fresh model
-    oof = pd.read_csv(cfg.exp_dir / "oof_fold0.csv")
+    oof = pd.read_csv(artifacts.exp_dir(cfg) / "oof_fold0.csv")
     probs = oof.filter(like="prob_").to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
 
@@ -87,8 +88,8 @@ def test_switch_trains(name, comp, tmp_path):
 def test_ema_weights_are_validated_and_checkpointed(comp, tmp_path):
     cfg = tiny_cfg(comp, tmp_path, ema=True, ema_decay=0.9, epochs=2)
     run(cfg)
-    last = torch.load(cfg.exp_dir / "fold0" / "last.pt", weights_only=False)
-    best = torch.load(cfg.exp_dir / "fold0" / "best.pt", weights_only=False)
+    last = torch.load(artifacts.exp_dir(cfg) / "fold0" / "last.pt", weights_only=False)
+    best = torch.load(artifacts.exp_dir(cfg) / "fold0" / "best.pt", weights_only=False)
     ema_weights = {k.removeprefix("module."): v for k, v in last["ema"].items()}
     key = "classifier.fc.weight"
     assert not torch.equal(ema_weights[key], last["model"][key])  # EMA differs from the raw weights
@@ -97,7 +98,7 @@ def test_ema_weights_are_validated_and_checkpointed(comp, tmp_path):
 
 
 def test_frozen_backbone_stays_put_then_trains_at_lower_lr(comp, tmp_path):
-    cfg = tiny_cfg(comp, tmp_path, arch="timm", model_name="resnet18", freeze_epochs=1, backbone_lr_scale=0.1, epochs=1)
+    cfg = tiny_cfg(comp, tmp_path, arch="timm", model_name="resnet18", model_kwargs={}, freeze_epochs=1, backbone_lr_scale=0.1, epochs=1)
     model = create_model(cfg, 10)
     groups = param_groups(model, cfg)
     head_ids = {id(p) for p in model.head.parameters()}
@@ -109,7 +110,7 @@ def test_frozen_backbone_stays_put_then_trains_at_lower_lr(comp, tmp_path):
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
     run(cfg)  # one epoch, all frozen: the backbone's weights come out as train_fold initialised them
-    best = torch.load(cfg.exp_dir / "fold0" / "best.pt", weights_only=False)["model"]
+    best = torch.load(artifacts.exp_dir(cfg) / "fold0" / "best.pt", weights_only=False)["model"]
     seed_everything(cfg.seed)  # train_fold seeds with cfg.seed + fold before creating the model
     initial = create_model(cfg, 10).state_dict()
     assert torch.equal(best["backbone.conv1.weight"], initial["backbone.conv1.weight"])
@@ -119,7 +120,7 @@ def test_frozen_backbone_stays_put_then_trains_at_lower_lr(comp, tmp_path):
 
 
 def test_layer_decay_scales_early_layers_lower(comp, tmp_path):
-    cfg = tiny_cfg(comp, tmp_path, arch="timm", model_name="resnet18", layer_decay=0.5)
+    cfg = tiny_cfg(comp, tmp_path, arch="timm", model_name="resnet18", model_kwargs={}, layer_decay=0.5)
     scales = sorted({g["lr_scale"] for g in param_groups(create_model(cfg, 10), cfg)})
     assert scales[0] < 0.1 and scales[-1] == 1.0
 
@@ -133,7 +134,7 @@ def test_losses_take_hard_and_soft_targets():
     focal = FocalLoss(alpha=1.0, gamma=0.0)  # gamma 0 is plain cross-entropy
     assert torch.allclose(focal(logits, hard), ce(logits, hard), atol=1e-6)
     assert FocalLoss(gamma=2.0)(logits, hard) < ce(logits, hard)  # easy examples down-weighted
-    weighted = make_criterion(CFG(class_weights="balanced"), np.array([0, 0, 0, 1, 2, 3]), 4)
+    weighted = create_criterion(CFG(class_weights="balanced"), np.array([0, 0, 0, 1, 2, 3]), 4)
     assert weighted.weight[0] < weighted.weight[1]
 
 
@@ -149,7 +150,7 @@ def test_regression_the_pawpularity_way(loss, comp, tmp_path):
     train.to_csv(reg / "train.csv", index=False)
     cfg = tiny_cfg(reg, tmp_path, task="regression", metric="rmse", target_col="score", loss=loss, epochs=4)
     result = run(cfg)
-    oof = pd.read_csv(cfg.exp_dir / "oof_fold0.csv")
+    oof = pd.read_csv(artifacts.exp_dir(cfg) / "oof_fold0.csv")
     assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
     # predictions and RMSE are on the original 5..95 scale, not the [0, 1] the model trains on
     assert oof["pred"].between(0, 100).all() and oof["pred"].max() > 20
@@ -170,7 +171,7 @@ def test_binary_roc_auc(comp, tmp_path):
     cfg = tiny_cfg(binary, tmp_path, metric="roc_auc", epochs=4)
     result = run(cfg)
     assert 0.5 < result["score"] <= 1.0
-    assert list(pd.read_csv(cfg.exp_dir / "oof_fold0.csv").filter(like="prob_").columns) == ["prob_even", "prob_odd"]
+    assert list(pd.read_csv(artifacts.exp_dir(cfg) / "oof_fold0.csv").filter(like="prob_").columns) == ["prob_even", "prob_odd"]
 
 
 def test_wandb_logs_each_epoch_offline(comp, tmp_path, monkeypatch):
@@ -195,7 +196,7 @@ def test_debug_mode_is_tiny_and_one_epoch(comp, tmp_path):
     cfg = tiny_cfg(comp, tmp_path, debug=True, debug_rows=40, epochs=5)
     result = run(cfg)
     assert len(result["history"]) == 1
-    assert len(pd.read_csv(cfg.exp_dir / "folds.csv")) == 40
+    assert len(pd.read_csv(artifacts.exp_dir(cfg) / "folds.csv")) == 40
 
 
 # --- augmentation pipelines ----------------------------------------------------------------
@@ -204,18 +205,18 @@ SKETCH = ROOT / "configs" / "sketch.yaml"
 
 def test_sketch_pipeline_from_yaml(comp):
     cfg = load_cfg(SKETCH, overrides={"competition_dir": str(comp)})
-    names = [type(t).__name__ for t in get_transforms(cfg, train=True).transforms]
+    names = [type(t).__name__ for t in create_transforms(cfg, train=True).transforms]
     # the pipeline's final Normalize runs on the device (to_model_input), with its own statistics
     assert names == ["HorizontalFlip", "Rotate", "CoarseDropout", "GridDistortion", "Resize", "UnsharpMask",
                      "RandomBrightnessContrast", "ToTensorV2"]
     assert input_stats(cfg) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0)
-    rotate = get_transforms(cfg, train=True).transforms[1]
+    rotate = create_transforms(cfg, train=True).transforms[1]
     assert tuple(rotate.limit) == (-30, 30)
     image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
-    out = get_transforms(cfg, train=True)(image=image)["image"]
+    out = create_transforms(cfg, train=True)(image=image)["image"]
     assert tuple(out.shape) == (3, 224, 224) and out.dtype == torch.uint8
     assert to_model_input(out[None], input_stats(cfg)).dtype == torch.float32
-    valid = [type(t).__name__ for t in get_transforms(cfg, train=False).transforms]
+    valid = [type(t).__name__ for t in create_transforms(cfg, train=False).transforms]
     assert valid == ["Resize", "ToTensorV2"]
 
 
@@ -223,16 +224,16 @@ def test_any_albumentations_pipeline_round_trips_through_yaml(tmp_path):
     pipeline = A.Compose([A.VerticalFlip(p=1.0), A.Resize(40, 40), A.Normalize()])
     text = yaml.safe_dump({"augment_pipeline": A.to_dict(pipeline)})
     (tmp_path / "c.yaml").write_text(text)
-    cfg = load_cfg(tmp_path / "c.yaml")
+    cfg = load_cfg(tmp_path / "c.yaml", overrides={"competition_dir": "comp"})
     image = np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3)
-    ours = to_model_input(get_transforms(cfg, train=True)(image=image)["image"][None], input_stats(cfg))[0]
+    ours = to_model_input(create_transforms(cfg, train=True)(image=image)["image"][None], input_stats(cfg))[0]
     theirs = torch.from_numpy(pipeline(image=image)["image"]).permute(2, 0, 1)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["none", "light", "medium", "heavy"])
 def test_augment_presets(preset):
-    t = get_transforms(CFG(augment=preset, img_size=48, hflip=True), train=True)
+    t = create_transforms(CFG(augment=preset, img_size=48, hflip=True), train=True)
     image = (np.random.default_rng(1).random((60, 80, 3)) * 255).astype(np.uint8)
     assert tuple(t(image=image)["image"].shape) == (3, 48, 48)
 
@@ -241,29 +242,29 @@ def test_augment_presets(preset):
 def test_cache_holds_resized_images_and_is_reused(comp, tmp_path):
     cfg = tiny_cfg(comp, tmp_path, augment="none")
     paths = read_train(cfg)["path"].tolist()
-    cache = build_cache(cfg, paths)
+    cache = create_cache(cfg, paths)
     assert cache.shape == (len(paths), 32, 32, 3)
     assert np.array_equal(cache.image(cache.rows([paths[7]])[0]), resize_image(paths[7], 32, 3))
-    again = build_cache(cfg, paths)
+    again = create_cache(cfg, paths)
     assert again.file == cache.file  # same sources and size: the same cache file
-    assert build_cache(tiny_cfg(comp, tmp_path, img_size=24), paths).file != cache.file
+    assert create_cache(tiny_cfg(comp, tmp_path, img_size=24), paths).file != cache.file
     # batches through the cache equal batches decoded from the files
     df = read_train(cfg).head(20)
-    with_cache = next(iter(make_loader(cfg, df, train=False, cache=cache)))[0]
-    without = next(iter(make_loader(cfg, df, train=False)))[0]
+    with_cache = next(iter(create_loader(cfg, df, train=False, cache=cache)))[0]
+    without = next(iter(create_loader(cfg, df, train=False)))[0]
     assert (with_cache.float() - without.float()).abs().max() <= 1  # uint8, same resize
 
 
 def test_cache_works_in_worker_processes(comp, tmp_path):
     cfg = tiny_cfg(comp, tmp_path, num_workers=2)
     df = read_train(cfg)
-    cache = build_cache(cfg, df["path"].tolist())
-    batches = list(make_loader(cfg, df.head(40), train=True, seed=3, cache=cache))
+    cache = create_cache(cfg, df["path"].tolist())
+    batches = list(create_loader(cfg, df.head(40), train=True, seed=3, cache=cache))
     assert sum(len(b[0]) for b in batches) == 32  # drop_last on 40 rows of batch 16
 
 
 def test_cache_off_when_disabled(comp, tmp_path):
-    assert build_cache(tiny_cfg(comp, tmp_path, cache=False), []) is None
+    assert create_cache(tiny_cfg(comp, tmp_path, cache=False), []) is None
 
 
 # --- preset configs -------------------------------------------------------------------------
@@ -314,4 +315,4 @@ def test_preset_configs_run_in_debug_mode(name, tmp_path):
     folds = get_folds(cfg, read_train(cfg))
     result = train_fold(cfg, folds, 0, None)
     assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["train_loss"])
-    assert (cfg.exp_dir / "oof_fold0.csv").exists()
+    assert (artifacts.exp_dir(cfg) / "oof_fold0.csv").exists()

@@ -1,0 +1,543 @@
+"""Where every output lives, how it is written, and the one rule that says whether it is fresh.
+
+Layout (under models_dir; /kaggle/working when the repository is a read-only Kaggle dataset):
+
+    <exp>/config.yaml                 the resolved config of the latest notebook run (a snapshot to read)
+    <exp>/folds.csv                   01_folds: the training rows with their `fold`
+    <exp>/fold{k}/best.pt             the best weights and the config they were trained with
+    <exp>/fold{k}/last.pt             resumable state after every epoch (a killed run resumes)
+    <exp>/fold{k}/metrics.jsonl       one line per epoch
+    <exp>/oof_fold{k}.csv, oof_logits_fold{k}.npy, test_fold{k}.csv      fold k's predictions
+    <exp>/oof.csv, oof_logits.npy, test.csv, score.json                  every fold together
+    <exp>/features/{train,test}_fold{k}.npy (or _all.npy), train_ids.csv, test_ids.csv
+    <exp>/eda/, analysis/, notebooks/, train.log
+    <exp>_<stacker>/oof.csv, test.csv, score.json, importance.csv       04_stacking
+    ensemble/score.json, scores.png, correlation.png                     05_ensemble
+    results.csv                       every experiment's CV and the ensemble's
+    <exp>/stamps/<output>.json        what each output was made from (below)
+  submissions_dir/submission.csv and a named copy per run
+
+Freshness. Every output records a fingerprint of what it was made from: the config keys that
+change it, digests of the input files it read, and the digests of the outputs it used. It is
+up to date only when that record equals the fingerprint computed now from the config and the
+data. `stale()` says why not: the key with its old and new values, the file, or the upstream
+output that changed. Since an output's digest enters the fingerprints of the outputs made
+from it, a change redoes everything downstream and nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .config import CFG, FIELDS, ROOT, cfg_from_dict, to_dict
+from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_text
+
+
+# --- roots ------------------------------------------------------------------------------------
+def output_root() -> Path:
+    """Where relative output folders (models/, submissions/, .cache/) go: the repository, or,
+    when it is read-only (added to a Kaggle kernel as a dataset), /kaggle/working, else the
+    working directory."""
+    if os.access(ROOT, os.W_OK):
+        return ROOT
+    kaggle = Path("/kaggle/working")
+    return kaggle if kaggle.is_dir() else Path.cwd()
+
+
+def under_root(p: str | Path) -> Path:
+    """An output path: absolute as given, relative under output_root()."""
+    path = Path(os.path.expanduser(str(p)))
+    return path if path.is_absolute() else output_root() / path
+
+
+def models_root(cfg: CFG) -> Path:
+    return under_root(cfg.models_dir)
+
+
+def exp_dir(cfg: CFG) -> Path:
+    """models/<experiment>: everything this experiment produced."""
+    return models_root(cfg) / cfg.experiment
+
+
+def cache_dir(cfg: CFG) -> Path:
+    return under_root(cfg.cache_dir)
+
+
+# --- layout -----------------------------------------------------------------------------------
+def fold_dir(cfg: CFG, fold: int) -> Path:
+    return exp_dir(cfg) / f"fold{fold}"
+
+
+def checkpoint_path(cfg: CFG, fold: int, which: str = "best") -> Path:
+    return fold_dir(cfg, fold) / f"{which}.pt"
+
+
+def metrics_path(cfg: CFG, fold: int) -> Path:
+    return fold_dir(cfg, fold) / "metrics.jsonl"
+
+
+def folds_path(cfg: CFG) -> Path:
+    return exp_dir(cfg) / "folds.csv"
+
+
+def predictions_path(cfg: CFG, kind: str, fold: int | None = None) -> Path:
+    """oof.csv / test.csv of the experiment, or oof_fold{k}.csv / test_fold{k}.csv."""
+    return exp_dir(cfg) / (f"{kind}.csv" if fold is None else f"{kind}_fold{fold}.csv")
+
+
+def logits_path(cfg: CFG, fold: int | None = None) -> Path:
+    """The OOF rows' raw outputs, rows as in the matching OOF file."""
+    return exp_dir(cfg) / ("oof_logits.npy" if fold is None else f"oof_logits_fold{fold}.npy")
+
+
+def score_path(cfg: CFG) -> Path:
+    return exp_dir(cfg) / "score.json"
+
+
+def feature_dir(cfg: CFG) -> Path:
+    return exp_dir(cfg) / "features"
+
+
+def feature_path(cfg: CFG, split: str, fold: int | None) -> Path:
+    """Embeddings of 'train' or 'test' by fold k's CNN (fold None: the frozen backbone's)."""
+    return feature_dir(cfg) / f"{split}_{'all' if fold is None else f'fold{fold}'}.npy"
+
+
+def stack_cfg(cfg: CFG) -> CFG:
+    """The stacker's own experiment: models/<experiment>_<stacker> (e.g. digits_resnet18_lgbm)."""
+    return dataclasses.replace(cfg, experiment=f"{cfg.experiment}_{cfg.stacker}")
+
+
+def ensemble_dir(cfg: CFG) -> Path:
+    return models_root(cfg) / "ensemble"
+
+
+def eda_dir(cfg: CFG) -> Path:
+    return exp_dir(cfg) / "eda"
+
+
+def analysis_dir(cfg: CFG) -> Path:
+    return exp_dir(cfg) / "analysis"
+
+
+def notebook_path(cfg: CFG, name: str, ensemble: bool = False) -> Path:
+    """Where the runner saves an executed notebook."""
+    return (ensemble_dir(cfg) if ensemble else exp_dir(cfg)) / "notebooks" / f"{name}.ipynb"
+
+
+def log_path(cfg: CFG, name: str = "train.log") -> Path:
+    return exp_dir(cfg) / name
+
+
+def results_path(cfg: CFG) -> Path:
+    return models_root(cfg) / "results.csv"
+
+
+# --- formats ----------------------------------------------------------------------------------
+def save_config(cfg: CFG, path: Path | None = None) -> Path:
+    """The resolved config as YAML (models/<experiment>/config.yaml by default)."""
+    path = path or exp_dir(cfg) / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def read_config(path: str | Path) -> CFG:
+    """A config snapshot (config.yaml) or a folder holding one."""
+    path = Path(path)
+    path = path / "config.yaml" if path.is_dir() else path
+    return cfg_from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def write_folds(cfg: CFG, folds: pd.DataFrame) -> None:
+    atomic_to_csv(folds, folds_path(cfg))
+
+
+def read_folds(cfg: CFG) -> pd.DataFrame:
+    return pd.read_csv(folds_path(cfg))
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """A checkpoint: a dict with 'model' (the state dict) and 'cfg' (the config as a dict)."""
+    atomic_save(payload, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train the fold with 02_train first)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_config(ckpt: dict) -> CFG:
+    """The config a checkpoint's weights were trained with, ready to rebuild the model (no
+    download: the weights are in the checkpoint)."""
+    cfg = cfg_from_dict(ckpt["cfg"])
+    cfg.pretrained, cfg.pretrained_path = False, ""
+    return cfg
+
+
+def write_metrics(cfg: CFG, fold: int, history: list[dict]) -> None:
+    atomic_write_text(metrics_path(cfg, fold), "".join(json.dumps(r) + "\n" for r in history))
+
+
+def read_metrics(cfg: CFG, fold: int) -> list[dict]:
+    path = metrics_path(cfg, fold)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def pred_columns(cfg: CFG, classes: list | None) -> list[str]:
+    """Prediction columns of OOF/test files: one probability per class, or `pred`."""
+    return ["pred"] if cfg.task == "regression" else [f"prob_{c}" for c in classes]
+
+
+def frame_predictions(ids: pd.Series, preds: np.ndarray, cfg: CFG, classes: list | None) -> pd.DataFrame:
+    """An OOF/test frame: the id column, then one column per class probability (or `pred`)."""
+    cols = pred_columns(cfg, classes)
+    out = pd.DataFrame(np.asarray(preds).reshape(len(ids), len(cols)), columns=cols)
+    out.insert(0, cfg.id_col, ids.to_numpy())
+    return out
+
+
+def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true, y_pred) of an OOF frame: class indices + probabilities, or values."""
+    if cfg.task == "regression":
+        return oof[cfg.target_col].to_numpy(float), oof["pred"].to_numpy(float)
+    cols = [c for c in oof.columns if c.startswith("prob_")]
+    index = {c[len("prob_"):]: i for i, c in enumerate(cols)}
+    return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
+
+
+def write_predictions(cfg: CFG, kind: str, frame: pd.DataFrame, fold: int | None = None) -> Path:
+    path = predictions_path(cfg, kind, fold)
+    atomic_to_csv(frame, path)
+    return path
+
+
+def read_predictions(cfg: CFG, kind: str, fold: int | None = None) -> pd.DataFrame:
+    return pd.read_csv(predictions_path(cfg, kind, fold))
+
+
+def save_logits(cfg: CFG, logits: np.ndarray | None, fold: int | None = None) -> None:
+    """Raw outputs of the OOF rows; None removes an earlier run's file (a run that kept none)."""
+    if logits is None:
+        logits_path(cfg, fold).unlink(missing_ok=True)
+    else:
+        atomic_save_npy(np.asarray(logits, dtype=np.float32), logits_path(cfg, fold))
+
+
+def write_score(cfg: CFG, score: dict) -> None:
+    atomic_write_text(score_path(cfg), json.dumps(score, indent=1))
+
+
+def read_score(path: Path) -> dict:
+    """score.json of an experiment folder."""
+    return json.loads((Path(path) / "score.json").read_text())
+
+
+def save_features(cfg: CFG, split: str, fold: int | None, array: np.ndarray) -> None:
+    atomic_save_npy(np.asarray(array).astype(np.float16), feature_path(cfg, split, fold))
+
+
+def load_features(cfg: CFG, split: str, fold: int) -> np.ndarray:
+    """The embeddings the fold-k stacker uses: fold k's CNN's, or the frozen backbone's."""
+    path = feature_path(cfg, split, fold)
+    if not path.exists() and feature_path(cfg, split, None).exists():
+        path = feature_path(cfg, split, None)
+    if not path.exists():
+        raise FileNotFoundError(f"no embeddings for fold {fold}: {path} (run 03_features first)")
+    return np.load(path)
+
+
+def write_importance(cfg: CFG, importance: pd.DataFrame) -> None:
+    atomic_to_csv(importance, exp_dir(cfg) / "importance.csv")
+
+
+def read_importance(cfg: CFG) -> pd.DataFrame | None:
+    path = exp_dir(cfg) / "importance.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def write_ensemble_score(cfg: CFG, score: dict) -> None:
+    atomic_write_text(ensemble_dir(cfg) / "score.json", json.dumps(score, indent=1))
+
+
+def read_ensemble_score(cfg: CFG) -> dict | None:
+    path = ensemble_dir(cfg) / "score.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_results(cfg: CFG, table: pd.DataFrame) -> None:
+    atomic_to_csv(table, results_path(cfg))
+
+
+def write_submission_files(cfg: CFG, sub: pd.DataFrame, name: str) -> list[Path]:
+    """submissions/submission.csv (the name Kaggle expects) and submissions/<name>.csv."""
+    out = under_root(cfg.submissions_dir)
+    paths = [out / "submission.csv", out / f"{name}.csv"]
+    for p in paths:
+        atomic_to_csv(sub, p)
+    return paths
+
+
+def experiment_dirs(cfg: CFG) -> list[Path]:
+    """Every experiment of this competition under models/ with its OOF and test predictions
+    and score (CNNs and stackers), matched by the data they were made from."""
+    root, data = models_root(cfg), competition_digest(cfg)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if all((d / f).exists() for f in ("oof.csv", "test.csv", "score.json")) and read_score(d).get("data") == data:
+            found.append(d)
+    return found
+
+
+# --- digests ----------------------------------------------------------------------------------
+_file_memo: dict[tuple, str] = {}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """A file's content digest ('absent' when there is none); remembered per size and mtime."""
+    if not path.is_file():
+        return "absent"
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _file_memo:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _file_memo[key] = h.hexdigest()[:16]
+    return _file_memo[key]
+
+
+_tree_memo: dict[str, str] = {}  # filled only within one freshness decision: a folder is walked once
+_depth = 0
+
+
+@contextmanager
+def _one_decision():
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if not _depth:
+            _tree_memo.clear()
+
+
+def tree_digest(folder: Path) -> str:
+    """A folder of images: every file's relative path, size and mtime (no reading of contents)."""
+    if not folder.is_dir():
+        return "absent"
+    if str(folder) in _tree_memo:
+        return _tree_memo[str(folder)]
+    rows = []
+    for base, _, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(base, name)
+            try:
+                st = os.stat(p)
+            except OSError:  # a broken link: its name still counts
+                rows.append(f"{os.path.relpath(p, folder)}\0-")
+                continue
+            rows.append(f"{os.path.relpath(p, folder)}\0{st.st_size}\0{st.st_mtime_ns}")
+    value = _sha("\n".join(sorted(rows)))
+    if _depth:
+        _tree_memo[str(folder)] = value
+    return value
+
+
+def paths_digest(paths: list[str]) -> str:
+    """These files' paths, sizes and mtimes (the decoded-image cache's key)."""
+    rows = []
+    for p in paths:
+        st = os.stat(p)
+        rows.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
+    return _sha("\n".join(rows))
+
+
+def competition_digest(cfg: CFG) -> str:
+    """Which data an experiment's predictions belong to: train.csv's content, target and task."""
+    return _sha(f"{file_digest(cfg.path(cfg.train_csv))}\0{cfg.target_col}\0{cfg.task}")
+
+
+# --- what each output is made from ------------------------------------------------------------
+# settings that never change a result: where things are (the data's digests stand for it), what
+# to run now, and speed switches that keep the arithmetic
+RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
+                      "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
+                      "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
+                      "submission_name"})
+FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
+FEATURE_KEYS = ("features_from",)
+STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
+ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters")
+# everything else changes what a fold's CNN learns
+TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + FEATURE_KEYS + STACK_KEYS)
+                   | {"n_bins", "ensemble_method", "ensemble_iters"})
+PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
+EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
+CHECK_KEYS = FOLD_KEYS + PRETRAINED_KEYS + ("n_bins", "metadata_cols")
+
+# the files each output is checked against
+OUTPUTS = {"folds": ["folds.csv"], "train": ["fold{k}/best.pt", "oof_fold{k}.csv"], "test": ["test_fold{k}.csv"],
+           "cv": ["oof.csv", "test.csv", "score.json"], "features": ["features/train_{f}.npy", "features/test_{f}.npy"],
+           "stacking": ["oof.csv", "test.csv", "score.json"], "ensemble": ["score.json"], "eda": [], "check": []}
+
+
+def output_name(stage: str, fold: int | None = None) -> str:
+    """'folds', 'train_fold0', 'features_all', ...: the name of one output and of its stamp."""
+    if stage == "features":
+        return f"features_{'all' if fold is None else f'fold{fold}'}"
+    return stage if fold is None else f"{stage}_fold{fold}"
+
+
+def _parse(name: str) -> tuple[str, int | None]:
+    stage, _, part = name.partition("_")
+    return stage, (int(part[4:]) if part.startswith("fold") else None)
+
+
+def _folder(cfg: CFG, stage: str) -> Path:
+    return exp_dir(stack_cfg(cfg)) if stage == "stacking" else ensemble_dir(cfg) if stage == "ensemble" else exp_dir(cfg)
+
+
+def stamp_path(cfg: CFG, stage: str, fold: int | None = None) -> Path:
+    return _folder(cfg, stage) / "stamps" / f"{output_name(stage, fold)}.json"
+
+
+def _keys(cfg: CFG, names) -> dict:
+    values = to_dict(cfg)
+    return {k: values[k] for k in names}
+
+
+def _test_files(cfg: CFG) -> dict:
+    test_csv = cfg.path(cfg.test_csv)
+    ids = test_csv if test_csv.exists() else cfg.path(cfg.sample_submission)
+    return {ids.name: file_digest(ids), f"{cfg.image_dir_test}/": tree_digest(cfg.path(cfg.image_dir_test))}
+
+
+def fingerprint(cfg: CFG, stage: str, fold: int | None = None) -> dict:
+    """What an output is made from: {'keys': {...}, 'files': {...}, 'upstream': {name: digest}}."""
+    with _one_decision():
+        return _fingerprint(cfg, stage, fold)
+
+
+def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
+    train_csv = {cfg.train_csv: file_digest(cfg.path(cfg.train_csv))}
+    train_images = {f"{cfg.image_dir_train}/": tree_digest(cfg.path(cfg.image_dir_train))}
+    up = lambda *parts: {output_name(s, k): digest(fingerprint(cfg, s, k)) for s, k in parts}  # noqa: E731
+    if stage == "folds":
+        keys = FOLD_KEYS + (("n_bins",) if cfg.task == "regression" else ())
+        return {"keys": _keys(cfg, keys), "files": train_csv, "upstream": {}}
+    if stage == "train":
+        return {"keys": {**_keys(cfg, TRAIN_KEYS), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
+    if stage == "test":
+        return {"keys": {}, "files": _test_files(cfg), "upstream": up(("train", fold))}
+    if stage == "cv":
+        return {"keys": {}, "files": {}, "upstream": up(*[(s, k) for k in cfg.fold_ids for s in ("train", "test")])}
+    if stage == "features":
+        if fold is None:  # a frozen pretrained backbone: made from the images alone
+            return {"keys": _keys(cfg, FEATURE_KEYS + PRETRAINED_KEYS), "files": {**train_images, **_test_files(cfg)},
+                    "upstream": up(("folds", None))}
+        return {"keys": _keys(cfg, FEATURE_KEYS), "files": _test_files(cfg), "upstream": up(("train", fold))}
+    if stage == "stacking":
+        test_csv = cfg.path(cfg.test_csv)
+        sources = [("features", None)] if cfg.features_from == "pretrained" else [("features", k) for k in cfg.fold_ids]
+        return {"keys": {**_keys(cfg, STACK_KEYS), "folds": cfg.fold_ids},
+                "files": {**train_csv, test_csv.name: file_digest(test_csv)}, "upstream": up(("folds", None), *sources)}
+    if stage == "ensemble":
+        upstream = {f"experiment {d.name}": recorded_digest(d) for d in experiment_dirs(cfg)}
+        files = {name: file_digest(cfg.path(name)) for name in (cfg.train_csv, cfg.sample_submission, cfg.solution_csv)}
+        return {"keys": _keys(cfg, ENSEMBLE_KEYS), "files": files, "upstream": upstream}
+    if stage == "eda":
+        return {"keys": _keys(cfg, EDA_KEYS), "files": {**train_csv, **train_images, **_test_files(cfg)}, "upstream": {}}
+    if stage == "check":
+        files = {**train_csv, **train_images, **_test_files(cfg),
+                 cfg.sample_submission: file_digest(cfg.path(cfg.sample_submission))}
+        return {"keys": _keys(cfg, CHECK_KEYS), "files": files, "upstream": {}}
+    raise ValueError(f"unknown output stage '{stage}'")
+
+
+def digest(made_from: dict) -> str:
+    return _sha(json.dumps(made_from, sort_keys=True, default=str))
+
+
+def recorded_digest(folder: Path) -> str:
+    """The digest recorded for an experiment folder's final output (a CNN's cv, a stacker's)."""
+    for name in ("cv", "stacking"):
+        path = folder / "stamps" / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())["digest"]
+    return "unrecorded"
+
+
+def record(cfg: CFG, stage: str, fold: int | None = None, made_from: dict | None = None) -> str:
+    """Write an output's stamp, after the output itself: from now on it counts as up to date
+    while nothing it was made from changes. Returns its digest."""
+    made_from = made_from if made_from is not None else fingerprint(cfg, stage, fold)
+    d = digest(made_from)
+    atomic_write_text(stamp_path(cfg, stage, fold), json.dumps(
+        {"output": output_name(stage, fold), "digest": d, "made_from": made_from,
+         "time": datetime.now().isoformat(timespec="seconds")}, indent=1, default=str))
+    return d
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stale(cfg: CFG, stage: str, fold: int | None = None) -> str | None:
+    """None when the output is up to date; else why it must be (re)made."""
+    with _one_decision():
+        return _stale(cfg, stage, fold)
+
+
+def _stale(cfg: CFG, stage: str, fold: int | None) -> str | None:
+    folder, name = _folder(cfg, stage), output_name(stage, fold)
+    for pattern in OUTPUTS[stage]:
+        path = folder / pattern.format(k=fold, f="all" if fold is None else f"fold{fold}")
+        if not path.exists():
+            return f"{path.relative_to(folder.parent)} not made yet"
+    path = stamp_path(cfg, stage, fold)
+    if not path.exists():
+        return f"{name} has no record of what it was made from"
+    old = json.loads(path.read_text())["made_from"]
+    new = json.loads(json.dumps(fingerprint(cfg, stage, fold), default=str))
+    if old == new:
+        return None
+    return explain(cfg, old, new) or f"{name} was made by another version of this code"
+
+
+def explain(cfg: CFG, old: dict, new: dict) -> str:
+    """The differences between two fingerprints, the root cause of an upstream change included."""
+    changes = []
+    for k in sorted(set(old.get("keys", {})) | set(new["keys"])):
+        a, b = old.get("keys", {}).get(k, "(unset)"), new["keys"].get(k, "(unset)")
+        if a != b:
+            changes.append(f"{k} {_short(a)} -> {_short(b)}")
+    for f in sorted(set(old.get("files", {})) | set(new["files"])):
+        if old.get("files", {}).get(f) != new["files"].get(f):
+            changes.append(f"{f} changed")
+    for u in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
+        if old.get("upstream", {}).get(u) != new["upstream"].get(u):
+            stage, fold = _parse(u)
+            why = stale(cfg, stage, fold) if stage in OUTPUTS and stage != "ensemble" else None
+            changes.append(f"{u} changed ({why})" if why else f"{u} was remade")
+    return "; ".join(dict.fromkeys(changes))

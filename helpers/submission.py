@@ -1,0 +1,112 @@
+"""The submission: made in sample_submission's shape (labels, one probability per class, or
+the positive class's probability), checked before it is written, and scored against a
+held-back solution file when there is one (the local leaderboard)."""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import artifacts
+from .config import CFG
+from .data import get_classes, read_csv, read_sample_submission
+from .metrics import get_score
+
+
+def positive_probability(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> bool:
+    """A binary task whose submission is one column holding the probability of the second
+    (positive) class, not a label: the metric is ROC AUC, or sample_submission's column is
+    float (Kaggle's binary competitions, scored on ranking)."""
+    value_cols = [c for c in sample.columns if c != cfg.id_col]
+    return (cfg.task == "classification" and classes is not None and len(classes) == 2 and len(value_cols) == 1
+            and (cfg.metric == "roc_auc" or pd.api.types.is_float_dtype(sample[value_cols[0]])))
+
+
+def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classes: list | None) -> pd.DataFrame:
+    """The submission in sample_submission's shape: same ids, order and columns, labels decoded
+    (or one probability column per class when sample_submission has them, or the positive
+    class's probability for a binary ROC AUC competition), no NaN."""
+    sample = read_sample_submission(cfg)
+    pred = pd.DataFrame(test_pred, index=test_ids.astype(str).to_numpy())
+    missing = set(sample[cfg.id_col].astype(str)) - set(pred.index)
+    if missing:
+        raise ValueError(f"{cfg.sample_submission}: {len(missing)} id(s) have no prediction, e.g. {sorted(missing)[:3]}")
+    pred = pred.loc[sample[cfg.id_col].astype(str)].to_numpy()
+    sub = sample.copy()
+    value_cols = [c for c in sample.columns if c != cfg.id_col]
+    if cfg.task == "regression":
+        sub[value_cols[0]] = pred[:, 0]
+    elif positive_probability(cfg, sample, classes):
+        sub[value_cols[0]] = pred[:, 1]
+    elif classes is not None and len(value_cols) == len(classes) and set(map(str, value_cols)) == set(map(str, classes)):
+        for c in value_cols:  # one probability column per class
+            sub[c] = pred[:, [str(k) for k in classes].index(str(c))]
+    else:
+        target = cfg.target_col if cfg.target_col in sample.columns else value_cols[0]
+        sub[target] = np.asarray(classes, dtype=object)[pred.argmax(1)]
+        sub[target] = sub[target].astype(type(classes[0])) if not isinstance(classes[0], str) else sub[target]
+    return sub
+
+
+def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float | None:
+    """The score of a submission against the held-back solution file, when there is one."""
+    path = cfg.path(cfg.solution_csv)
+    if not path.exists():
+        return None
+    solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution")
+    solution = solution[[cfg.id_col, cfg.target_col]].rename(columns={cfg.target_col: "__true"})
+    merged = solution.merge(submission, on=cfg.id_col)
+    if cfg.task == "regression":
+        return get_score(cfg.metric, merged["__true"], merged[cfg.target_col])
+    index = {str(c): i for i, c in enumerate(classes)}
+    y_true = merged["__true"].astype(str).map(index).to_numpy()
+    value_cols = [c for c in submission.columns if c != cfg.id_col]
+    if positive_probability(cfg, submission, classes):
+        p = merged[value_cols[0]].to_numpy(float)
+        y_pred = np.column_stack([1 - p, p])
+    elif cfg.target_col in submission.columns:
+        y_pred = np.eye(len(classes))[merged[cfg.target_col].astype(str).map(index).to_numpy()]
+    else:
+        y_pred = merged[[str(c) for c in classes]].to_numpy(float)
+    return get_score(cfg.metric, y_true, y_pred)
+
+
+def check_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> None:
+    """Raise, naming the column or ids, unless `sub` has sample_submission's ids (same order),
+    columns and dtypes, no NaN, and labels among the training classes."""
+    sample = read_sample_submission(cfg)
+    where = cfg.path(cfg.sample_submission)
+    if list(sub.columns) != list(sample.columns):
+        raise ValueError(f"submission columns {list(sub.columns)} differ from {where}: {list(sample.columns)}")
+    if len(sub) != len(sample) or (sub[cfg.id_col].astype(str).to_numpy() != sample[cfg.id_col].astype(str).to_numpy()).any():
+        raise ValueError(f"submission ids differ from {where} (count or order)")
+    if sub[cfg.id_col].dtype != sample[cfg.id_col].dtype:
+        raise ValueError(f"submission column '{cfg.id_col}' has dtype {sub[cfg.id_col].dtype}, {where} has {sample[cfg.id_col].dtype}")
+    nan = sub.columns[sub.isna().any()].tolist()
+    if nan:
+        raise ValueError(f"submission has NaN in column(s) {nan}")
+    probability = positive_probability(cfg, sample, classes)
+    for col in sub.columns.drop(cfg.id_col):
+        values = sub[col]
+        if probability and not (pd.api.types.is_numeric_dtype(values) and values.between(0, 1).all()):
+            raise ValueError(f"submission column '{col}' must hold probabilities in [0, 1]")
+        if cfg.task == "classification" and col == cfg.target_col and classes is not None and not probability:
+            unknown = set(values.astype(str)) - set(map(str, classes))
+            if unknown:
+                raise ValueError(f"submission column '{col}' has labels not among the training classes: {sorted(unknown)[:5]}")
+        elif not pd.api.types.is_numeric_dtype(values) or not np.isfinite(values.to_numpy(float)).all():
+            raise ValueError(f"submission column '{col}' must hold finite numbers")
+
+
+def write_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> list[Path]:
+    """Validate, then write submissions/submission.csv (the name Kaggle expects) and a named
+    copy (cfg.submission_name, or ensemble_<method>_<time> so that earlier ones are kept)."""
+    check_submission(cfg, sub, classes)
+    name = cfg.submission_name or f"ensemble_{cfg.ensemble_method}_{datetime.now():%Y%m%d_%H%M%S}"
+    return artifacts.write_submission_files(cfg, sub, name)
+
+
+def classes_of(cfg: CFG, train: pd.DataFrame) -> list | None:
+    return get_classes(train, cfg) if cfg.task == "classification" else None
