@@ -17,6 +17,9 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     from .utils import get_logger, seed_everything
 
     cfg = load_cfg(config_path, experiment, overrides)
+    problems = artifacts.unwritable(cfg)
+    if problems:
+        raise PermissionError("\n".join(problems))
     if not cfg.path(cfg.train_csv).exists() and cfg.path("") == ROOT / "inputs" / "digits":
         from .demo import write_digits
 

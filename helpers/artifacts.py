@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -39,14 +40,19 @@ import pandas as pd
 import yaml
 
 from .config import CFG, FIELDS, ROOT, cfg_from_dict, to_dict
-from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_text
+from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_text, read_table
 
 
 # --- roots ------------------------------------------------------------------------------------
+OUTPUT_ROOT_ENV = "HELPERS_OUTPUT_ROOT"  # set by the runner, so that its notebook kernels use its root
+
+
 def output_root() -> Path:
-    """Where relative output folders (models/, submissions/, .cache/) go: the repository, or,
-    when it is read-only (added to a Kaggle kernel as a dataset), /kaggle/working, else the
-    working directory."""
+    """Where relative output folders (models/, submissions/, .cache/) go: the runner's choice
+    when it started this process, else the repository, or, when it is read-only (added to a
+    Kaggle kernel as a dataset), /kaggle/working, else the working directory."""
+    if os.environ.get(OUTPUT_ROOT_ENV):
+        return Path(os.environ[OUTPUT_ROOT_ENV])
     if os.access(ROOT, os.W_OK):
         return ROOT
     kaggle = Path("/kaggle/working")
@@ -70,6 +76,22 @@ def exp_dir(cfg: CFG) -> Path:
 
 def cache_dir(cfg: CFG) -> Path:
     return under_root(cfg.cache_dir)
+
+
+def unwritable(cfg: CFG) -> list[str]:
+    """The output folders (models_dir, submissions_dir, cache_dir) this process cannot write,
+    each naming its key: found before any work, not after the first fold."""
+    problems = []
+    for key in ("models_dir", "submissions_dir", "cache_dir"):
+        folder = under_root(getattr(cfg, key))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            problems.append(f"config key '{key}': cannot write to {folder} ({e.strerror or type(e).__name__}); "
+                            f"point it at a writable folder")
+    return problems
 
 
 # --- layout -----------------------------------------------------------------------------------
@@ -142,6 +164,11 @@ def results_path(cfg: CFG) -> Path:
     return models_root(cfg) / "results.csv"
 
 
+def predictions_dir(name: str) -> Path:
+    """predictions/<name>: what the prediction CLI saves with --save."""
+    return under_root("predictions") / name
+
+
 # --- formats ----------------------------------------------------------------------------------
 def save_config(cfg: CFG, path: Path | None = None) -> Path:
     """The resolved config as YAML (models/<experiment>/config.yaml by default)."""
@@ -162,7 +189,7 @@ def write_folds(cfg: CFG, folds: pd.DataFrame) -> None:
 
 
 def read_folds(cfg: CFG) -> pd.DataFrame:
-    return pd.read_csv(folds_path(cfg))
+    return read_table(folds_path(cfg), cfg.id_col)
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
@@ -224,7 +251,7 @@ def write_predictions(cfg: CFG, kind: str, frame: pd.DataFrame, fold: int | None
 
 
 def read_predictions(cfg: CFG, kind: str, fold: int | None = None) -> pd.DataFrame:
-    return pd.read_csv(predictions_path(cfg, kind, fold))
+    return read_table(predictions_path(cfg, kind, fold), cfg.id_col)
 
 
 def save_logits(cfg: CFG, logits: np.ndarray | None, fold: int | None = None) -> None:
@@ -239,9 +266,17 @@ def write_score(cfg: CFG, score: dict) -> None:
     atomic_write_text(score_path(cfg), json.dumps(score, indent=1))
 
 
-def read_score(path: Path) -> dict:
-    """score.json of an experiment folder."""
-    return json.loads((Path(path) / "score.json").read_text())
+def read_score(folder: Path, missing_ok: bool = False) -> dict | None:
+    """score.json of an experiment folder (None when it has none and missing_ok)."""
+    path = Path(folder) / "score.json"
+    if missing_ok and not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def read_experiment(folder: Path, id_col: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(OOF predictions, test predictions) of an experiment folder (experiment_dirs)."""
+    return read_table(Path(folder) / "oof.csv", id_col), read_table(Path(folder) / "test.csv", id_col)
 
 
 def save_features(cfg: CFG, split: str, fold: int | None, array: np.ndarray) -> None:
@@ -517,7 +552,7 @@ def _stale(cfg: CFG, stage: str, fold: int | None) -> str | None:
             return f"{path.relative_to(folder.parent)} not made yet"
     path = stamp_path(cfg, stage, fold)
     if not path.exists():
-        return f"{name} has no record of what it was made from"
+        return "not made yet" if not OUTPUTS[stage] else f"{name} has no record of what it was made from"
     old = json.loads(path.read_text())["made_from"]
     new = json.loads(json.dumps(fingerprint(cfg, stage, fold), default=str))
     if old == new:

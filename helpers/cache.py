@@ -3,7 +3,7 @@ memory-mapped uint8 array [N, img_size, img_size, C], so later epochs and folds 
 
 A cache is keyed by its source files (path, size, mtime) and the image size and channels; a
 change of any makes a new one. It is filled through a temp file and a rename, so a killed
-fill never leaves a cache that looks complete. It is skipped (with a log line) when it would
+fill never leaves a cache that looks complete, and the next build removes what it left. It is skipped (with a log line) when it would
 not fit on disk.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import artifacts
 from .config import CFG
 from .data import read_image
-from .utils import atomic_path, atomic_write_text
+from .utils import atomic_write_text
 
 
 class ImageCache:
@@ -58,6 +58,21 @@ def resize_image(path: str, size: int, in_chans: int) -> np.ndarray:
     return out.reshape(size, size, in_chans)
 
 
+def remove_orphans(root: Path, logger: logging.Logger) -> None:
+    """Delete the half-built caches of processes that died building them (a SIGKILL leaves a
+    full-size file no one would ever remove)."""
+    for tmp in root.glob(".images_*.tmp"):
+        try:
+            pid = int(tmp.suffixes[-2].lstrip("."))
+            os.kill(pid, 0)  # raises when no such process is alive
+        except ProcessLookupError:
+            size = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+            logger.info(f"image cache: removed {tmp.name} ({size / 2**20:.0f} MiB) left by a killed build")
+        except (ValueError, IndexError, PermissionError, FileNotFoundError):
+            continue  # not ours, or a live process of another user
+
+
 def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = None, workers: int | None = None) -> ImageCache | None:
     """The cache of these images at cfg.img_size (built on first use); None when cfg.cache is
     off or the cache would not fit on disk."""
@@ -72,12 +87,14 @@ def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = Non
     file, meta = root / f"images_{key}.u8", root / f"images_{key}.json"
     if file.exists() and meta.exists():
         return ImageCache(file, paths, shape)
+    remove_orphans(root, logger)
     need = int(np.prod(shape))
     free = shutil.disk_usage(root).free
     if need * 1.1 + 2**30 > free:
         logger.info(f"image cache off: it needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free in {root}")
         return None
-    with atomic_path(file) as tmp:
+    tmp = root / f".images_{key}.{os.getpid()}.tmp"  # the builder's pid: a later build knows a dead one's file
+    try:
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
         with ThreadPoolExecutor(max_workers=workers or max(os.cpu_count() or 1, 1)) as pool:
             images = pool.map(lambda p: resize_image(p, cfg.img_size, cfg.in_chans), paths)
@@ -85,6 +102,9 @@ def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = Non
                 out[i] = img
         out.flush()
         del out
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_text(meta, json.dumps({"shape": shape, "source": str(Path(paths[0]).parent) if paths else ""}))
     logger.info(f"image cache: {len(paths)} images at {cfg.img_size}px in {file} ({need / 2**20:.0f} MiB)")
     return ImageCache(file, paths, shape)

@@ -23,9 +23,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import artifacts
-from .config import CFG, check_config, check_value, config_layers, parse_set
-from .data import DataError, column_problems, locate_images, missing_images, no_test_metadata, test_problems, train_problems
+from .config import CFG, experiment_names, parse_set, resolve
+from .data import (DataError, column_problems, get_classes, locate_images, missing_images, no_test_metadata, read_image, test_problems,
+                   train_problems, transform_problems)
 from .models import model_problems
+from .submission import submission_format
+from .utils import read_table
 
 
 def config_problems(path: str, experiment: str = "", overrides: dict | None = None) -> tuple[CFG | None, list[str]]:
@@ -33,32 +36,20 @@ def config_problems(path: str, experiment: str = "", overrides: dict | None = No
     returned keeps the good keys so that the data can still be checked (None when the file
     itself cannot be read: there is no data to check then)."""
     try:
-        layers = config_layers(path, experiment, overrides)
+        cfg, problems = resolve(path, experiment, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         return None, [str(e.args[0])]
-    problems, values = [], {}
-    for where, layer in layers:
-        for key, value in layer.items():
-            try:
-                values[key] = check_value(key, value)
-            except (KeyError, TypeError) as e:
-                problems.append(f"{where}: {e.args[0]}")
-    cfg = CFG(**values)
-    try:
-        check_config(cfg)
-    except ValueError as e:
-        problems.append(f"{path}: {e}")
-    return cfg, problems
+    return cfg, [f"{path}: {p}" for p in problems]
 
 
-def _csv(path: Path, what: str, problems: list[str]) -> pd.DataFrame | None:
+def _csv(path: Path, what: str, id_col: str, problems: list[str]) -> pd.DataFrame | None:
     if not path.exists():
         problems.append(f"{what} not found: {path}")
         return None
     try:
-        return pd.read_csv(path)
-    except Exception as e:  # noqa: BLE001 - any parse error is reported, not raised
-        problems.append(f"{path}: cannot be read as CSV ({e})")
+        return read_table(path, id_col)
+    except ValueError as e:  # not UTF-8, empty, malformed: reported with the others
+        problems.append(str(e))
         return None
 
 
@@ -68,16 +59,16 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     problems: list[str] = []
     frames = []
     train_path = cfg.path(cfg.train_csv)
-    train = _csv(train_path, "train CSV", problems)
+    train = _csv(train_path, "train CSV", cfg.id_col, problems)
     if train is not None:
         problems += train_problems(cfg, train, train_path)
         if cfg.id_col in train:
             frames.append(("train", train, train_path))
     sample_path, test_path = cfg.path(cfg.sample_submission), cfg.path(cfg.test_csv)
-    sample = _csv(sample_path, "sample submission", problems)
+    sample = _csv(sample_path, "sample submission", cfg.id_col, problems)
     if sample is not None:
         problems += column_problems(sample, sample_path, [cfg.id_col])
-    test = _csv(test_path, "test CSV", problems) if test_path.exists() else None
+    test = _csv(test_path, "test CSV", cfg.id_col, problems) if test_path.exists() else None
     if test is not None:
         problems += column_problems(test, test_path, [cfg.id_col, *cfg.metadata_cols])
     elif cfg.metadata_cols:
@@ -87,32 +78,44 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     if test is not None and cfg.id_col in test:
         problems += test_problems(cfg, test, test_path, sample, sample_path)
         frames.append(("test", test, test_path))
+    if sample is not None and train is not None and cfg.id_col in sample and cfg.target_col in train:
+        try:
+            submission_format(cfg, sample, get_classes(train.dropna(subset=[cfg.target_col]), cfg)
+                              if cfg.task == "classification" else None)
+        except ValueError as e:
+            problems.append(str(e))
     return problems, frames
 
 
-def image_problem(path: str) -> str | None:
-    """What is wrong with one image file, or None: zero bytes, unreadable header, truncated."""
+def image_problem(path: str) -> tuple[str | None, tuple]:
+    """(what is wrong with one image file or None, its (format, mode)): a broken link, zero
+    bytes, an unreadable header, a truncated file."""
     p = Path(path)
-    size = p.stat().st_size
+    try:
+        size = p.stat().st_size
+    except OSError as e:  # a link to nowhere, a file without read access
+        return f"cannot be opened ({'broken link' if p.is_symlink() else type(e).__name__})", ()
     if size == 0:
-        return "zero-byte file"
+        return "zero-byte file", ()
     try:
         with Image.open(p) as im:
-            im.size  # noqa: B018 - the header parse is the check
+            kind = (im.format, im.mode)
     except Exception as e:  # noqa: BLE001
-        return f"unreadable image ({type(e).__name__})"
+        return f"unreadable image ({type(e).__name__})", ()
     with open(p, "rb") as f:
         f.seek(max(size - 1024, 0))
         tail = f.read()
     suffix = p.suffix.lower()
     if suffix in (".jpg", ".jpeg") and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
+        return "truncated JPEG (no end-of-image marker)", kind
     if suffix == ".png" and b"IEND" not in tail:
-        return "truncated PNG (no IEND chunk)"
-    return None
+        return "truncated PNG (no IEND chunk)", kind
+    return None, kind
 
 
 def image_problems(cfg: CFG, frames: list[tuple[str, pd.DataFrame, Path]]) -> list[str]:
+    """Missing and broken image files (headers read), and one image of every format and mode
+    decoded by the reader training uses (helpers.data.read_image)."""
     problems = []
     for split, df, csv_path in frames:
         image_dir = cfg.path(cfg.image_dir_train if split == "train" else cfg.image_dir_test)
@@ -121,50 +124,93 @@ def image_problems(cfg: CFG, frames: list[tuple[str, pd.DataFrame, Path]]) -> li
             continue
         located = locate_images(df[cfg.id_col], image_dir, cfg.image_ext)
         problems += [f"{csv_path.name} {line}: image not found in {image_dir}" for _, line in missing_images(df[cfg.id_col], located)]
+        kinds: dict[tuple, tuple[int, str, str]] = {}
         for row, (value, (path, _)) in enumerate(tqdm(list(zip(df[cfg.id_col].astype(str), located)),
                                                       desc=f"check {split} images", mininterval=1.0, leave=False)):
-            if path is not None and (why := image_problem(path)) is not None:
+            if path is None:
+                continue
+            why, kind = image_problem(path)
+            if why is not None:
                 problems.append(f"{csv_path.name} row {row + 2} id={value}: {path}: {why}")
+            elif kind not in kinds:
+                kinds[kind] = (row, value, path)
+        for (fmt, mode), (row, value, path) in kinds.items():
+            try:
+                read_image(path, cfg.in_chans)
+            except Exception as e:  # noqa: BLE001 - reported, with the format and mode it stands for
+                problems.append(f"{csv_path.name} row {row + 2} id={value}: {path}: a {fmt} image in mode {mode} "
+                                f"that training cannot decode ({e})")
     return problems
 
 
 def check(cfg: CFG, images: bool = True) -> list[str]:
     """Every problem of the data and model settings of cfg (an empty list: all good)."""
     problems, frames = table_problems(cfg)
-    problems += model_problems(cfg)
+    problems += model_problems(cfg) + transform_problems(cfg)
     if images:
         problems += image_problems(cfg, frames)
     return problems
 
 
-def run_check(cfg: CFG, logger: logging.Logger | None = None) -> None:
-    """The check before training: raises DataError listing every problem. A pass is recorded
-    (helpers.artifacts) and not repeated while the data and the keys it reads are unchanged."""
+def check_all(cfgs: list[CFG], images: bool = True) -> list[str]:
+    """Every problem of every experiment: the data of experiments that share it checked once;
+    a model problem names its experiment when there are several."""
+    problems, seen = [], set()
+    for cfg in cfgs:
+        table, frames = table_problems(cfg)
+        problems += table
+        if images:
+            where = (cfg.id_col, cfg.image_ext, cfg.in_chans, *(str(cfg.path(x)) for x in (
+                cfg.train_csv, cfg.test_csv, cfg.sample_submission, cfg.image_dir_train, cfg.image_dir_test)))
+            if where not in seen:
+                seen.add(where)
+                problems += image_problems(cfg, frames)
+        prefix = f"experiments.{cfg.experiment}: " if len(cfgs) > 1 else ""
+        problems += [prefix + p for p in model_problems(cfg) + transform_problems(cfg)]
+    return list(dict.fromkeys(problems))
+
+
+def run_check(cfgs: CFG | list[CFG], logger: logging.Logger | None = None) -> None:
+    """The check before any work: raises DataError listing every problem of every experiment.
+    A pass is recorded (helpers.artifacts) and not repeated while the data and the keys it
+    reads are unchanged."""
     logger = logger or logging.getLogger("kaggle")
-    if artifacts.stale(cfg, "check") is None:
+    cfgs = [cfgs] if isinstance(cfgs, CFG) else cfgs
+    todo = [cfg for cfg in cfgs if artifacts.stale(cfg, "check")]
+    if not todo:
         logger.info("pre-flight check: passed before, data unchanged")
         return
-    problems = check(cfg)
+    problems = check_all(todo)
     if problems:
         raise DataError(f"pre-flight check found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    artifacts.record(cfg, "check")
+    for cfg in todo:
+        artifacts.record(cfg, "check")
     logger.info("pre-flight check: CSVs, images and model settings look right")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--experiment", default="", help="experiment of the YAML (default: the first)")
+    parser.add_argument("--experiment", default="", help="one experiment of the YAML (default: every one)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-images", action="store_true", help="skip reading the image headers")
     args = parser.parse_args(argv)
-    cfg, problems = config_problems(args.config, args.experiment, parse_set(args.set))
-    if cfg is not None:
-        problems += check(cfg, images=not args.no_images)
+    try:
+        names = [args.experiment] if args.experiment else experiment_names(args.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"1 problem(s):\n- {e}")
+        return 1
+    cfgs, problems = [], []
+    for name in names:
+        cfg, found = config_problems(args.config, name, parse_set(args.set))
+        problems += found
+        if cfg is not None:
+            cfgs.append(cfg)
+    problems = list(dict.fromkeys(problems + check_all(cfgs, images=not args.no_images)))
     if problems:
         print(f"{len(problems)} problem(s):", *problems, sep="\n- ")
         return 1
-    print(f"no problems found for {cfg.experiment} ({cfg.competition_dir})")
+    print(f"no problems found for {', '.join(c.experiment for c in cfgs)} ({cfgs[0].competition_dir})")
     return 0
 
 

@@ -259,52 +259,115 @@ def config_layers(path: str | Path | None, experiment: str = "", overrides: dict
     return layers
 
 
-def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: dict | None = None) -> CFG:
-    """Defaults <- YAML shared settings <- the experiment's own settings <- overrides.
-    The first unknown key or wrong type raises, naming the key."""
-    values = {key: check_value(key, value) for _, layer in config_layers(path, experiment, overrides) for key, value in layer.items()}
+def resolve(path: str | Path | None = None, experiment: str = "", overrides: dict | None = None) -> tuple[CFG, list[str]]:
+    """The config (defaults <- YAML shared settings <- the experiment's own <- overrides) and
+    every problem of its keys and values, each naming the key, as `experiments.<name>.<key>`
+    when the experiment's own settings hold it. Bad keys are left at their defaults."""
+    values, origin, problems = {}, {}, []
+    for where, layer in config_layers(path, experiment, overrides):
+        prefix = f"experiments.{where.rsplit('experiments.', 1)[1]}." if " experiments." in where else ""
+        for key, value in layer.items():
+            try:
+                values[key] = check_value(key, value)
+                origin[key] = prefix
+            except (KeyError, TypeError) as e:
+                problems.append(_qualify(str(e.args[0]), key, prefix))
     cfg = CFG(**values)
-    check_config(cfg)
+    problems += [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
+    return cfg, problems
+
+
+def _qualify(message: str, key: str, prefix: str) -> str:
+    return message.replace(f"'{key}'", f"'{prefix}{key}'", 1) if prefix else message
+
+
+def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: dict | None = None) -> CFG:
+    """Defaults <- YAML shared settings <- the experiment's own settings <- overrides. An
+    unknown key or a wrong type raises (KeyError, TypeError), bad values raise ValueError
+    listing every one; each names its key."""
+    values, origin = {}, {}
+    for where, layer in config_layers(path, experiment, overrides):
+        prefix = f"experiments.{where.rsplit('experiments.', 1)[1]}." if " experiments." in where else ""
+        for key, value in layer.items():
+            try:
+                values[key] = check_value(key, value)
+            except (KeyError, TypeError) as e:
+                raise type(e)(_qualify(str(e.args[0]), key, prefix)) from None
+            origin[key] = prefix
+    cfg = CFG(**values)
+    problems = [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
+    if problems:
+        raise ValueError("\n".join(problems))
     return cfg
 
 
 def check_config(cfg: CFG) -> None:
-    """Check values that have a fixed set of choices or a range, naming the key."""
+    """Raise ValueError listing every bad value of cfg, each naming its key."""
+    problems = [p for _, p in value_problems(cfg)]
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+CHOICES = {
+    "task": ("classification", "regression"),
+    "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
+    "arch": ARCHS,
+    "in_chans": (1, 3),
+    "augment": ("none", "light", "medium", "heavy"),
+    "loss": ("auto", "ce", "focal", "bce", "mse"),
+    "class_weights": ("", "balanced"),
+    "features_from": ("folds", "pretrained"),
+    "stacker": ("lgbm", "svr", "logistic"),
+    "ensemble_method": ("hill", "mean", "rank"),
+}
+# every count, rate and size, as an interval: '[' and ']' include the end, '(' and ')' do not
+RANGES = {
+    "n_folds": "[2, inf)", "n_bins": "[2, inf)", "seed": "[0, 4294967295]", "img_size": "[8, inf)",
+    "drop_rate": "[0, 1)", "batch_size": "[1, inf)", "epochs": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+    "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)", "grad_clip": "[0, inf)", "patience": "[1, inf)",
+    "label_smoothing": "[0, 1)", "focal_alpha": "(0, inf)", "focal_gamma": "[0, inf)", "layer_decay": "[0, 1]",
+    "grad_accum": "[1, inf)", "mixup_alpha": "[0, inf)", "cutmix_alpha": "[0, inf)", "mixup_prob": "[0, 1]",
+    "mixup_off_epoch": "[0, inf)", "ema_decay": "[0, 1)", "freeze_epochs": "[0, inf)", "backbone_lr_scale": "[0, inf)",
+    "drop_path": "[0, 1)", "sampling_ratio": "(0, 1]", "num_workers": "[0, inf)", "debug_rows": "[1, inf)",
+    "stack_pca": "[0, inf)", "stack_c": "(0, inf)", "ensemble_iters": "[1, inf)",
+}
+
+
+def _outside(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    below = value < low if interval[0] == "[" else value <= low
+    above = value > high if interval[-1] == "]" else value >= high
+    return below or above
+
+
+def value_problems(cfg: CFG) -> list[tuple[str, str]]:
+    """(key, problem) for every value of cfg out of its choices or range, or inconsistent."""
+    out = []
     if not cfg.competition_dir:
-        raise ValueError("config key 'competition_dir' is not set: point it at your competition's folder "
-                         "(its CSVs and images); the demo's config, configs/digits.yaml, uses inputs/digits")
-    choices = {
-        "task": ("classification", "regression"),
-        "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
-        "arch": ARCHS,
-        "augment": ("none", "light", "medium", "heavy"),
-        "loss": ("auto", "ce", "focal", "bce", "mse"),
-        "class_weights": ("", "balanced"),
-        "features_from": ("folds", "pretrained"),
-        "stacker": ("lgbm", "svr", "logistic"),
-        "ensemble_method": ("hill", "mean", "rank"),
-    }
-    for key, allowed in choices.items():
+        out.append(("competition_dir", "config key 'competition_dir' is not set: point it at your competition's folder "
+                                       "(its CSVs and images); the demo's config, configs/digits.yaml, uses inputs/digits"))
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"config key '{key}' must be one of {allowed}, got {getattr(cfg, key)!r}")
+            out.append((key, f"config key '{key}' must be one of {allowed}, got {getattr(cfg, key)!r}"))
+    for key, interval in RANGES.items():
+        if _outside(getattr(cfg, key), interval):
+            out.append((key, f"config key '{key}' must be in {interval.replace('inf', '∞')}, got {getattr(cfg, key)!r}"))
     if cfg.task == "regression" and cfg.metric != "rmse":
-        raise ValueError(f"config key 'metric': regression supports 'rmse', got {cfg.metric!r}")
+        out.append(("metric", f"config key 'metric': regression supports 'rmse', got {cfg.metric!r}"))
     bad_tta = [t for t in cfg.tta if t not in ("hflip", "vflip")]
     if bad_tta:
-        raise ValueError(f"config key 'tta' takes 'hflip' and 'vflip', got {bad_tta}")
-    if not 0 < cfg.sampling_ratio <= 1:
-        raise ValueError(f"config key 'sampling_ratio' must be in (0, 1], got {cfg.sampling_ratio}")
-    if cfg.grad_accum < 1:
-        raise ValueError(f"config key 'grad_accum' must be at least 1, got {cfg.grad_accum}")
+        out.append(("tta", f"config key 'tta' takes 'hflip' and 'vflip', got {bad_tta}"))
     if cfg.task == "regression" and (cfg.mixup_alpha or cfg.cutmix_alpha):
-        raise ValueError("config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix are for classification")
+        out.append(("mixup_alpha", "config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix are for classification"))
     if cfg.ensemble_method == "rank" and cfg.task == "regression":
-        raise ValueError("config key 'ensemble_method': rank averaging loses a regression target's scale; use 'hill' or 'mean'")
-    if cfg.n_folds < 2:
-        raise ValueError("config key 'n_folds' must be at least 2")
+        out.append(("ensemble_method", "config key 'ensemble_method': rank averaging loses a regression target's scale; "
+                                       "use 'hill' or 'mean'"))
+    if cfg.min_lr > cfg.lr:
+        out.append(("min_lr", f"config key 'min_lr' ({cfg.min_lr}) is above 'lr' ({cfg.lr})"))
     bad = [f for f in cfg.folds if not 0 <= f < cfg.n_folds]
     if bad:
-        raise ValueError(f"config key 'folds' has folds outside 0..{cfg.n_folds - 1}: {bad}")
+        out.append(("folds", f"config key 'folds' has folds outside 0..{cfg.n_folds - 1}: {bad}"))
+    return out
 
 
 def to_dict(cfg: CFG) -> dict:

@@ -14,11 +14,14 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import CFG
+from .utils import read_table
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")  # tried in this order, any letter case
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV's own threads only contend
+if hasattr(cv2, "setLogLevel"):
+    cv2.setLogLevel(2)  # errors only: a 32-bit TIFF that OpenCV refuses is read another way, without its warning
 
 
 # --- CSVs and their checks (the pre-flight report, helpers.check, runs the same ones) ---------
@@ -35,11 +38,12 @@ def column_problems(df: pd.DataFrame, path: Path, columns: list[str]) -> list[st
     return [f"{path}: missing column '{c}' (it has {list(df.columns)})" for c in dict.fromkeys(columns) if c and c not in df.columns]
 
 
-def read_csv(path: Path, required: list[str], what: str) -> pd.DataFrame:
-    """Read a CSV and check it has the required columns (an error names file and column)."""
+def read_csv(path: Path, required: list[str], what: str, id_col: str | None = None) -> pd.DataFrame:
+    """Read a CSV (its id column as text) and check it has the required columns (an error
+    names file and column)."""
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
-    df = pd.read_csv(path)
+    df = read_table(path, id_col)
     missing = column_problems(df, path, required)
     if missing:
         raise KeyError("; ".join(missing))
@@ -53,35 +57,59 @@ def class_count_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]
             f"lower n_folds or merge rare classes" for label, n in counts[counts < cfg.n_folds].items()]
 
 
+def id_problems(df: pd.DataFrame, id_col: str, path: Path) -> list[str]:
+    """Blank ids, and ids that appear more than once (by value, with their rows)."""
+    problems = []
+    ids = df[id_col].astype(str)
+    blank = ids.str.strip() == ""
+    if blank.any():
+        problems.append(f"{path}: {int(blank.sum())} blank id(s) in '{id_col}' (rows {_rows(blank)})")
+    dup = ids.duplicated(keep=False) & ~blank
+    if dup.any():
+        groups = [f"'{value}' on rows {_rows(ids == value, 4)}" for value in list(dict.fromkeys(ids[dup]))[:5]]
+        more = dup.groupby(ids).any().sum() - len(groups)
+        problems.append(f"{path}: {int(dup.sum())} rows share an id in '{id_col}': " + "; ".join(groups)
+                        + (f"; and {more} more ids" if more > 0 else ""))
+    return problems
+
+
 def train_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
-    """Every problem of train.csv's table: columns, rows, ids, the target."""
+    """Every problem of train.csv's table: columns, rows, ids, the target, the groups."""
     problems = column_problems(train, path, [cfg.id_col, cfg.target_col, *cfg.metadata_cols, cfg.group_col])
     if len(train) == 0:
-        problems.append(f"{path}: no rows")
+        return problems + [f"{path}: no rows"]
     if cfg.id_col in train:
-        dup = train[cfg.id_col].duplicated(keep=False)
-        if dup.any():
-            problems.append(f"{path}: {int(dup.sum())} rows share an id in '{cfg.id_col}' (rows {_rows(dup)})")
+        problems += id_problems(train, cfg.id_col, path)
     if cfg.target_col in train:
         nan = train[cfg.target_col].isna()
         if nan.any():
             problems.append(f"{path}: NaN in target column '{cfg.target_col}' (rows {_rows(nan)})")
         if cfg.task == "classification":
+            classes = train[cfg.target_col].dropna().unique()
+            if len(classes) == 1:
+                problems.append(f"{path}: target column '{cfg.target_col}' holds one class only ({classes[0]!r}): "
+                                f"there is nothing to classify (is target_col the right column?)")
             problems += class_count_problems(cfg, train, path)
         elif not pd.api.types.is_numeric_dtype(train[cfg.target_col]):
             problems.append(f"{path}: regression target '{cfg.target_col}' is not numeric")
+    if cfg.group_col and cfg.group_col in train:
+        nan = train[cfg.group_col].isna() | (train[cfg.group_col].astype(str).str.strip() == "")
+        if nan.any():
+            problems.append(f"{path}: group column '{cfg.group_col}' is empty on {int(nan.sum())} row(s) (rows {_rows(nan)}); "
+                            f"every row needs its group")
+        groups = train[cfg.group_col].dropna().nunique()
+        if groups < cfg.n_folds:
+            problems.append(f"{path}: group column '{cfg.group_col}' has {groups} group(s), fewer than n_folds={cfg.n_folds}")
     return problems
 
 
 def test_problems(cfg: CFG, test: pd.DataFrame, test_path: Path, sample: pd.DataFrame | None, sample_path: Path) -> list[str]:
-    """Problems of the test ids: none, duplicates, and ids that test.csv and sample_submission
-    do not share."""
+    """Problems of the test ids: none, blank or repeated ones, and ids that test.csv and
+    sample_submission do not share."""
     problems = []
     if len(test) == 0:
         problems.append(f"{test_path}: the test set is empty")
-    dup = test[cfg.id_col].duplicated(keep=False)
-    if dup.any():
-        problems.append(f"{test_path}: {int(dup.sum())} rows share an id in '{cfg.id_col}' (rows {_rows(dup)})")
+    problems += id_problems(test, cfg.id_col, test_path)
     if sample is not None and cfg.id_col in sample and test_path != sample_path:
         test_ids, sample_ids = set(test[cfg.id_col].astype(str)), set(sample[cfg.id_col].astype(str))
         if test_ids - sample_ids:
@@ -96,7 +124,7 @@ def read_train(cfg: CFG) -> pd.DataFrame:
     """train.csv with `path` (resolved image file) and `target` (class index or float) added."""
     path = cfg.path(cfg.train_csv)
     required = [cfg.id_col, cfg.target_col, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
-    df = read_csv(path, required, "train CSV")
+    df = read_csv(path, required, "train CSV", cfg.id_col)
     problems = train_problems(cfg, df, path)
     if problems:
         raise DataError("\n".join(problems))
@@ -121,14 +149,15 @@ def read_test(cfg: CFG) -> pd.DataFrame:
     """Test ids (from test.csv, else from sample_submission) with their image `path`."""
     test_path = cfg.path(cfg.test_csv)
     if test_path.exists():
-        df = read_csv(test_path, [cfg.id_col, *cfg.metadata_cols], "test CSV")
+        df = read_csv(test_path, [cfg.id_col, *cfg.metadata_cols], "test CSV", cfg.id_col)
     elif cfg.metadata_cols:
         raise FileNotFoundError(no_test_metadata(cfg))
     else:
         test_path = cfg.path(cfg.sample_submission)
-        df = read_csv(test_path, [cfg.id_col], "sample submission (no test CSV)")[[cfg.id_col]]
-    if len(df) == 0:
-        raise ValueError(f"{test_path}: the test set is empty")
+        df = read_csv(test_path, [cfg.id_col], "sample submission (no test CSV)", cfg.id_col)[[cfg.id_col]]
+    problems = test_problems(cfg, df, test_path, None, test_path)
+    if problems:
+        raise DataError("\n".join(problems))
     df["path"] = resolve_paths(df[cfg.id_col], cfg.path(cfg.image_dir_test), cfg.image_ext, test_path)
     return df.reset_index(drop=True)
 
@@ -140,7 +169,7 @@ def no_test_metadata(cfg: CFG) -> str:
 
 
 def read_sample_submission(cfg: CFG) -> pd.DataFrame:
-    return read_csv(cfg.path(cfg.sample_submission), [cfg.id_col], "sample submission")
+    return read_csv(cfg.path(cfg.sample_submission), [cfg.id_col], "sample submission", cfg.id_col)
 
 
 def get_classes(train: pd.DataFrame, cfg: CFG) -> list:
@@ -199,15 +228,74 @@ def missing_images(ids: pd.Series, located: list[tuple[str | None, list[str]]]) 
 # --- images --------------------------------------------------------------------------------
 def read_image(path: str, in_chans: int = 3) -> np.ndarray:
     """An image as uint8 HxWx3 RGB (or HxWx1 gray), whatever its mode: gray, RGBA, palette,
-    16-bit, CMYK; EXIF rotation applied. An unreadable file raises naming it."""
+    16-bit, CMYK, 32-bit float (values in [0, 1] are scaled by 255, others clipped to
+    [0, 255]); EXIF rotation applied. An unreadable file raises naming it."""
     flag = cv2.IMREAD_GRAYSCALE if in_chans == 1 else cv2.IMREAD_COLOR
     img = cv2.imread(str(path), flag)
+    if img is None:  # what OpenCV's 8-bit readers refuse (32-bit samples): read as stored, then convert
+        img = _as_uint8(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), in_chans)
+    if img is None:  # formats OpenCV does not read (GIF, ICO, ...): PIL
+        img = _pil_read(path, in_chans)
     if img is None:
         reason = "file not found" if not os.path.exists(path) else "empty file" if os.path.getsize(path) == 0 else "not a readable image"
         raise ValueError(f"cannot read image {path}: {reason}")
     if in_chans == 1:
         return img[:, :, None]
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _pil_read(path: str, in_chans: int) -> np.ndarray | None:
+    """An image through PIL (EXIF rotation applied) as 8-bit gray or BGR, or None."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return _as_uint8(np.asarray(im), in_chans)
+            return np.asarray(im.convert("L")) if in_chans == 1 else cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
+    except Exception:  # noqa: BLE001 - the caller says the file is not a readable image
+        return None
+
+
+def _as_uint8(img: np.ndarray | None, in_chans: int) -> np.ndarray | None:
+    """An image OpenCV read as stored (any depth, 1-4 channels, BGR order) as 8-bit gray or BGR."""
+    if img is None or img.ndim not in (2, 3):
+        return None
+    if img.dtype.kind == "f":
+        img = np.nan_to_num(img.astype(np.float32))
+        img = np.clip(img * 255.0 if img.max() <= 1.0 else img, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = (img.astype(np.float64) * 255.0 / np.iinfo(img.dtype).max).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if in_chans == 1:
+        return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 or img.shape[2] == 1 else img
+
+
+def read_thumbnail(path: str, max_side: int = 256) -> np.ndarray:
+    """A small RGB copy of an image for looking at (grids): JPEGs are decoded at reduced size
+    (PIL's draft mode), so a 12000 px photo costs a few MB, not gigabytes. 16-bit and float
+    images go through read_image. An unreadable file raises ValueError naming it."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGB", "L", "RGBA", "P", "CMYK", "LA", "1"):
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2 .. 1/8 scale
+                im = ImageOps.exif_transpose(im)
+                im.thumbnail((max_side, max_side))
+                return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - read_image below names the file and the reason
+        if not isinstance(e, (OSError, ValueError, SyntaxError)):
+            raise
+    img = read_image(path)
+    scale = max_side / max(img.shape[:2])
+    if scale < 1:
+        img = cv2.resize(img, (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))),
+                         interpolation=cv2.INTER_AREA)
+    return img
 
 
 def image_header(path: str) -> dict:
@@ -274,6 +362,18 @@ def _pipeline(cfg: CFG) -> list | None:
     if not cfg.augment_pipeline:
         return None
     return list(A.from_dict(_with_default_p(cfg.augment_pipeline)).transforms)
+
+
+def transform_problems(cfg: CFG) -> list[str]:
+    """What is wrong with cfg.augment_pipeline (an unknown transform, a bad argument), found
+    before training instead of at its first batch."""
+    if not cfg.augment_pipeline:
+        return []
+    try:
+        create_transforms(cfg, train=True)
+    except Exception as e:  # noqa: BLE001 - albumentations raises many kinds; all are reported
+        return [f"config key 'augment_pipeline' cannot be built: {type(e).__name__}: {e}"]
+    return []
 
 
 def input_stats(cfg: CFG) -> tuple[tuple, tuple, float]:

@@ -42,7 +42,7 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Colle
     experiments, ref_oof, ref_test, ref_y = [], None, None, None
     for d in found:
         name = d.name
-        oof, test = pd.read_csv(d / "oof.csv"), pd.read_csv(d / "test.csv")
+        oof, test = artifacts.read_experiment(d, cfg.id_col)
         cols = [c for c in oof.columns if c.startswith("prob_")] or ["pred"]
         if ref_oof is None:
             ref_oof, ref_test, ref_cols = oof[[cfg.id_col, cfg.target_col, "fold"]].copy(), test[[cfg.id_col]].copy(), cols
@@ -111,6 +111,9 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
     'mean': equal weights. 'rank': equal-weight average of per-column ranks (classification).
     Returns weights, in_sample, held_out, oof and test (the blended predictions)."""
     oofs, tests = [e.oof for e in experiments], [e.test for e in experiments]
+    if method == "hill" and len(np.unique(folds)) < 2:
+        raise ValueError(f"hill climbing judges its weights on held-out folds, and the OOF rows come from fold "
+                         f"{np.unique(folds).tolist()} only: train at least two folds, or use ensemble_method 'mean'")
     if method == "rank":
         oofs = [rank_transform(p) for p in oofs]
         tests = [rank_transform(p) for p in tests]
@@ -155,15 +158,42 @@ def correlation(experiments: list[Experiment]) -> pd.DataFrame:
     return pd.DataFrame({e.name: e.oof.ravel() for e in experiments}).corr()
 
 
-def run_ensemble(cfg: CFG, logger: logging.Logger | None = None) -> dict:
+def unfinished(members: list[CFG]) -> list[str]:
+    """What keeps each experiment of the config out of the ensemble: folds not trained (or
+    out of date), stacking not done, each with the command that does it."""
+    problems = []
+    for m in members:
+        waiting = [k for k in m.fold_ids if artifacts.stale(m, "train", k) or artifacts.stale(m, "test", k)]
+        if waiting and m.features_from == "folds":
+            problems.append(f"experiment '{m.experiment}': folds {waiting} of {m.fold_ids} are not trained (or out of date); "
+                            f"train them: python -m helpers.pipeline --config <config> --experiments {m.experiment} "
+                            f"--stages 02_train --set folds={waiting} (or ensemble fewer folds with folds=[...])")
+        stacker = artifacts.exp_dir(artifacts.stack_cfg(m))
+        made = (stacker / "score.json").exists()
+        if (made or m.features_from == "pretrained") and (why := artifacts.stale(m, "stacking")):
+            problems.append(f"experiment '{m.experiment}': its stacker {stacker.name} is "
+                            f"{'out of date (' + why + ')' if made else 'not made'}; run 03_features and 04_stacking for it"
+                            + (f" or delete {stacker}" if made else ""))
+    return problems
+
+
+def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[CFG] | None = None) -> dict:
     """05_ensemble's work: collect, blend (cfg.ensemble_method), the results table, the
     submission (checked, then written) and its local LB score, the ensemble's score.json.
-    Returns what the notebook shows: collection, result, weights, results, correlation,
-    submission, local_lb, paths."""
+    `members`, the config's experiments, must be finished first (an error says what is
+    missing and how to make it). Returns what the notebook shows: collection, result,
+    weights, results, correlation, submission, local_lb, paths."""
     from .data import read_train
     from .submission import classes_of, create_submission, local_lb, write_submission
+    from .train import finalize_experiment
 
     logger = logger or logging.getLogger("kaggle")
+    for m in members or [cfg]:
+        if m.features_from == "folds":
+            finalize_experiment(m, logger)  # the experiment's OOF once its folds are done (kept if up to date)
+    problems = unfinished(members or [cfg])
+    if problems:
+        raise RuntimeError("the ensemble needs every experiment of the config finished:\n  " + "\n  ".join(problems))
     made_from = artifacts.fingerprint(cfg, "ensemble")
     collection = collect_experiments(cfg, logger)
     experiments = collection.experiments

@@ -77,7 +77,7 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
             add("02_train", cfg, f"02_train_fold{k}", name, fold=k)
         add("03_features", cfg, "03_features", name)
         add("04_stacking", cfg, "04_stacking", name)
-    add("05_ensemble", cfgs[0], "05_ensemble", names[0])
+    add("05_ensemble", cfgs[0], "05_ensemble", names[0], experiments=names)
     return jobs
 
 
@@ -184,9 +184,9 @@ def summary(cfgs: list[CFG]) -> str:
     seen = set()
     for cfg in cfgs:
         for folder in (artifacts.exp_dir(cfg), artifacts.exp_dir(artifacts.stack_cfg(cfg))):
-            if (folder / "score.json").exists() and folder not in seen:
+            s = artifacts.read_score(folder, missing_ok=True)
+            if s is not None and folder not in seen:
                 seen.add(folder)
-                s = artifacts.read_score(folder)
                 lines.append(f"{s['experiment']:<34} {s['metric']:<9} {s['cv']:>9.5f} {s['cv_mean']:>11.5f} ± {s['cv_std']:.5f}")
     s = artifacts.read_ensemble_score(cfgs[0])
     if s is not None:
@@ -216,8 +216,33 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    previous = os.environ.get(artifacts.OUTPUT_ROOT_ENV)
+    os.environ[artifacts.OUTPUT_ROOT_ENV] = str(artifacts.output_root())  # the notebooks' kernels write where we read
+    try:
+        return run(args, jobs)
+    finally:
+        if previous is None:
+            os.environ.pop(artifacts.OUTPUT_ROOT_ENV, None)
+        else:
+            os.environ[artifacts.OUTPUT_ROOT_ENV] = previous
+
+
+def run(args: argparse.Namespace, jobs: list[Job]) -> int:
+    """The checks before any work, then every job that is not up to date, in order."""
     gpus = [str(g) for g in range(args.gpus)] if args.gpus is not None else visible_gpus()
     start = time.perf_counter()
+    cfgs = list({job.cfg.experiment: job.cfg for job in jobs}.values())
+    if not args.dry_run:
+        problems = [p for cfg in cfgs for p in artifacts.unwritable(cfg)]
+        try:
+            from .check import run_check
+
+            if problems:
+                raise PermissionError("\n  ".join(dict.fromkeys(problems)))
+            run_check(cfgs)
+        except (PermissionError, ValueError, KeyError, FileNotFoundError) as e:  # DataError is a ValueError
+            print(f"nothing ran: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
     ran = False  # a stage ran (or would run): the ensemble, made from every experiment, runs too
     pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
 
@@ -256,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dry_run:
         return 0
-    cfgs = {job.cfg.experiment: job.cfg for job in jobs}
     print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
-    print(summary([c for c in cfgs.values()]))
+    print(summary(cfgs))
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .data import read_image
+from .data import read_thumbnail
 from .utils import save_figure
 
 
@@ -27,7 +27,7 @@ def image_grid(paths: list[str], titles: list[str], path=None, cols: int = 8):
         ax.axis("off")
     for ax, image, title in zip(axes.ravel(), paths, titles):
         try:
-            ax.imshow(read_image(image))
+            ax.imshow(read_thumbnail(image))
         except ValueError:  # an unreadable file gets its tile, named, instead of stopping the plot
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", color="red", transform=ax.transAxes)
             title = f"{Path(image).name}\n{title}"

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_to_csv(table, args.out)
     if args.save:
-        folder = artifacts.under_root("predictions") / f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}"
+        folder = artifacts.predictions_dir(f"{predictor.cfg.experiment}_{datetime.now():%Y%m%d_%H%M%S}")
         atomic_to_csv(table, folder / "predictions.csv")
         atomic_write_text(folder / "summary.json", json.dumps({"experiment": predictor.cfg.experiment, "items": len(table),
                                                               "failed": int((table["label"] == "ERROR").sum())}, indent=1))

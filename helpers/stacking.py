@@ -46,9 +46,10 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
     logger = logger or logging.getLogger("kaggle")
     device = get_device(cfg.device)
     parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids
-    todo = [k for k in parts if cfg.retrain or artifacts.stale(cfg, "features", k)]
-    for k in set(parts) - set(todo):
-        logger.info(f"{artifacts.output_name('features', k)}: up to date")
+    why = {k: "retrain is set" if cfg.retrain else artifacts.stale(cfg, "features", k) for k in parts}
+    todo = [k for k in parts if why[k]]
+    for k in parts:
+        logger.info(f"{artifacts.output_name('features', k)}: {why[k] or 'up to date'}")
     if not todo:
         return
     train_loader = create_loader(cfg, folds, train=False, cache=create_cache(cfg, folds["path"].tolist(), logger))
@@ -206,7 +207,7 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
         test_preds.append(_predict(model, X_test, cfg, n_classes))
         logger.info(f"{cfg.stacker} stacker fold {k}: {X_trn.shape[1]} features" + (f", {trees} trees" if trees else ""))
     oof = pd.concat(oof_parts, ignore_index=True)
-    artifacts.save_config(out_cfg, artifacts.exp_dir(out_cfg) / "config.yaml")
+    artifacts.save_config(out_cfg)
     artifacts.write_predictions(out_cfg, "test", artifacts.frame_predictions(test[cfg.id_col], np.mean(test_preds, axis=0), cfg, classes))
     artifacts.write_predictions(out_cfg, "oof", oof)
     importance = None

@@ -24,11 +24,37 @@ def positive_probability(cfg: CFG, sample: pd.DataFrame, classes: list | None) -
             and (cfg.metric == "roc_auc" or pd.api.types.is_float_dtype(sample[value_cols[0]])))
 
 
+def submission_format(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> str:
+    """What sample_submission asks for: 'value' (regression), 'positive' (a binary task's
+    positive-class probability), 'classes' (one probability column per class: the columns must
+    be the training classes, else an error names the classes that differ) or 'label'."""
+    where = cfg.path(cfg.sample_submission)
+    value_cols = [c for c in sample.columns if c != cfg.id_col]
+    if not value_cols:
+        raise ValueError(f"{where}: no column besides the id column '{cfg.id_col}'")
+    if cfg.task == "regression":
+        return "value"
+    if positive_probability(cfg, sample, classes):
+        return "positive"
+    if len(value_cols) == 1:
+        return "label"
+    names = [str(c) for c in classes]
+    extra = [c for c in value_cols if str(c) not in names]
+    missing = [c for c in classes if str(c) not in map(str, value_cols)]
+    if extra or missing:
+        raise ValueError(f"{where} has one probability column per class, but its columns are not the classes of "
+                         f"'{cfg.target_col}' in the training data: "
+                         + "; ".join(filter(None, [f"column(s) {extra} name no training class" if extra else "",
+                                                   f"class(es) {missing} have no column" if missing else ""])))
+    return "classes"
+
+
 def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classes: list | None) -> pd.DataFrame:
-    """The submission in sample_submission's shape: same ids, order and columns, labels decoded
-    (or one probability column per class when sample_submission has them, or the positive
-    class's probability for a binary ROC AUC competition), no NaN."""
+    """The submission in sample_submission's shape (submission_format): same ids, order and
+    columns; labels decoded, one probability per class, the positive class's probability, or
+    the regression value; no NaN."""
     sample = read_sample_submission(cfg)
+    kind = submission_format(cfg, sample, classes)
     pred = pd.DataFrame(test_pred, index=test_ids.astype(str).to_numpy())
     missing = set(sample[cfg.id_col].astype(str)) - set(pred.index)
     if missing:
@@ -36,12 +62,12 @@ def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, clas
     pred = pred.loc[sample[cfg.id_col].astype(str)].to_numpy()
     sub = sample.copy()
     value_cols = [c for c in sample.columns if c != cfg.id_col]
-    if cfg.task == "regression":
+    if kind == "value":
         sub[value_cols[0]] = pred[:, 0]
-    elif positive_probability(cfg, sample, classes):
+    elif kind == "positive":
         sub[value_cols[0]] = pred[:, 1]
-    elif classes is not None and len(value_cols) == len(classes) and set(map(str, value_cols)) == set(map(str, classes)):
-        for c in value_cols:  # one probability column per class
+    elif kind == "classes":
+        for c in value_cols:
             sub[c] = pred[:, [str(k) for k in classes].index(str(c))]
     else:
         target = cfg.target_col if cfg.target_col in sample.columns else value_cols[0]
@@ -55,7 +81,7 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
     path = cfg.path(cfg.solution_csv)
     if not path.exists():
         return None
-    solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution")
+    solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution", cfg.id_col)
     solution = solution[[cfg.id_col, cfg.target_col]].rename(columns={cfg.target_col: "__true"})
     merged = solution.merge(submission, on=cfg.id_col)
     if cfg.task == "regression":
@@ -87,7 +113,8 @@ def check_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> None:
     nan = sub.columns[sub.isna().any()].tolist()
     if nan:
         raise ValueError(f"submission has NaN in column(s) {nan}")
-    probability = positive_probability(cfg, sample, classes)
+    kind = submission_format(cfg, sample, classes)
+    probability = kind in ("positive", "classes")
     for col in sub.columns.drop(cfg.id_col):
         values = sub[col]
         if probability and not (pd.api.types.is_numeric_dtype(values) and values.between(0, 1).all()):

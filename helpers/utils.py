@@ -1,5 +1,5 @@
-"""Small utilities: seeding, an idempotent logger, a timer, the device, and atomic writes (a
-killed run never leaves half a file behind)."""
+"""Small utilities: seeding, an idempotent logger, a timer, the device, reading CSVs with their
+ids as text, and atomic writes (a killed run never leaves half a file behind)."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +13,34 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+
+# --- reading CSVs ------------------------------------------------------------------------
+# pandas' default missing-value markers, kept for every column but the id column
+NA_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+
+
+def read_table(path: str | Path, id_col: str | None = None):
+    """A CSV with its id column read as text: '0007' stays '0007' (not 7), 'NA' stays 'NA' and a
+    blank id is ''. An unreadable file (not UTF-8, empty, malformed) raises naming it."""
+    import pandas as pd
+
+    try:
+        if id_col is None:
+            return pd.read_csv(path, encoding="utf-8-sig")
+        columns = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+        if id_col not in columns:
+            return pd.read_csv(path, encoding="utf-8-sig")
+        return pd.read_csv(path, encoding="utf-8-sig", dtype={id_col: str}, keep_default_na=False,
+                           na_values={c: NA_VALUES for c in columns if c != id_col})
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                         f"save the file as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: the file is empty (no header row)") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: cannot be read as CSV ({str(e).strip()})") from None
 
 
 # --- atomic writes ----------------------------------------------------------------------

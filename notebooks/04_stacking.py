@@ -59,7 +59,7 @@ if result["importance"] is not None:  # LightGBM: gain per feature, metadata in 
 
 # %%
 rows = [{"model": stacker.experiment, "cv": result["cv"], "cv_mean": result["cv_mean"], "cv_std": result["cv_std"]}]
-if artifacts.score_path(cfg).exists():  # absent when the embeddings come from a frozen pretrained backbone
-    cnn = artifacts.read_score(artifacts.exp_dir(cfg))
+cnn = artifacts.read_score(artifacts.exp_dir(cfg), missing_ok=True)  # none with a frozen pretrained backbone
+if cnn is not None:
     rows.insert(0, {"model": cfg.experiment, "cv": cnn["cv"], "cv_mean": cnn["cv_mean"], "cv_std": cnn["cv_std"]})
 display(pd.DataFrame(rows).set_index("model").round(5))

