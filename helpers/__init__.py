@@ -14,8 +14,9 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     """Resolve the config (YAML + overrides), seed everything, open the experiment's logger
     and save the config snapshot. Builds the demo competition on first use."""
     from . import artifacts
-    from .utils import get_logger, seed_everything
+    from .utils import check_versions, get_logger, seed_everything
 
+    check_versions()
     cfg = load_cfg(config_path, experiment, overrides)
     problems = artifacts.unwritable(cfg)
     if problems:

@@ -74,16 +74,22 @@ def exp_dir(cfg: CFG) -> Path:
     return models_root(cfg) / cfg.experiment
 
 
+KAGGLE_SCRATCH = Path("/kaggle/temp")  # a Kaggle kernel's scratch space: not kept, not counted in its output
+
+
 def cache_dir(cfg: CFG) -> Path:
-    return under_root(cfg.cache_dir)
+    """cfg.cache_dir; '' means Kaggle's scratch space in a kernel, else .cache/ under the output root."""
+    if cfg.cache_dir:
+        return under_root(cfg.cache_dir)
+    return KAGGLE_SCRATCH / "cache" if KAGGLE_SCRATCH.is_dir() else under_root(".cache")
 
 
 def unwritable(cfg: CFG) -> list[str]:
     """The output folders (models_dir, submissions_dir, cache_dir) this process cannot write,
     each naming its key: found before any work, not after the first fold."""
     problems = []
-    for key in ("models_dir", "submissions_dir", "cache_dir"):
-        folder = under_root(getattr(cfg, key))
+    for key, folder in (("models_dir", models_root(cfg)), ("submissions_dir", under_root(cfg.submissions_dir)),
+                        ("cache_dir", cache_dir(cfg))):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
@@ -206,11 +212,9 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def checkpoint_config(ckpt: dict) -> CFG:
-    """The config a checkpoint's weights were trained with, ready to rebuild the model (no
-    download: the weights are in the checkpoint)."""
-    cfg = cfg_from_dict(ckpt["cfg"])
-    cfg.pretrained, cfg.pretrained_path = False, ""
-    return cfg
+    """The config a checkpoint's weights were trained with (its `pretrained` says which
+    preprocessing they expect; helpers.train.load_model builds the model without download)."""
+    return cfg_from_dict(ckpt["cfg"])
 
 
 def write_metrics(cfg: CFG, fold: int, history: list[dict]) -> None:
@@ -418,7 +422,7 @@ def competition_digest(cfg: CFG) -> str:
 RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
                       "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
                       "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
-                      "submission_name"})
+                      "submission_name", "keep_last"})
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")

@@ -36,7 +36,8 @@ from .config import CFG
 from .data import ImageDataset, create_transforms
 from .losses import create_criterion
 from .models import create_model
-from .train import create_loader, train_one_epoch
+from .train import create_loader, create_scaler, train_one_epoch
+from .utils import precision
 
 
 def _sync(device: torch.device) -> None:
@@ -59,7 +60,7 @@ def plain_epoch(model, loader, optimizer, device) -> None:
 def train_loop_ratio(repeats: int, device: torch.device) -> tuple[float, float, float]:
     """(ours img/s, plain img/s, ratio): medians over alternating repeats."""
     # grad_clip off: clipping is work the plain loop does not do, not loop overhead
-    cfg = CFG(arch="timm", model_name="resnet18", img_size=64, batch_size=32, epochs=10, warmup_epochs=0, amp=False, grad_clip=0)
+    cfg = CFG(arch="timm", model_name="resnet18", img_size=64, batch_size=32, epochs=10, warmup_epochs=0, amp_dtype="fp32", grad_clip=0)
     n = cfg.batch_size * 12
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=gen), torch.randint(0, 10, (n,), generator=gen))
@@ -133,12 +134,37 @@ def cache_and_decode(n_images: int, workers: list[int]) -> dict:
     return out
 
 
+def feed_rates(n_images: int = 512, passes: int = 3) -> dict[str, float]:
+    """Images/s that one CPU core feeds a GPU for each augment preset: 224 px images from the
+    decoded-image cache through the preset's transforms and ToTensorV2 (a DataLoader worker's
+    whole job), no model. Goals: light >= 3000, medium >= 1000, heavy >= 500."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp) / "jpg", n_images)
+        base = CFG(img_size=224, hflip=True, cache_dir=str(Path(tmp) / "cache"))
+        cache = create_cache(base, paths, workers=1)
+        for preset in ("light", "medium", "heavy"):
+            dataset = ImageDataset(paths, None, create_transforms(replace(base, augment=preset), train=True), 3, cache)
+            dataset.transform.set_random_seed(0)
+            for i in range(min(64, n_images)):  # warm-up
+                dataset[i]
+            times = []
+            for _ in range(passes):
+                start = time.perf_counter()
+                for i in range(n_images):
+                    dataset[i]
+                times.append(time.perf_counter() - start)
+            out[preset] = n_images / statistics.median(times)
+    return out
+
+
 def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
     """efficientnet_b0 at 224 px on CUDA: train images/s in fp32 NCHW vs AMP + channels_last."""
     device = torch.device("cuda")
     rows = []
-    for amp, channels_last in ((False, False), (True, False), (True, True)):
-        cfg = CFG(arch="timm", model_name="efficientnet_b0", img_size=224, batch_size=128, amp=amp, channels_last=channels_last, warmup_epochs=0)
+    for amp_dtype, channels_last in (("fp32", False), ("auto", False), ("auto", True)):
+        cfg = CFG(arch="timm", model_name="efficientnet_b0", img_size=224, batch_size=128, amp_dtype=amp_dtype,
+                  channels_last=channels_last, warmup_epochs=0)
         model = create_model(cfg, 1000).to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(memory_format=fmt)
@@ -147,8 +173,8 @@ def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
         data = [(x, y)] * steps
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=10, step_on_epochs=False, updates_per_epoch=steps)
-        bf16 = torch.cuda.is_bf16_supported()
-        scaler = torch.amp.GradScaler("cuda", enabled=amp and not bf16)
+        dtype, _ = precision(cfg.amp_dtype, device)
+        scaler = create_scaler(cfg, device)
         criterion = create_criterion(cfg, np.arange(1000), 1000).to(device)
         train_one_epoch(model, data[:5], criterion, optimizer, scheduler, scaler, cfg, device, 0)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -156,7 +182,7 @@ def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
         train_one_epoch(model, data, criterion, optimizer, scheduler, scaler, cfg, device, 0)
         end.record()
         torch.cuda.synchronize()
-        label = "fp32 NCHW" if not amp else f"AMP {'bf16' if bf16 else 'fp16'}{' + channels_last' if channels_last else ''}"
+        label = "fp32 NCHW" if dtype is None else f"AMP {str(dtype).split('.')[-1]}{' + channels_last' if channels_last else ''}"
         rows.append((label, steps * cfg.batch_size / (start.elapsed_time(end) / 1000)))
     return rows
 
@@ -171,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu")
     ours, plain, ratio = train_loop_ratio(args.repeats, device)
     io = cache_and_decode(args.images, sorted({0, args.workers}))
+    feed = feed_rates()
     print(f"{'benchmark':<52} {'value':>12}")
     print(f"{'train loop (train_one_epoch), resnet18 64px, CPU':<52} {ours:>9.1f} img/s")
     print(f"{'plain PyTorch loop, same model and data':<52} {plain:>9.1f} img/s")
@@ -179,11 +206,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{f'epoch, {args.images} x 512px JPEG -> 224, {w} workers, no cache':<52} {no_cache:>11.2f}s")
         print(f"{f'epoch, same pipeline, {w} workers, with cache':<52} {with_cache:>11.2f}s   x{no_cache / with_cache:.2f}")
     print(f"{'decode + resize + augment, one worker':<52} {io['decode']:>9.1f} img/s")
+    for preset, goal in (("light", 3000), ("medium", 1000), ("heavy", 500)):
+        print(f"{f'feed per core, 224px from cache, {preset} (goal {goal})':<52} {feed[preset]:>9.1f} img/s")
     if args.gpu:
         for label, value in gpu_throughput():
             print(f"{'efficientnet_b0 224px ' + label:<48} {value:>9.1f} img/s")
     no_cache, with_cache = io["epochs"][0]  # the pipeline itself, without worker start-up and IPC
-    print(f"train_loop_ratio={ratio:.3f} cache_speedup={no_cache / with_cache:.2f} decode_img_per_s={io['decode']:.1f}")
+    print(f"train_loop_ratio={ratio:.3f} cache_speedup={no_cache / with_cache:.2f} decode_img_per_s={io['decode']:.1f} "
+          f"feed_light={feed['light']:.0f} feed_medium={feed['medium']:.0f} feed_heavy={feed['heavy']:.0f}")
 
 
 if __name__ == "__main__":

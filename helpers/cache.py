@@ -15,13 +15,13 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
+import albumentations as A
 import numpy as np
 from tqdm import tqdm
 
 from . import artifacts
 from .config import CFG
-from .data import read_image
+from .data import create_resize, read_image
 from .utils import atomic_write_text
 
 
@@ -51,11 +51,11 @@ class ImageCache:
         return np.array(self.array[row])  # a writable copy: transforms may work in place
 
 
-def resize_image(path: str, size: int, in_chans: int) -> np.ndarray:
-    """Decoded and resized exactly as A.Resize (bilinear) would: cached and uncached batches,
-    and so training and inference, see the same pixels."""
-    out = cv2.resize(read_image(path, in_chans), (size, size), interpolation=cv2.INTER_LINEAR)
-    return out.reshape(size, size, in_chans)
+def resize_image(path: str, resize: A.Resize, in_chans: int) -> np.ndarray:
+    """Decoded and resized by the loaders' own Resize (helpers.data.create_resize): cached and
+    uncached batches, and so training and inference, see the same pixels."""
+    out = resize(image=read_image(path, in_chans))["image"]
+    return out.reshape(resize.height, resize.width, in_chans)
 
 
 def remove_orphans(root: Path, logger: logging.Logger) -> None:
@@ -83,7 +83,8 @@ def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = Non
     shape = (len(paths), cfg.img_size, cfg.img_size, cfg.in_chans)
     root = artifacts.cache_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    key = f"{artifacts.paths_digest(paths)}_{cfg.img_size}_{cfg.in_chans}"
+    resize = create_resize(cfg)
+    key = f"{artifacts.paths_digest(paths)}_{cfg.img_size}_{cfg.in_chans}_{resize.interpolation}"
     file, meta = root / f"images_{key}.u8", root / f"images_{key}.json"
     if file.exists() and meta.exists():
         return ImageCache(file, paths, shape)
@@ -97,7 +98,7 @@ def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = Non
     try:
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
         with ThreadPoolExecutor(max_workers=workers or max(os.cpu_count() or 1, 1)) as pool:
-            images = pool.map(lambda p: resize_image(p, cfg.img_size, cfg.in_chans), paths)
+            images = pool.map(lambda p: resize_image(p, resize, cfg.in_chans), paths)
             for i, img in enumerate(tqdm(images, total=len(paths), desc=f"caching images at {cfg.img_size}px", mininterval=1.0)):
                 out[i] = img
         out.flush()

@@ -100,11 +100,12 @@ class CFG:
     compile: bool = False  # torch.compile the model
     sampling_ratio: float = 1.0  # train on this share of each fold's training rows
     cache: bool = True  # decoded-image cache: images resized once to img_size, memory-mapped uint8
-    cache_dir: str = ".cache"  # where the cache lives (relative to the repository root)
+    cache_dir: str = ""  # where the cache lives; '' = /kaggle/temp in a Kaggle kernel (scratch, not in the 20 GB of output), else .cache/
+    keep_last: bool = False  # keep a finished fold's last.pt (optimizer and EMA state); off: its best weights only
     wandb: bool = False  # log epochs to Weights & Biases (offline when there is no API key)
     wandb_project: str = "kaggle-images"  # W&B project name
     num_workers: int = 2  # DataLoader worker processes
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    amp_dtype: str = "auto"  # mixed precision on CUDA: 'auto' (bf16 on compute capability >= 8.0, else fp16 + GradScaler) | 'bf16' | 'fp16' | 'fp32' (off)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
     debug: bool = False  # tiny data, 1 epoch: check the whole path quickly
@@ -141,7 +142,7 @@ _HINTS = typing.get_type_hints(CFG)
 
 # names the Kaggle "CFG notebook" and other trainers use for our keys, for the hint of an unknown key
 KNOWN_AS = {"learning_rate": "lr", "size": "img_size", "image_size": "img_size", "model": "model_name",
-            "n_fold": "n_folds", "num_folds": "n_folds", "trn_fold": "folds", "epoch": "epochs", "apex": "amp",
+            "n_fold": "n_folds", "num_folds": "n_folds", "trn_fold": "folds", "epoch": "epochs", "apex": "amp_dtype",
             "max_grad_norm": "grad_clip", "gradient_accumulation_steps": "grad_accum", "target": "target_col",
             "num_epochs": "epochs", "bs": "batch_size", "wd": "weight_decay", "smoothing": "label_smoothing",
             "workers": "num_workers", "model_arch": "model_name", "train_bs": "batch_size"}
@@ -152,6 +153,9 @@ MOVED = {**{k: "model_kwargs" for k in ("patch_size", "patch_channels", "feature
          "lgbm_n_estimators": "lgbm_params.n_estimators", "lgbm_learning_rate": "lgbm_params.learning_rate",
          "lgbm_num_leaves": "lgbm_params.num_leaves", "lgbm_feature_fraction": "lgbm_params.colsample_bytree",
          "lgbm_early_stopping": "lgbm_params.early_stopping_round"}
+
+
+RENAMED = {"amp": "amp_dtype (auto | bf16 | fp16 | fp32; amp: false is amp_dtype: fp32)"}
 
 
 def moved_message(key: str) -> str:
@@ -165,6 +169,8 @@ def check_value(key: str, value: Any) -> Any:
     """Coerce a value to the field's type, or raise naming the key."""
     if key in MOVED:
         raise KeyError(moved_message(key))
+    if key in RENAMED:
+        raise KeyError(f"config key '{key}' is now {RENAMED[key]}")
     if key not in FIELDS:
         close = ([KNOWN_AS[key.lower()]] if key.lower() in KNOWN_AS else []) + difflib.get_close_matches(key, FIELDS, n=3)
         close = list(dict.fromkeys(close))[:3]
@@ -313,6 +319,7 @@ CHOICES = {
     "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
     "arch": ARCHS,
     "in_chans": (1, 3),
+    "amp_dtype": ("auto", "bf16", "fp16", "fp32"),
     "augment": ("none", "light", "medium", "heavy"),
     "loss": ("auto", "ce", "focal", "bce", "mse"),
     "class_weights": ("", "balanced"),
@@ -378,6 +385,8 @@ def cfg_from_dict(data: dict) -> CFG:
     """A CFG from a saved mapping (a checkpoint's or a snapshot's config). Keys that have
     moved since it was saved are carried to their new place."""
     data = dict(data)
+    if "amp" in data:
+        data["amp_dtype"] = "auto" if data.pop("amp") else "fp32"
     for key in [k for k in data if k in MOVED]:
         parent, _, name = MOVED[key].partition(".")
         value = data.pop(key)

@@ -3,6 +3,7 @@ for regression, (Stratified)GroupKFold when `group_col` is set. Saved as folds.c
 whenever what they were made from (train.csv, n_folds, seed, group_col, n_bins, ...) changed."""
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
@@ -33,8 +34,10 @@ def create_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
         groups = train[cfg.group_col].to_numpy()
         if cfg.task == "classification":
             splitter = StratifiedGroupKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
-        else:
+        elif "shuffle" in inspect.signature(GroupKFold).parameters:
             splitter = GroupKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
+        else:  # scikit-learn < 1.6: groups are dealt by size, without a seed
+            splitter = GroupKFold(n_splits=cfg.n_folds)
         splits = splitter.split(train, y, groups)
     else:
         splits = StratifiedKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed).split(train, y)

@@ -9,11 +9,14 @@ keys); `model_problems` checks them before anything trains.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
+import warnings
 from pathlib import Path
 
 import timm
 import torch
+from timm.data import resolve_data_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,6 +29,8 @@ class TimmModel(nn.Module):
     def __init__(self, cfg: CFG, num_outputs: int):
         super().__init__()
         kwargs = dict(cfg.model_kwargs, pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans)
+        if timm.is_model(cfg.model_name) and takes_img_size(cfg.model_name):
+            kwargs.setdefault("img_size", cfg.img_size)  # timm resizes the position embeddings to it
         if cfg.drop_path:
             kwargs["drop_path_rate"] = cfg.drop_path
         if cfg.pretrained and cfg.pretrained_path:
@@ -220,6 +225,29 @@ assert tuple(MODELS) == ARCHS, "helpers.config.ARCHS must list the registry's ke
 def create_model(cfg: CFG, num_outputs: int) -> nn.Module:
     """The model cfg.arch names, with num_outputs outputs (classes, or 1 for regression)."""
     return MODELS[cfg.arch](cfg, num_outputs)
+
+
+@functools.lru_cache(maxsize=32)
+def _timm_pretrained_cfg(name: str) -> dict:
+    """A timm model's pretrained_cfg (mean, std, interpolation, input size), from a copy built
+    on the meta device: no weights, no download, deprecated names resolved as timm does."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
+
+
+def pretrained_data_config(cfg: CFG) -> dict | None:
+    """The preprocessing a pretrained timm model was trained with (timm.data.resolve_data_config
+    of its pretrained_cfg: mean, std, interpolation), or None for the hybrid model and for
+    pretrained: false (those use the documented default, ImageNet's statistics, bilinear)."""
+    if cfg.arch != "timm" or not cfg.pretrained or not timm.is_model(cfg.model_name):
+        return None
+    return resolve_data_config(pretrained_cfg=_timm_pretrained_cfg(cfg.model_name))
+
+
+def takes_img_size(name: str) -> bool:
+    """Models whose input size is built in (ViT, Swin, EVA, ...): they are given img_size."""
+    return bool(_timm_pretrained_cfg(name).get("fixed_input_size"))
 
 
 def unknown_model(name: str) -> str:

@@ -136,9 +136,32 @@ def _failure(job: Job, fallback: str) -> NotebookFailed:
     return NotebookFailed(f"notebook {job.stage}.ipynb failed ({job.label}): {fallback[-2000:]}")
 
 
+def prepare_folds(cfgs: list[CFG]) -> None:
+    """Before folds run side by side: build each experiment's image caches once, here, rather
+    than in every fold process at the same time."""
+    from .cache import create_cache
+    from .data import read_test, read_train
+
+    for cfg in cfgs:
+        if cfg.cache:
+            create_cache(cfg, read_train(cfg)["path"].tolist())
+            create_cache(cfg, read_test(cfg)["path"].tolist())
+
+
+def share_workers(job: Job, processes: int) -> Job:
+    """The job with DataLoader workers divided among the processes running side by side (the
+    machine's cores are shared: 4 on a Kaggle kernel for 2 GPUs)."""
+    per_process = max(1, (os.cpu_count() or 1) // processes)
+    workers = min(job.cfg.num_workers, per_process)
+    params = {**job.parameters, "overrides": {**job.parameters.get("overrides", {}), "num_workers": workers}}
+    return Job(job.stage, job.cfg, params, job.output)
+
+
 def execute_on_gpus(jobs: list[Job], gpus: list[str]) -> list[float]:
     """Run jobs (the folds of 02_train) at once, one per GPU: each a papermill process that
-    sees only its GPU (CUDA_VISIBLE_DEVICES). Returns their times; raises on the first failure."""
+    sees only its GPU (CUDA_VISIBLE_DEVICES) and its share of the CPU cores for DataLoader
+    workers. Returns their times; raises on the first failure."""
+    jobs = [share_workers(job, min(len(gpus), len(jobs))) for job in jobs]
     import queue
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +188,19 @@ def execute_on_gpus(jobs: list[Job], gpus: list[str]) -> list[float]:
 
     with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
         return list(pool.map(run, jobs))
+
+
+def choose_gpus(count: int | None) -> list[str]:
+    """The GPUs to run folds on: the first `count` of those CUDA_VISIBLE_DEVICES lets this
+    process see (all of them by default). Without CUDA, `count` processes that see no GPU."""
+    visible = visible_gpus()
+    if count is None:
+        return visible
+    if not visible:
+        return [str(g) for g in range(count)]
+    if count > len(visible):
+        raise ValueError(f"--gpus {count}: only {len(visible)} GPU(s) are visible ({', '.join(visible)})")
+    return visible[:count]
 
 
 def visible_gpus() -> list[str]:
@@ -208,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list what would run and why, run nothing")
     parser.add_argument("--gpus", type=int, help="train folds in parallel on this many GPUs (default: every visible GPU)")
     args = parser.parse_args(argv)
+    from .utils import version_problems
+
+    if version_problems():
+        print("\n".join(version_problems()), file=sys.stderr)
+        return 2
     try:
         overrides = parse_set(args.set)
         if args.force:
@@ -229,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, jobs: list[Job]) -> int:
     """The checks before any work, then every job that is not up to date, in order."""
-    gpus = [str(g) for g in range(args.gpus)] if args.gpus is not None else visible_gpus()
+    try:
+        gpus = choose_gpus(args.gpus)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     cfgs = list({job.cfg.experiment: job.cfg for job in jobs}.values())
     if not args.dry_run:
@@ -240,6 +285,8 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             if problems:
                 raise PermissionError("\n  ".join(dict.fromkeys(problems)))
             run_check(cfgs)
+            if len(gpus) > 1 and any(job.stage == "02_train" and stale(job) for job in jobs):
+                prepare_folds(cfgs)
         except (PermissionError, ValueError, KeyError, FileNotFoundError) as e:  # DataError is a ValueError
             print(f"nothing ran: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2

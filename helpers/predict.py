@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from . import artifacts
 from .config import CFG
-from .data import create_transforms, input_stats, read_image
+from .data import InputNorm, create_transforms, input_stats, read_image
 from .losses import TargetScale
-from .train import load_model, model_input, predict_batch
+from .train import load_model, predict_batch
 from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
 
 
@@ -62,7 +62,8 @@ class Predictor:
     def __init__(self, cfg: CFG, models: list[torch.nn.Module], classes: list | None, scale: TargetScale | None,
                  device: torch.device, logger: logging.Logger | None = None):
         self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
-        self.transform = create_transforms(cfg, train=False)
+        self.transform = create_transforms(cfg, train=False)  # the model's own preprocessing, from its checkpoint's config
+        self.norm = InputNorm(input_stats(cfg), device, cfg.channels_last)
         self.logger = logger or get_logger("kaggle.predict")
 
     @classmethod
@@ -99,12 +100,11 @@ class Predictor:
         workers = self.cfg.num_workers if len(items) > 4 * self.cfg.batch_size else 0
         loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=_collate, pin_memory=self.device.type == "cuda")
-        stats = input_stats(self.cfg)
         for images, index, failed in tqdm(loader, desc="predict", disable=not progress, mininterval=1.0):
             errors.update(failed)
             if not len(index):
                 continue
-            images = model_input(images, self.cfg, self.device, stats)
+            images = self.norm(images)
             preds = sum(predict_batch(m, images, self.cfg, self.device, self.scale)[0].float() for m in self.models)
             out[index] = (preds / len(self.models)).cpu().numpy().reshape(len(index), width)
         return out, errors

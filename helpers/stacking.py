@@ -9,6 +9,7 @@ No row's stacker prediction comes from a model that saw the row. With features_f
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -127,7 +128,10 @@ def _fit_lgbm(cfg: CFG, X_trn, y_trn, X_val, y_val, n_classes: int):
     rounds = params.pop("early_stopping_round")
     model = lgb.LGBMRegressor(**params) if cfg.task == "regression" else lgb.LGBMClassifier(**params)
     present = np.unique(y_trn).astype(int)
-    model.fit(X_trn, y_trn, eval_X=(X_val,), eval_y=(y_val,), eval_metric=_metric_eval(cfg, present, n_classes),
+    # LightGBM 4.6 names the validation data eval_X/eval_y; older 4.x (Kaggle's image lags) eval_set
+    evals = ({"eval_X": (X_val,), "eval_y": (y_val,)} if "eval_X" in inspect.signature(model.fit).parameters
+             else {"eval_set": [(X_val, y_val)]})
+    model.fit(X_trn, y_trn, **evals, eval_metric=_metric_eval(cfg, present, n_classes),
               callbacks=[lgb.early_stopping(rounds, verbose=False)] if rounds else [])
     importance = pd.Series(model.booster_.feature_importance("gain"), index=X_trn.columns)
     return model, importance, model.best_iteration_ or params["n_estimators"]

@@ -12,6 +12,7 @@ A fold is trained again only when what it is made from changed (helpers.artifact
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -31,11 +32,11 @@ from tqdm import tqdm
 from . import artifacts
 from .cache import create_cache
 from .config import CFG, to_dict
-from .data import ImageDataset, create_transforms, get_classes, input_stats, to_model_input
+from .data import EpochSampler, ImageDataset, InputNorm, create_transforms, device_augment, get_classes, input_stats
 from .losses import TargetScale, create_criterion, loss_kind
 from .metrics import get_score, is_better
 from .models import create_model
-from .utils import get_device, seed_everything
+from .utils import get_device, precision, seed_everything, setup_device
 
 HEAD_PREFIXES = ("head.", "classifier.")  # parameters of the head; the rest is the backbone
 
@@ -44,36 +45,36 @@ def num_outputs(cfg: CFG, classes: list | None) -> int:
     return 1 if cfg.task == "regression" else len(classes)
 
 
-def _worker_init(worker_id: int) -> None:
-    """Each DataLoader worker gets its own augmentation stream, derived from the loader's seed."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
 def create_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=None) -> DataLoader:
-    """A DataLoader over df's images; train loaders shuffle and augment, reproducibly per `seed`."""
+    """A DataLoader over df's images, built once per fold (persistent workers). A training
+    loader shuffles and augments from the seed of its EpochSampler: `loader.sampler.set_epoch`
+    before each epoch gives that epoch's order and augmentations, the same in a resumed run."""
     targets = df["target"].to_numpy() if "target" in df else None
     dataset = ImageDataset(df["path"].tolist(), targets, create_transforms(cfg, train), cfg.in_chans, cache)
-    dataset.transform.set_random_seed(seed)  # used as is when num_workers == 0
+    sampler = EpochSampler(len(dataset), shuffle=train)
+    sampler.set_epoch(seed)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=train,
+        sampler=sampler,
         drop_last=train and len(dataset) > cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=cfg.num_workers > 0,
     )
 
 
 def autocast(cfg: CFG, device: torch.device):
-    """bf16 autocast on CUDA where supported, fp16 otherwise; off on CPU/MPS or with amp off."""
-    if not (cfg.amp and device.type == "cuda"):
+    """Autocast in the dtype helpers.utils.precision decides (none on CPU/MPS or with fp32)."""
+    dtype, _ = precision(cfg.amp_dtype, device)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def create_scaler(cfg: CFG, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only where helpers.utils.precision says fp16 needs one."""
+    return torch.amp.GradScaler(device.type, enabled=precision(cfg.amp_dtype, device)[1])
 
 
 def param_groups(model: nn.Module, cfg: CFG) -> list[dict]:
@@ -96,9 +97,15 @@ def param_groups(model: nn.Module, cfg: CFG) -> list[dict]:
         head = [(n, p) for n, p in model.named_parameters() if n.startswith(HEAD_PREFIXES)]
     for g in groups:
         g["lr_scale"] = g.get("lr_scale", 1.0) * cfg.backbone_lr_scale
+        g["backbone"] = True
     groups += [{"params": [p for _, p in head if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                {"params": [p for _, p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]
     return [g for g in groups if g["params"]]
+
+
+def epoch_updates(batches: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of this many batches (the last partial accumulation counts)."""
+    return max(-(-batches // grad_accum), 1)
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
@@ -122,19 +129,24 @@ def to_predictions(outputs: torch.Tensor, cfg: CFG, scale: TargetScale | None) -
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg: CFG, device, epoch: int,
                     scale: TargetScale | None = None, mixup: Mixup | None = None, ema: ModelEmaV3 | None = None,
-                    step_model: nn.Module | None = None) -> float:
+                    step_model: nn.Module | None = None, norm: InputNorm | None = None, frozen: bool = False,
+                    warm_backbone: bool = False) -> float:
     """One pass over the training data; returns the mean loss. `step_model` is the module
     that runs the forward pass (the torch.compile'd model), `model` the one whose weights
-    are clipped and averaged."""
+    are clipped and averaged. Nothing in a step waits for the device (the loss is summed
+    there and read once, at the end). `frozen`: the backbone's BatchNorm layers stay in eval
+    mode; `warm_backbone`: its LR ramps up over this epoch (the first after unfreezing)."""
     step_model = step_model if step_model is not None else model
     model.train()
+    if frozen:
+        freeze_batchnorm(model)
+    norm = norm or InputNorm(input_stats(cfg), device, cfg.channels_last)
     total = torch.zeros((), device=device)
     count, accum = 0, cfg.grad_accum
-    updates = epoch * (len(loader) // accum)
-    stats = input_stats(cfg)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
-    for step, (images, targets) in enumerate(bar, 1):
-        images = model_input(images, cfg, device, stats)
+    steps = epoch_updates(len(loader), accum)
+    updates = epoch * steps
+    for step, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0), 1):
+        images = norm(images)
         targets = loss_targets(targets.to(device, non_blocking=True), cfg, scale)
         if mixup is not None:
             images, targets = mixup(images, targets.long())
@@ -151,26 +163,30 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
             scaler.update()
             updates += 1
             scheduler.step_update(updates)
+            if warm_backbone:  # the first epoch after unfreezing: the backbone's LR from ~0 up to its schedule
+                ramp = min(1.0, (updates - epoch * steps) / steps)
+                for g in optimizer.param_groups:
+                    if g.get("backbone"):
+                        g["lr"] *= ramp
             if ema is not None:
                 ema.update(model, step=updates)
         total += loss.detach() * len(images)
         count += len(images)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{total.item() / count:.4f}", refresh=False)
     return total.item() / max(count, 1)
 
 
-def model_input(images: torch.Tensor, cfg: CFG, device, stats: tuple | None = None) -> torch.Tensor:
-    """A loader's batch on the device, normalised, in the configured memory format."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    images = to_model_input(images.to(device, non_blocking=True), stats or input_stats(cfg))
-    return images.contiguous(memory_format=memory_format)
+def freeze_batchnorm(model: nn.Module) -> None:
+    """The backbone's normalisation layers in eval mode: a frozen backbone keeps its running
+    statistics too (model.train() would let them drift on the new data)."""
+    for name, module in model.named_modules():
+        if not name.startswith(HEAD_PREFIXES) and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 @torch.no_grad()
 def predict_batch(model, images: torch.Tensor, cfg: CFG, device, scale: TargetScale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions averaged over the cfg.tta flips, raw outputs of the unflipped images) of a
-    batch already on the device (model_input)."""
+    batch already on the device (InputNorm)."""
     with autocast(cfg, device):
         out = model(images)
         preds = to_predictions(out, cfg, scale)
@@ -180,32 +196,36 @@ def predict_batch(model, images: torch.Tensor, cfg: CFG, device, scale: TargetSc
 
 
 @torch.no_grad()
-def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = False, scale: TargetScale | None = None):
+def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = False, scale: TargetScale | None = None,
+            norm: InputNorm | None = None):
     """Predictions (probabilities / values, averaged over cfg.tta flips), or embeddings with
     features=True. With a criterion, also the mean loss and the raw outputs (logits) of the
-    unflipped images: (preds, loss, logits)."""
+    unflipped images: (preds, loss, logits). Results stay on the device until the end."""
     model.eval()
-    outs, logits, total, count = [], [], 0.0, 0
-    stats = input_stats(cfg)
+    norm = norm or InputNorm(input_stats(cfg), device, cfg.channels_last)
+    outs, logits, total, count = [], [], torch.zeros((), device=device), 0
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
-        images = model_input(images, cfg, device, stats)
+        images = norm(images)
         if features:
             with autocast(cfg, device):
-                outs.append(model.features(images).float().cpu())
+                outs.append(model.features(images).float().to("cpu", non_blocking=True))
             continue
         preds, out = predict_batch(model, images, cfg, device, scale)
         if criterion is not None:
-            total += criterion(out.float(), loss_targets(targets.to(device), cfg, scale)).item() * len(images)
+            total += criterion(out.float(), loss_targets(targets.to(device, non_blocking=True), cfg, scale)) * len(images)
             count += len(images)
-            logits.append(out.float().cpu())
-        outs.append(preds.cpu())
-    preds = torch.cat(outs).numpy()
-    return (preds, total / max(count, 1), torch.cat(logits).numpy()) if criterion is not None else preds
+            logits.append(out.float())
+        outs.append(preds.float())
+    preds = torch.cat(outs).cpu().numpy()
+    if criterion is None:
+        return preds
+    return preds, total.item() / max(count, 1), torch.cat(logits).cpu().numpy()
 
 
-def validate(model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale: TargetScale | None = None):
+def validate(model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale: TargetScale | None = None,
+             norm: InputNorm | None = None):
     """Validation loss, metric, predictions and logits."""
-    preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale)
+    preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale, norm=norm)
     return loss, get_score(cfg.metric, targets, preds), preds, logits
 
 
@@ -246,6 +266,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     made_from = artifacts.fingerprint(cfg, "train", fold)
 
     device = get_device(cfg.device)
+    setup_device(device)
     classes = get_classes(folds, cfg) if cfg.task == "classification" else None
     scale = TargetScale(folds["target"].min(), folds["target"].max()) if cfg.task == "regression" else None
     train_df = folds[folds["fold"] != fold].reset_index(drop=True)
@@ -260,19 +281,26 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
+    norm = InputNorm(input_stats(cfg), device, cfg.channels_last)  # built once, constants on the device
+    train_norm = InputNorm(input_stats(cfg), device, cfg.channels_last, augment=device_augment(cfg))
     criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out).to(device)
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(len(train_df) // cfg.batch_size // cfg.grad_accum, 1)
+    train_cache = create_cache(cfg, folds["path"].tolist(), logger)
+    train_loader = create_loader(cfg, train_df, train=True, cache=train_cache)  # once per fold: workers persist
+    valid_loader = create_loader(cfg, valid_df, train=False, cache=train_cache)
+    steps = epoch_updates(len(train_loader), cfg.grad_accum)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.scheduler, num_epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
                                        min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    scaler = create_scaler(cfg, device)
+    # EMA with timm's warm-up: its decay grows with the steps taken, so the EMA that is validated
+    # and saved follows the model early on instead of averaging in the untrained weights
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    eval_model = ema.module if ema is not None else model
+    eval_step = torch.compile(eval_model) if cfg.compile else eval_model
     mixup = None
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
                       label_smoothing=cfg.label_smoothing, num_classes=n_out)
-    train_cache = create_cache(cfg, folds["path"].tolist(), logger)
-    valid_loader = create_loader(cfg, valid_df, train=False, cache=train_cache)
 
     state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_preds": None,
              "best_logits": None}
@@ -300,17 +328,22 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         start = time.perf_counter()
         epoch_seed = cfg.seed * 1000 + fold * 100 + epoch
         seed_everything(epoch_seed)  # every epoch's randomness from its own seed: a resumed run matches
-        set_backbone_trainable(model, epoch >= cfg.freeze_epochs)
-        train_loader = create_loader(cfg, train_df, train=True, seed=epoch_seed, cache=train_cache)
+        frozen = epoch < cfg.freeze_epochs
+        set_backbone_trainable(model, not frozen)
+        train_loader.sampler.set_epoch(epoch_seed)
         mix = mixup if mixup is not None and not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch) else None
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch,
-                                     scale, mix, ema, step_model)
+                                     scale, mix, ema, step_model, train_norm, frozen=frozen,
+                                     warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs)
         scheduler.step(epoch + 1)
-        eval_model = ema.module if ema is not None else model
-        valid_loss, score, preds, logits = validate(eval_model, valid_loader, criterion, cfg, device, valid_targets, scale)
+        valid_loss, score, preds, logits = validate(eval_step, valid_loader, criterion, cfg, device, valid_targets, scale, norm)
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_loss": round(valid_loss, 6),
                "metric": round(score, 6), "lr": max(g["lr"] for g in optimizer.param_groups),
-               "time_s": round(time.perf_counter() - start, 2), "mem_MiB": round(_memory_mib(device), 1)}
+               "time_s": 0.0, "mem_MiB": round(_memory_mib(device), 1)}
+        if ema is not None:  # the raw weights' score too: is the EMA helping?
+            _, raw_score, _, _ = validate(step_model, valid_loader, criterion, cfg, device, valid_targets, scale, norm)
+            row.update(metric_raw=round(raw_score, 6), metric_ema=round(score, 6), ema_decay=round(ema.get_decay(steps * (epoch + 1)), 6))
+        row["time_s"] = round(time.perf_counter() - start, 2)
         state["history"].append(row)
         improved = is_better(cfg.metric, score, state["best_score"])
         if improved:
@@ -340,6 +373,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     best = artifacts.load_checkpoint(best_path)
     best["history"] = state["history"]
     artifacts.save_checkpoint(best, best_path)
+    if not cfg.keep_last:  # a finished fold keeps its best weights only: optimizer and EMA state are many MB
+        last_path.unlink(missing_ok=True)
     artifacts.save_logits(cfg, state.get("best_logits"), fold)  # None (resumed from a last.pt without them): no stale file
     artifacts.write_predictions(cfg, "oof", oof, fold)
     artifacts.record(cfg, "train", fold, made_from)  # last: from now on the fold counts as done
@@ -352,7 +387,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
 def load_model(ckpt: dict, device) -> nn.Module:
     """The model a checkpoint describes (its own config), with its weights, ready for inference."""
     model_cfg = artifacts.checkpoint_config(ckpt)
-    model = create_model(model_cfg, num_outputs(model_cfg, ckpt["classes"]))
+    no_download = dataclasses.replace(model_cfg, pretrained=False, pretrained_path="")  # the weights are in ckpt
+    model = create_model(no_download, num_outputs(model_cfg, ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     if model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

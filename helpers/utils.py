@@ -15,6 +15,52 @@ from typing import Callable, Iterator
 import numpy as np
 
 
+# --- library versions --------------------------------------------------------------------
+# the oldest releases this code works with (Kaggle's image lags PyPI); older ones fail at
+# start with the version they need, not in the middle of a run
+MIN_VERSIONS = {"torch": "2.3", "timm": "1.0", "albumentations": "2.0.0", "lightgbm": "4.0", "scikit-learn": "1.2",
+                "pandas": "2.0", "numpy": "1.24", "opencv-python-headless|opencv-python|opencv-contrib-python": "4.8"}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """'2.14.1+cu130' -> (2, 14, 1); '1.0.0rc1' -> (1, 0, 0): the release numbers only."""
+    import re
+
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        match = re.match(r"\d+", piece)
+        if not match:
+            break
+        parts.append(int(match.group()))
+        if match.end() < len(piece):
+            break
+    return tuple(parts)
+
+
+def version_problems() -> list[str]:
+    """Installed libraries older than MIN_VERSIONS, each with the command that fixes it."""
+    from importlib import metadata
+
+    problems = []
+    for names, need in MIN_VERSIONS.items():
+        for name in names.split("|"):
+            try:
+                have = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+            if _version_tuple(have) < _version_tuple(need):
+                problems.append(f"{name} {have} is older than {need}, the oldest release helpers works with: "
+                                f"pip install -U '{name}>={need}'")
+            break
+    return problems
+
+
+def check_versions() -> None:
+    problems = version_problems()
+    if problems:
+        raise ImportError("\n".join(problems))
+
+
 # --- reading CSVs ------------------------------------------------------------------------
 # pandas' default missing-value markers, kept for every column but the id column
 NA_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
@@ -100,6 +146,38 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def precision(amp_dtype: str, device) -> tuple[object, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed): the one place that
+    decides. On CUDA, 'auto' is bf16 where the card computes it natively (compute capability
+    8.0+: A100, H100, RTX 30xx/40xx) and fp16 with a GradScaler elsewhere (T4, P100, V100:
+    `torch.cuda.is_bf16_supported()` also counts emulation, which cuDNN convolutions lack).
+    Off CUDA, or with 'fp32', no autocast. An explicit 'bf16' on an older card is an error."""
+    import torch
+
+    if amp_dtype == "fp32" or getattr(device, "type", str(device)) != "cuda":
+        return None, False
+    major, _ = torch.cuda.get_device_capability(device)
+    if amp_dtype == "bf16" and major < 8:
+        raise ValueError(f"config key 'amp_dtype': bf16 needs compute capability 8.0+ (this GPU, "
+                         f"{torch.cuda.get_device_name(device)}, has {major}.x); use 'auto' or 'fp16'")
+    if amp_dtype == "bf16" or (amp_dtype == "auto" and major >= 8):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def setup_device(device) -> None:
+    """Fast defaults for a CUDA card: cuDNN picks the fastest kernels for the fixed input
+    size, and matmuls/convolutions use TF32 on Ampere and later (float32 ones only)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def get_device(name: str = "auto"):

@@ -154,7 +154,7 @@ def test_unknown_key_in_yaml_names_it(tmp_path):
 
 
 @pytest.mark.parametrize("name, ours", [("learning_rate", "lr"), ("size", "img_size"), ("n_fold", "n_folds"),
-                                        ("trn_fold", "folds"), ("apex", "amp"), ("gradient_accumulation_steps", "grad_accum")])
+                                        ("trn_fold", "folds"), ("apex", "amp_dtype"), ("gradient_accumulation_steps", "grad_accum")])
 def test_unknown_key_from_a_kaggle_cfg_notebook_suggests_ours(name, ours):
     with pytest.raises(KeyError, match=f"did you mean {ours}\\b"):
         load_cfg(overrides={"competition_dir": "comp", name: 1})

@@ -52,7 +52,7 @@ def test_runner_runs_every_notebook(tiny_run):
         d = models / exp
         assert (d / "config.yaml").exists() and (d / "folds.csv").exists()
         for k in (0, 1):
-            assert (d / f"fold{k}" / "best.pt").exists() and (d / f"fold{k}" / "last.pt").exists()
+            assert (d / f"fold{k}" / "best.pt").exists() and not (d / f"fold{k}" / "last.pt").exists()  # best weights only
             lines = (d / f"fold{k}" / "metrics.jsonl").read_text().splitlines()
             assert set(json.loads(lines[0])) == {"epoch", "train_loss", "valid_loss", "metric", "lr", "time_s", "mem_MiB"}
         oof = pd.read_csv(d / "oof.csv")
@@ -110,7 +110,7 @@ def test_a_killed_fold_is_redone_and_nothing_made_from_it_changes(tiny_run, caps
     (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").unlink()
     assert pipeline.main(["--config", str(tmp / "tiny.yaml")]) == 0
     out = capsys.readouterr().out
-    assert ran(out) == ["02_train fold 1 [tiny_cnn]"]  # resumed from last.pt: the same model, so nothing downstream
+    assert ran(out) == ["02_train fold 1 [tiny_cnn]"]  # made from the same things: nothing downstream is redone
     assert "oof_fold1.csv not made yet" in out
     assert (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").exists()
     assert (tmp / "submissions" / "submission.csv").exists()

@@ -17,7 +17,7 @@ import yaml
 from helpers import artifacts
 from helpers.cache import create_cache, resize_image
 from helpers.config import CFG, ROOT, load_cfg
-from helpers.data import create_transforms, input_stats, read_train, to_model_input
+from helpers.data import InputNorm, create_resize, create_transforms, input_stats, read_train
 from helpers.folds import get_folds
 from helpers.losses import FocalLoss, SoftCrossEntropy, TargetScale, create_criterion
 from helpers.models import create_model
@@ -86,7 +86,7 @@ def test_switch_trains(name, comp, tmp_path):
 
 
 def test_ema_weights_are_validated_and_checkpointed(comp, tmp_path):
-    cfg = tiny_cfg(comp, tmp_path, ema=True, ema_decay=0.9, epochs=2)
+    cfg = tiny_cfg(comp, tmp_path, ema=True, ema_decay=0.9, epochs=2, keep_last=True)
     run(cfg)
     last = torch.load(artifacts.exp_dir(cfg) / "fold0" / "last.pt", weights_only=False)
     best = torch.load(artifacts.exp_dir(cfg) / "fold0" / "best.pt", weights_only=False)
@@ -117,6 +117,9 @@ def test_frozen_backbone_stays_put_then_trains_at_lower_lr(comp, tmp_path):
     assert torch.equal(best["backbone.layer4.1.conv2.weight"], initial["backbone.layer4.1.conv2.weight"])
     assert not torch.equal(best["head.1.weight"], initial["head.1.weight"])
     assert before.keys() == initial.keys()
+    # its BatchNorm layers stayed in eval mode: their running statistics did not drift either
+    assert torch.equal(best["backbone.bn1.running_mean"], initial["backbone.bn1.running_mean"])
+    assert torch.equal(best["backbone.layer4.1.bn2.running_var"], initial["backbone.layer4.1.bn2.running_var"])
 
 
 def test_layer_decay_scales_early_layers_lower(comp, tmp_path):
@@ -206,7 +209,7 @@ SKETCH = ROOT / "configs" / "sketch.yaml"
 def test_sketch_pipeline_from_yaml(comp):
     cfg = load_cfg(SKETCH, overrides={"competition_dir": str(comp)})
     names = [type(t).__name__ for t in create_transforms(cfg, train=True).transforms]
-    # the pipeline's final Normalize runs on the device (to_model_input), with its own statistics
+    # the pipeline's final Normalize runs on the device (InputNorm), with its own statistics
     assert names == ["HorizontalFlip", "Rotate", "CoarseDropout", "GridDistortion", "Resize", "UnsharpMask",
                      "RandomBrightnessContrast", "ToTensorV2"]
     assert input_stats(cfg) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0)
@@ -215,7 +218,7 @@ def test_sketch_pipeline_from_yaml(comp):
     image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
     out = create_transforms(cfg, train=True)(image=image)["image"]
     assert tuple(out.shape) == (3, 224, 224) and out.dtype == torch.uint8
-    assert to_model_input(out[None], input_stats(cfg)).dtype == torch.float32
+    assert InputNorm(input_stats(cfg), "cpu")(out[None]).dtype == torch.float32
     valid = [type(t).__name__ for t in create_transforms(cfg, train=False).transforms]
     assert valid == ["Resize", "ToTensorV2"]
 
@@ -226,7 +229,7 @@ def test_any_albumentations_pipeline_round_trips_through_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text(text)
     cfg = load_cfg(tmp_path / "c.yaml", overrides={"competition_dir": "comp"})
     image = np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3)
-    ours = to_model_input(create_transforms(cfg, train=True)(image=image)["image"][None], input_stats(cfg))[0]
+    ours = InputNorm(input_stats(cfg), "cpu")(create_transforms(cfg, train=True)(image=image)["image"][None])[0]
     theirs = torch.from_numpy(pipeline(image=image)["image"]).permute(2, 0, 1)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
@@ -244,7 +247,7 @@ def test_cache_holds_resized_images_and_is_reused(comp, tmp_path):
     paths = read_train(cfg)["path"].tolist()
     cache = create_cache(cfg, paths)
     assert cache.shape == (len(paths), 32, 32, 3)
-    assert np.array_equal(cache.image(cache.rows([paths[7]])[0]), resize_image(paths[7], 32, 3))
+    assert np.array_equal(cache.image(cache.rows([paths[7]])[0]), resize_image(paths[7], create_resize(cfg), 3))
     again = create_cache(cfg, paths)
     assert again.file == cache.file  # same sources and size: the same cache file
     assert create_cache(tiny_cfg(comp, tmp_path, img_size=24), paths).file != cache.file
