@@ -22,12 +22,7 @@ from helpers.train import (autocast, create_loader, create_scaler, param_groups,
 from helpers.utils import precision, version_problems
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def card(monkeypatch, capability: tuple[int, int], name: str) -> torch.device:

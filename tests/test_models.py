@@ -13,14 +13,7 @@ from helpers.config import CFG, ROOT
 from helpers.models import MODELS, HybridModel, TimmModel, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is as fast, and much faster when another process holds a core
-    (OpenMP threads spin-wait on each other). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # small settings per architecture, so every registered model runs in well under a second

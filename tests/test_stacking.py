@@ -20,14 +20,7 @@ from helpers.stacking import run_stacking
 N_FOLDS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The stacker uses torch.get_num_threads() LightGBM threads; one is plenty for these sizes
-    and avoids OpenMP spin-waiting when the machine is busy. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(tmp_path, **kw) -> CFG:

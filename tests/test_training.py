@@ -25,12 +25,7 @@ from helpers.train import create_loader, param_groups, set_backbone_trainable, t
 from helpers.utils import seed_everything
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
