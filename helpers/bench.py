@@ -4,15 +4,20 @@ JPEG decode + augment throughput. Generates its own images.
     python -m helpers.bench [--images 2000] [--repeats 5] [--gpu]
 
 Prints a table, then one line:
-    train_loop_ratio=<x> cache_speedup=<y> decode_img_per_s=<z>
+    train_loop_ratio=<x> cache_speedup=<y> decode_img_per_s=<z> feed_light=<a> feed_medium=<b> feed_heavy=<c>
 - train_loop_ratio: images/s of train_fold's loop (train_one_epoch) over a minimal plain
   PyTorch loop, same model, batch and in-memory data (goal >= 0.95)
 - cache_speedup: epoch time of 512 px JPEGs through the full data pipeline (decode, resize,
   augment, collate) at img_size 224, without the cache over with it, in one process (goal >= 3);
   the table also shows it with --workers DataLoader workers
 - decode_img_per_s: JPEG decode + resize + augment, images/s in one worker
+- feed_<preset>: images/s one CPU core feeds from the cache at 224 px through each augment
+  preset's CPU part (goals: light >= 3000, medium >= 1000, heavy >= 500); the table also
+  gives the rate of the presets' affine warp, which runs in the training step on the device
 With --gpu (on a CUDA machine): efficientnet_b0 at 224 px, train images/s in fp32 NCHW and
-with AMP (bf16 where supported, else fp16 + GradScaler) + channels_last.
+with AMP (helpers.utils.precision: bf16 on compute capability 8.0+, else fp16 + GradScaler)
++ channels_last, and an epoch from the cache with workers: its images/s and the share of it
+the GPU computes (goal >= 0.90).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .cache import create_cache
 from .config import CFG
-from .data import ImageDataset, create_transforms
+from .data import ImageDataset, InputNorm, create_transforms, device_augment, input_stats
 from .losses import create_criterion
 from .models import create_model
 from .train import create_loader, create_scaler, train_one_epoch
@@ -158,6 +163,20 @@ def feed_rates(n_images: int = 512, passes: int = 3) -> dict[str, float]:
     return out
 
 
+def device_warp_rate(device: torch.device, batches: int = 10) -> float:
+    """Images/s of the presets' affine warp (DeviceAffine, medium's ranges) on 224 px batches of
+    64, where it runs: in the training step, on the GPU (or the CPU without one)."""
+    warp = device_augment(CFG(augment="medium"))
+    x = torch.randn(64, 3, 224, 224, device=device)
+    warp(x)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        warp(x)
+    _sync(device)
+    return batches * 64 / (time.perf_counter() - start)
+
+
 def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
     """efficientnet_b0 at 224 px on CUDA: train images/s in fp32 NCHW vs AMP + channels_last."""
     device = torch.device("cuda")
@@ -187,6 +206,47 @@ def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
     return rows
 
 
+def busy_share(device: torch.device, n_images: int = 2048, batch_size: int = 128, img_size: int = 224,
+               workers: int | None = None) -> tuple[float, float]:
+    """(images/s, share of the epoch the device computes): efficientnet_b0 with AMP and
+    channels_last trained for one epoch from the decoded-image cache with the medium preset
+    and DataLoader workers, against the same steps on data already on the device. A share
+    near 1 means the input pipeline keeps the device busy."""
+    import os
+
+    workers = workers if workers is not None else max((os.cpu_count() or 2) - 1, 1)
+    cfg = CFG(arch="timm", model_name="efficientnet_b0", img_size=img_size, batch_size=batch_size, augment="medium",
+              hflip=True, channels_last=True, warmup_epochs=0, num_workers=workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp) / "jpg", min(n_images, 512), size=img_size)
+        paths = (paths * (n_images // len(paths) + 1))[:n_images]
+        cfg = replace(cfg, cache_dir=str(Path(tmp) / "cache"))
+        df = pd.DataFrame({"path": paths, "target": np.arange(n_images) % 1000})
+        cache = create_cache(cfg, paths)
+        loader = create_loader(cfg, df, train=True, cache=cache)
+        model = create_model(cfg, 1000).to(device).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        steps = len(loader)
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=2, step_on_epochs=False, updates_per_epoch=steps)
+        criterion = create_criterion(cfg, np.arange(1000), 1000).to(device)
+        scaler = create_scaler(cfg, device)
+        norm = InputNorm(input_stats(cfg), device, True, device_augment(cfg))
+        batch = next(iter(loader))
+        resident = [(batch[0].to(device), batch[1].to(device))] * steps  # the same steps, input already there
+        train_one_epoch(model, resident[:3], criterion, optimizer, scheduler, scaler, cfg, device, 0, norm=norm)
+        _sync(device)
+        start = time.perf_counter()
+        train_one_epoch(model, resident, criterion, optimizer, scheduler, scaler, cfg, device, 0, norm=norm)
+        _sync(device)
+        compute_s = time.perf_counter() - start
+        loader.sampler.set_epoch(1)
+        start = time.perf_counter()
+        train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg, device, 1, norm=norm)
+        _sync(device)
+        wall_s = time.perf_counter() - start
+    return steps * batch_size / wall_s, min(compute_s / wall_s, 1.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="JPEGs to generate for the cache benchmark")
@@ -198,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ours, plain, ratio = train_loop_ratio(args.repeats, device)
     io = cache_and_decode(args.images, sorted({0, args.workers}))
     feed = feed_rates()
+    warp_cpu = device_warp_rate(device)
     print(f"{'benchmark':<52} {'value':>12}")
     print(f"{'train loop (train_one_epoch), resnet18 64px, CPU':<52} {ours:>9.1f} img/s")
     print(f"{'plain PyTorch loop, same model and data':<52} {plain:>9.1f} img/s")
@@ -208,9 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'decode + resize + augment, one worker':<52} {io['decode']:>9.1f} img/s")
     for preset, goal in (("light", 3000), ("medium", 1000), ("heavy", 500)):
         print(f"{f'feed per core, 224px from cache, {preset} (goal {goal})':<52} {feed[preset]:>9.1f} img/s")
+    print(f"{'device-side affine warp, 224px batches of 64, CPU':<52} {warp_cpu:>9.1f} img/s")
     if args.gpu:
+        print(f"{'device-side affine warp, 224px batches of 64, GPU':<52} {device_warp_rate(torch.device('cuda')):>9.1f} img/s")
         for label, value in gpu_throughput():
             print(f"{'efficientnet_b0 224px ' + label:<48} {value:>9.1f} img/s")
+        rate, share = busy_share(torch.device("cuda"))
+        print(f"{'efficientnet_b0 epoch from the cache, medium preset':<52} {rate:>9.1f} img/s")
+        print(f"{'GPU busy share during that epoch (goal 0.90)':<52} {share:>12.2f}")
     no_cache, with_cache = io["epochs"][0]  # the pipeline itself, without worker start-up and IPC
     print(f"train_loop_ratio={ratio:.3f} cache_speedup={no_cache / with_cache:.2f} decode_img_per_s={io['decode']:.1f} "
           f"feed_light={feed['light']:.0f} feed_medium={feed['medium']:.0f} feed_heavy={feed['heavy']:.0f}")
