@@ -18,11 +18,13 @@ Layout (under models_dir; /kaggle/working when the repository is a read-only Kag
   submissions_dir/submission.csv and a named copy per run
 
 Freshness. Every output records a fingerprint of what it was made from: the config keys that
-change it, digests of the input files it read, and the digests of the outputs it used. It is
-up to date only when that record equals the fingerprint computed now from the config and the
-data. `stale()` says why not: the key with its old and new values, the file, or the upstream
-output that changed. Since an output's digest enters the fingerprints of the outputs made
-from it, a change redoes everything downstream and nothing else.
+change it, digests of the input files it read (the CSVs' contents; the listed images' paths,
+sizes and mtimes), and the build ids of the outputs it used. It is up to date only when that
+record equals the fingerprint computed now. `stale()` says why not: the key with its old and
+new values, the file, or the upstream output that was remade or must be remade first. Every
+build gets a new id, so a rebuild (retrain, --force, a GPU run that is not bit-exact) redoes
+what was made from it; an upstream output that is not up to date makes everything after it
+wait ('pending'), and the stages refuse to build from it (`require`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +47,7 @@ from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_tex
 
 
 # --- roots ------------------------------------------------------------------------------------
+KAGGLE_WORKING = Path("/kaggle/working")  # a Kaggle kernel's output folder
 OUTPUT_ROOT_ENV = "HELPERS_OUTPUT_ROOT"  # set by the runner, so that its notebook kernels use its root
 
 
@@ -55,8 +59,7 @@ def output_root() -> Path:
         return Path(os.environ[OUTPUT_ROOT_ENV])
     if os.access(ROOT, os.W_OK):
         return ROOT
-    kaggle = Path("/kaggle/working")
-    return kaggle if kaggle.is_dir() else Path.cwd()
+    return KAGGLE_WORKING if KAGGLE_WORKING.is_dir() else Path.cwd()
 
 
 def under_root(p: str | Path) -> Path:
@@ -78,10 +81,17 @@ KAGGLE_SCRATCH = Path("/kaggle/temp")  # a Kaggle kernel's scratch space: not ke
 
 
 def cache_dir(cfg: CFG) -> Path:
-    """cfg.cache_dir; '' means Kaggle's scratch space in a kernel, else .cache/ under the output root."""
+    """cfg.cache_dir; '' means Kaggle's scratch space in a kernel (made when missing: a cache in
+    /kaggle/working would count against the 20 GB of output), else .cache/ under the output root."""
     if cfg.cache_dir:
         return under_root(cfg.cache_dir)
-    return KAGGLE_SCRATCH / "cache" if KAGGLE_SCRATCH.is_dir() else under_root(".cache")
+    if KAGGLE_WORKING.is_dir():
+        try:
+            KAGGLE_SCRATCH.mkdir(parents=True, exist_ok=True)
+            return KAGGLE_SCRATCH / "cache"
+        except OSError:
+            pass
+    return under_root(".cache")
 
 
 def unwritable(cfg: CFG) -> list[str]:
@@ -211,10 +221,17 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def checkpoint_config(ckpt: dict) -> CFG:
+# how to run a model, not what it is: taken from the machine that runs it, not from the checkpoint
+# (a model compiled on an H100 is not compiled on a P100; bf16 training does not force bf16 on a T4)
+RUNTIME_KEYS = ("amp_dtype", "compile", "device", "num_workers", "cache", "cache_dir")
+
+
+def checkpoint_config(ckpt: dict, runtime: CFG | None = None) -> CFG:
     """The config a checkpoint's weights were trained with (its `pretrained` says which
-    preprocessing they expect; helpers.train.load_model builds the model without download)."""
-    return cfg_from_dict(ckpt["cfg"])
+    preprocessing they expect; helpers.train.load_model builds the model without download),
+    with the RUNTIME_KEYS of `runtime` (the defaults when None)."""
+    cfg = cfg_from_dict(ckpt["cfg"])
+    return dataclasses.replace(cfg, **{k: getattr(runtime or CFG(), k) for k in RUNTIME_KEYS})
 
 
 def write_metrics(cfg: CFG, fold: int, history: list[dict]) -> None:
@@ -364,12 +381,13 @@ def file_digest(path: Path) -> str:
     return _file_memo[key]
 
 
-_tree_memo: dict[str, str] = {}  # filled only within one freshness decision: a folder is walked once
-_depth = 0
+_depth = 0  # > 0 inside a decision(): digests of image lists are remembered until it ends
 
 
 @contextmanager
-def _one_decision():
+def decision():
+    """Within it, each split's images are listed and stat'ed once: wrap the freshness decisions
+    of one step (a notebook cell, a runner job) that ask about many outputs."""
     global _depth
     _depth += 1
     try:
@@ -377,29 +395,7 @@ def _one_decision():
     finally:
         _depth -= 1
         if not _depth:
-            _tree_memo.clear()
-
-
-def tree_digest(folder: Path) -> str:
-    """A folder of images: every file's relative path, size and mtime (no reading of contents)."""
-    if not folder.is_dir():
-        return "absent"
-    if str(folder) in _tree_memo:
-        return _tree_memo[str(folder)]
-    rows = []
-    for base, _, names in os.walk(folder):
-        for name in names:
-            p = os.path.join(base, name)
-            try:
-                st = os.stat(p)
-            except OSError:  # a broken link: its name still counts
-                rows.append(f"{os.path.relpath(p, folder)}\0-")
-                continue
-            rows.append(f"{os.path.relpath(p, folder)}\0{st.st_size}\0{st.st_mtime_ns}")
-    value = _sha("\n".join(sorted(rows)))
-    if _depth:
-        _tree_memo[str(folder)] = value
-    return value
+            _images_memo.clear()
 
 
 def paths_digest(paths: list[str]) -> str:
@@ -409,6 +405,43 @@ def paths_digest(paths: list[str]) -> str:
         st = os.stat(p)
         rows.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
     return _sha("\n".join(rows))
+
+
+_images_memo: dict[tuple, str] = {}
+
+
+def images_digest(cfg: CFG, split: str) -> str:
+    """The images a split's CSV lists (train.csv, or test.csv / sample_submission): each one's
+    path, size and mtime. Only those count: a folder shared by train and test images, or
+    files the CSV does not name, change nothing."""
+    from .data import locate_images  # late: data imports this module's neighbours
+
+    if split == "train":
+        csv, folder = cfg.path(cfg.train_csv), cfg.path(cfg.image_dir_train)
+    else:
+        csv, folder = cfg.path(cfg.test_csv), cfg.path(cfg.image_dir_test)
+        csv = csv if csv.exists() else cfg.path(cfg.sample_submission)
+    key = (str(csv), file_digest(csv), str(folder), cfg.image_ext, cfg.id_col)
+    if _depth and key in _images_memo:
+        return _images_memo[key]
+    if not csv.is_file() or not folder.is_dir():
+        return "absent"
+    try:
+        ids = read_table(csv, cfg.id_col)[cfg.id_col]
+    except (ValueError, KeyError):
+        return "unreadable"
+    rows = []
+    for value, (path, _) in zip(ids.astype(str), locate_images(ids, folder, cfg.image_ext)):
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        rows.append(f"{value}\0{os.path.relpath(path, folder) if path else '-'}\0{st.st_size if st else '-'}\0"
+                    f"{st.st_mtime_ns if st else '-'}")
+    value = _sha("\n".join(rows))
+    if _depth:
+        _images_memo[key] = value
+    return value
 
 
 def competition_digest(cfg: CFG) -> str:
@@ -447,6 +480,13 @@ def output_name(stage: str, fold: int | None = None) -> str:
     return stage if fold is None else f"{stage}_fold{fold}"
 
 
+def require(cfg: CFG, stage: str, fold: int | None, then: str) -> None:
+    """Raise, saying why and what to run, unless the output a stage is about to use is up to date."""
+    why = stale(cfg, stage, fold)
+    if why:
+        raise RuntimeError(f"{output_name(stage, fold)} of {cfg.experiment} is not up to date ({why}): {then}")
+
+
 def _parse(name: str) -> tuple[str, int | None]:
     stage, _, part = name.partition("_")
     return stage, (int(part[4:]) if part.startswith("fold") else None)
@@ -468,19 +508,28 @@ def _keys(cfg: CFG, names) -> dict:
 def _test_files(cfg: CFG) -> dict:
     test_csv = cfg.path(cfg.test_csv)
     ids = test_csv if test_csv.exists() else cfg.path(cfg.sample_submission)
-    return {ids.name: file_digest(ids), f"{cfg.image_dir_test}/": tree_digest(cfg.path(cfg.image_dir_test))}
+    return {ids.name: file_digest(ids), f"{cfg.image_dir_test}/": images_digest(cfg, "test")}
+
+
+def upstream_id(cfg: CFG, stage: str, fold: int | None) -> str:
+    """What an output made from this upstream one records of it: the id of the build on disk
+    when it is up to date (a rebuild, even from the same inputs, gives a new id, so what was
+    made from the old one is redone), else 'pending' (it must be remade first)."""
+    if _stale(cfg, stage, fold) is None:
+        return json.loads(stamp_path(cfg, stage, fold).read_text())["id"]
+    return f"pending {digest(_fingerprint(cfg, stage, fold))}"
 
 
 def fingerprint(cfg: CFG, stage: str, fold: int | None = None) -> dict:
     """What an output is made from: {'keys': {...}, 'files': {...}, 'upstream': {name: digest}}."""
-    with _one_decision():
+    with decision():
         return _fingerprint(cfg, stage, fold)
 
 
 def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
     train_csv = {cfg.train_csv: file_digest(cfg.path(cfg.train_csv))}
-    train_images = {f"{cfg.image_dir_train}/": tree_digest(cfg.path(cfg.image_dir_train))}
-    up = lambda *parts: {output_name(s, k): digest(fingerprint(cfg, s, k)) for s, k in parts}  # noqa: E731
+    train_images = {f"{cfg.image_dir_train}/": images_digest(cfg, "train")}
+    up = lambda *parts: {output_name(s, k): upstream_id(cfg, s, k) for s, k in parts}  # noqa: E731
     if stage == "folds":
         keys = FOLD_KEYS + (("n_bins",) if cfg.task == "regression" else ())
         return {"keys": _keys(cfg, keys), "files": train_csv, "upstream": {}}
@@ -491,9 +540,10 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
     if stage == "cv":
         return {"keys": {}, "files": {}, "upstream": up(*[(s, k) for k in cfg.fold_ids for s in ("train", "test")])}
     if stage == "features":
-        if fold is None:  # a frozen pretrained backbone: made from the images alone
-            return {"keys": _keys(cfg, FEATURE_KEYS + PRETRAINED_KEYS), "files": {**train_images, **_test_files(cfg)},
-                    "upstream": up(("folds", None))}
+        if fold is None:  # a frozen pretrained backbone: made from the images alone, rows in train.csv's order
+            rows = ("debug", "debug_rows", "seed") if cfg.debug else ("debug",)
+            return {"keys": _keys(cfg, FEATURE_KEYS + PRETRAINED_KEYS + rows),
+                    "files": {**train_csv, **train_images, **_test_files(cfg)}, "upstream": {}}
         return {"keys": _keys(cfg, FEATURE_KEYS), "files": _test_files(cfg), "upstream": up(("train", fold))}
     if stage == "stacking":
         test_csv = cfg.path(cfg.test_csv)
@@ -501,7 +551,7 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
         return {"keys": {**_keys(cfg, STACK_KEYS), "folds": cfg.fold_ids},
                 "files": {**train_csv, test_csv.name: file_digest(test_csv)}, "upstream": up(("folds", None), *sources)}
     if stage == "ensemble":
-        upstream = {f"experiment {d.name}": recorded_digest(d) for d in experiment_dirs(cfg)}
+        upstream = {f"experiment {d.name}": recorded_id(d) for d in experiment_dirs(cfg)}
         files = {name: file_digest(cfg.path(name)) for name in (cfg.train_csv, cfg.sample_submission, cfg.solution_csv)}
         return {"keys": _keys(cfg, ENSEMBLE_KEYS), "files": files, "upstream": upstream}
     if stage == "eda":
@@ -517,12 +567,12 @@ def digest(made_from: dict) -> str:
     return _sha(json.dumps(made_from, sort_keys=True, default=str))
 
 
-def recorded_digest(folder: Path) -> str:
-    """The digest recorded for an experiment folder's final output (a CNN's cv, a stacker's)."""
+def recorded_id(folder: Path) -> str:
+    """The build id recorded for an experiment folder's final output (a CNN's cv, a stacker's)."""
     for name in ("cv", "stacking"):
         path = folder / "stamps" / f"{name}.json"
         if path.exists():
-            return json.loads(path.read_text())["digest"]
+            return json.loads(path.read_text())["id"]
     return "unrecorded"
 
 
@@ -531,8 +581,9 @@ def record(cfg: CFG, stage: str, fold: int | None = None, made_from: dict | None
     while nothing it was made from changes. Returns its digest."""
     made_from = made_from if made_from is not None else fingerprint(cfg, stage, fold)
     d = digest(made_from)
+    build = _sha(f"{d}\0{time.time_ns()}\0{os.getpid()}\0{os.urandom(8).hex()}")  # this build, unlike any other
     atomic_write_text(stamp_path(cfg, stage, fold), json.dumps(
-        {"output": output_name(stage, fold), "digest": d, "made_from": made_from,
+        {"output": output_name(stage, fold), "digest": d, "id": build, "made_from": made_from,
          "time": datetime.now().isoformat(timespec="seconds")}, indent=1, default=str))
     return d
 
@@ -544,7 +595,7 @@ def _short(value) -> str:
 
 def stale(cfg: CFG, stage: str, fold: int | None = None) -> str | None:
     """None when the output is up to date; else why it must be (re)made."""
-    with _one_decision():
+    with decision():
         return _stale(cfg, stage, fold)
 
 
@@ -577,6 +628,7 @@ def explain(cfg: CFG, old: dict, new: dict) -> str:
     for u in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
         if old.get("upstream", {}).get(u) != new["upstream"].get(u):
             stage, fold = _parse(u)
-            why = stale(cfg, stage, fold) if stage in OUTPUTS and stage != "ensemble" else None
-            changes.append(f"{u} changed ({why})" if why else f"{u} was remade")
+            pending = str(new["upstream"].get(u, "")).startswith("pending")
+            why = stale(cfg, stage, fold) if pending and stage in OUTPUTS else None
+            changes.append(f"{u} must be remade first ({why})" if why else f"{u} was remade")
     return "; ".join(dict.fromkeys(changes))

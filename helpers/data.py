@@ -351,39 +351,47 @@ def augment_preset(cfg: CFG) -> list:
 
 
 class DeviceAffine:
-    """Random affine warps of a normalised batch where it already is (the GPU): what A.Affine
-    does to each image, moved off the CPU workers. Each image is warped with probability p,
-    by a scale, translation (share of the side), rotation and shear (degrees) drawn uniformly;
-    pixels from outside are the mean colour (0 after normalisation). Random numbers come from
-    the device's generator, seeded every epoch: a resumed run draws the same warps."""
+    """Random affine warps of a batch where it already is (the GPU), before normalisation: what
+    A.Affine does to each image, moved off the CPU workers. Each image is warped with
+    probability p, by x and y scales, a translation (share of the side), a rotation and x and
+    y shears (degrees), each drawn uniformly as A.Affine draws them, and composed as it does
+    (shear @ rotation @ scale); pixels from outside are black, as A.Affine's default fill.
+    Random numbers come from the device's generator, seeded every epoch (a resumed run draws
+    the same warps), and nothing waits for the device (the inverse is in closed form)."""
 
     def __init__(self, scale: tuple, translate: tuple, rotate: tuple, shear: tuple = (0.0, 0.0), p: float = 1.0):
         self.scale, self.translate, self.rotate, self.shear, self.p = scale, translate, rotate, shear, p
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, dev = x.shape[0], x.device
+        one, zero = torch.ones(n, device=dev), torch.zeros(n, device=dev)
 
-        def draw(low: float, high: float) -> torch.Tensor:
-            return torch.empty(n, device=dev).uniform_(low, high)
+        def draw(bounds: tuple, default: torch.Tensor) -> torch.Tensor:
+            return torch.where(on, torch.empty(n, device=dev).uniform_(*bounds), default)
 
         on = torch.rand(n, device=dev) < self.p
-        scale = torch.where(on, draw(*self.scale), torch.ones(n, device=dev))
-        zero = torch.zeros(n, device=dev)
-        angle = torch.where(on, draw(*self.rotate), zero).deg2rad()
-        shear_x = torch.where(on, draw(*self.shear), zero).deg2rad().tan()  # A.Affine shears both axes, each drawn
-        shear_y = torch.where(on, draw(*self.shear), zero).deg2rad().tan()
-        tx = torch.where(on, draw(*self.translate), zero) * 2  # grid units: the side is 2
-        ty = torch.where(on, draw(*self.translate), zero) * 2
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        # as A.Affine: scale * shear @ rotation (counter-clockwise for a positive angle)
-        shear = torch.stack([torch.stack([torch.ones_like(zero), -shear_x], 1), torch.stack([-shear_y, torch.ones_like(zero)], 1)], 1)
-        rotation = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
-        forward = scale.view(n, 1, 1) * (shear @ rotation)  # [n, 2, 2]
-        inverse = torch.linalg.inv(forward)  # affine_grid maps output pixels back to input ones
-        shift = -(inverse @ torch.stack([tx, ty], 1).unsqueeze(2))
-        grid = F.affine_grid(torch.cat([inverse, shift], 2).to(x.dtype), list(x.shape), align_corners=False)
-        warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sx, sy = draw(self.scale, one), draw(self.scale, one)
+        angle = draw(self.rotate, zero).deg2rad()
+        a, b = draw(self.shear, zero).deg2rad().tan(), draw(self.shear, zero).deg2rad().tan()
+        tx, ty = draw(self.translate, zero) * 2, draw(self.translate, zero) * 2  # grid units: a side is 2
+        warped = warp_affine(x, sx, sy, angle, a, b, tx, ty)
         return torch.where(on.view(n, 1, 1, 1), warped, x)  # the images not drawn stay exactly as they were
+
+
+def warp_affine(x: torch.Tensor, sx, sy, angle, a, b, tx, ty) -> torch.Tensor:
+    """Warp each image of x by shear [[1, -a], [-b, 1]] @ rotation (angle, radians,
+    counter-clockwise) @ diag(sx, sy), then a shift (tx, ty) in grid units (a side is 2): the
+    composition A.Affine uses. affine_grid wants the inverse, here in closed form:
+    diag(1/sx, 1/sy) @ rotation.T @ shear^-1."""
+    n = x.shape[0]
+    cos, sin, det = torch.cos(angle), torch.sin(angle), 1 - a * b
+    rt_sh = torch.stack([torch.stack([cos - sin * b, cos * a - sin], 1),
+                         torch.stack([sin + cos * b, sin * a + cos], 1)], 1) / det.view(n, 1, 1)
+    inverse = rt_sh / torch.stack([sx, sy], 1).view(n, 2, 1)
+    shift = -(inverse @ torch.stack([tx, ty], 1).unsqueeze(2))
+    theta = torch.cat([inverse, shift], 2).to(x.dtype)
+    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
+                         padding_mode="zeros", align_corners=False)
 
 
 def device_augment(cfg: CFG) -> DeviceAffine | None:
@@ -498,20 +506,23 @@ class InputNorm:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
-            images = (images.float() - self.mean) / self.std
-        if self.augment is not None:
+            images = images.float()
+            if self.augment is not None:  # before normalising: outside pixels are black, as on the CPU
+                images = self.augment(images)
+            images = (images - self.mean) / self.std
+        elif self.augment is not None:
             images = self.augment(images)
         return images.contiguous(memory_format=self.memory_format)
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """The rows of an epoch, in an order drawn from the epoch's seed, each index paired with
-    that seed (ImageDataset reseeds its augmentation when it changes). A loader built once per
-    fold, with persistent workers, then gives every epoch the same batches and augmentations as
-    a run resumed at that epoch."""
+    that seed and its batch's number (ImageDataset reseeds its augmentation at every batch).
+    A loader built once per fold, with persistent workers, then gives every epoch the same
+    batches and augmentations as a run resumed at that epoch, whatever the number of workers."""
 
-    def __init__(self, n: int, shuffle: bool):
-        self.n, self.shuffle, self.seed = n, shuffle, 0
+    def __init__(self, n: int, shuffle: bool, batch_size: int = 1):
+        self.n, self.shuffle, self.batch_size, self.seed = n, shuffle, batch_size, 0
 
     def set_epoch(self, seed: int) -> None:
         self.seed = seed
@@ -521,14 +532,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = np.random.default_rng(self.seed).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter([(int(i), self.seed) for i in order])
+        return iter([(int(i), self.seed, position // self.batch_size) for position, i in enumerate(order)])
 
 
 class ImageDataset(Dataset):
     """(image tensor, target) pairs; target is -1 where there is none (test). With a cache
     (helpers.cache), decoded images come from its memory map instead of the files. Indexed by
-    (row, epoch seed) from an EpochSampler, it reseeds its augmentation at each new epoch, per
-    worker; by a plain row, it keeps its stream."""
+    (row, epoch seed, batch) from an EpochSampler, it reseeds its augmentation at each batch
+    (whichever worker makes it); by a plain row, it keeps its stream."""
 
     def __init__(self, paths: list[str], targets: np.ndarray | None, transform: A.Compose, in_chans: int = 3, cache=None):
         self.paths, self.transform, self.in_chans, self.cache = list(paths), transform, in_chans, cache
@@ -540,10 +551,10 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, item):
-        i, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is not None and seed != self.epoch_seed:
-            self.epoch_seed = seed
-            worker = torch.utils.data.get_worker_info()
-            self.transform.set_random_seed((seed * 1009 + (worker.id if worker else 0)) % 2**32)
+        i, *batch = item if isinstance(item, tuple) else (item,)
+        if batch and tuple(batch) != self.epoch_seed:
+            self.epoch_seed = tuple(batch)
+            seed, number = batch
+            self.transform.set_random_seed((seed * 1_000_003 + number) % 2**32)
         img = self.cache.image(self.rows[i]) if self.cache is not None else read_image(self.paths[i], self.in_chans)
         return self.transform(image=img)["image"], torch.as_tensor(self.targets[i])

@@ -163,7 +163,8 @@ def unfinished(members: list[CFG]) -> list[str]:
     out of date), stacking not done, each with the command that does it."""
     problems = []
     for m in members:
-        waiting = [k for k in m.fold_ids if artifacts.stale(m, "train", k) or artifacts.stale(m, "test", k)]
+        with artifacts.decision():
+            waiting = [k for k in m.fold_ids if artifacts.stale(m, "train", k) or artifacts.stale(m, "test", k)]
         if waiting and m.features_from == "folds":
             problems.append(f"experiment '{m.experiment}': folds {waiting} of {m.fold_ids} are not trained (or out of date); "
                             f"train them: python -m helpers.pipeline --config <config> --experiments {m.experiment} "

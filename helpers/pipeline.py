@@ -83,6 +83,11 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
 
 def stale(job: Job) -> str | None:
     """Why the job's outputs must be (re)made, or None when they are up to date."""
+    with artifacts.decision():
+        return _stale(job)
+
+
+def _stale(job: Job) -> str | None:
     cfg, fold = job.cfg, job.parameters.get("fold")
     if job.stage == "00_eda":
         return artifacts.stale(cfg, "eda")

@@ -1,9 +1,10 @@
 """CNN embeddings and the stacker (LightGBM, or an SVR / logistic head from scikit-learn).
 
 Leak-free by construction: fold k's CNN embeds every train row and the test set; the fold-k
-stacker is fitted on that CNN's embeddings of the rows it trained on, early-stopped and
-validated on fold k's rows (which that CNN never saw), and predicts test from the same CNN.
-No row's stacker prediction comes from a model that saw the row. With features_from
+stacker is fitted on that CNN's embeddings of the rows it trained on (LightGBM early-stops on a
+held-back share of those rows, then is refitted on all of them), validated on fold k's rows
+(which neither that CNN nor the stacker saw, nor chose anything on), and predicts test from the
+same CNN. No row's stacker prediction comes from a model that saw or was tuned on the row. With features_from
 'pretrained' the embeddings come from a frozen pretrained backbone that never saw a label
 (the Pawpularity "embeddings + SVR" recipe), so one set serves every fold.
 """
@@ -22,6 +23,7 @@ from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.svm import SVC, SVR
@@ -47,7 +49,11 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
     logger = logger or logging.getLogger("kaggle")
     device = get_device(cfg.device)
     parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids
-    why = {k: "retrain is set" if cfg.retrain else artifacts.stale(cfg, "features", k) for k in parts}
+    with artifacts.decision():
+        why = {k: "retrain is set" if cfg.retrain else artifacts.stale(cfg, "features", k) for k in parts}
+        for k in parts:
+            if k is not None and why[k]:  # never embed with a model that is itself out of date
+                artifacts.require(cfg, "train", k, "train the fold first (02_train)")
     todo = [k for k in parts if why[k]]
     for k in parts:
         logger.info(f"{artifacts.output_name('features', k)}: {why[k] or 'up to date'}")
@@ -69,7 +75,7 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
             if (trained.img_size, trained.in_chans) != (cfg.img_size, cfg.in_chans):
                 raise ValueError(f"fold {k} was trained at img_size {trained.img_size}, in_chans {trained.in_chans}; "
                                  f"the config now says {cfg.img_size}, {cfg.in_chans}: train the folds again (02_train)")
-            model, what = load_model(ckpt, device), f"fold {k}"
+            model, what = load_model(ckpt, device, cfg), f"fold {k}"
         for split, loader in (("train", train_loader), ("test", test_loader)):
             artifacts.save_features(cfg, split, k, predict(model, loader, cfg, device, features=True))
         artifacts.record(cfg, "features", k, made_from)
@@ -122,19 +128,38 @@ def _metric_eval(cfg: CFG, classes_present: np.ndarray, n_classes: int):
     return evaluate
 
 
-def _fit_lgbm(cfg: CFG, X_trn, y_trn, X_val, y_val, n_classes: int):
+EARLY_STOPPING_SHARE = 0.15  # of a fold's training rows, held back to choose LightGBM's number of trees
+
+
+def _fit_lgbm(cfg: CFG, X_trn, y_trn, n_classes: int, seed: int):
+    """LightGBM early-stopped on the competition metric on a held-back share of the training
+    rows (never on the fold it is scored on: that would flatter its OOF score and so its
+    weight in the blend), then refitted on all of them with the number of trees found."""
     params = {**LGBM_DEFAULTS, "random_state": cfg.seed, "verbose": -1, "n_jobs": max(torch.get_num_threads(), 1),
               **cfg.lgbm_params, "metric": "None"}
     rounds = params.pop("early_stopping_round")
-    model = lgb.LGBMRegressor(**params) if cfg.task == "regression" else lgb.LGBMClassifier(**params)
-    present = np.unique(y_trn).astype(int)
-    # LightGBM 4.6 names the validation data eval_X/eval_y; older 4.x (Kaggle's image lags) eval_set
-    evals = ({"eval_X": (X_val,), "eval_y": (y_val,)} if "eval_X" in inspect.signature(model.fit).parameters
-             else {"eval_set": [(X_val, y_val)]})
-    model.fit(X_trn, y_trn, **evals, eval_metric=_metric_eval(cfg, present, n_classes),
-              callbacks=[lgb.early_stopping(rounds, verbose=False)] if rounds else [])
+    create = lgb.LGBMRegressor if cfg.task == "regression" else lgb.LGBMClassifier
+    trees = params["n_estimators"]
+    if rounds:
+        y_trn = np.asarray(y_trn)
+        stratify = y_trn if cfg.task == "classification" and np.bincount(y_trn.astype(int)).min(initial=2) >= 2 else None
+        try:
+            fit, stop = train_test_split(np.arange(len(X_trn)), test_size=EARLY_STOPPING_SHARE, random_state=seed,
+                                         stratify=stratify)
+        except ValueError:  # a class too rare to split by: an unstratified split
+            fit, stop = train_test_split(np.arange(len(X_trn)), test_size=EARLY_STOPPING_SHARE, random_state=seed)
+        probe = create(**params)
+        X_stop, y_stop = X_trn.iloc[stop], y_trn[stop]
+        # LightGBM 4.6 names the validation data eval_X/eval_y; older 4.x (Kaggle's image lags) eval_set
+        evals = ({"eval_X": (X_stop,), "eval_y": (y_stop,)} if "eval_X" in inspect.signature(probe.fit).parameters
+                 else {"eval_set": [(X_stop, y_stop)]})
+        probe.fit(X_trn.iloc[fit], y_trn[fit], **evals,
+                  eval_metric=_metric_eval(cfg, np.unique(y_trn[fit]).astype(int), n_classes),
+                  callbacks=[lgb.early_stopping(rounds, verbose=False)])
+        trees = probe.best_iteration_ or trees
+    model = create(**{**params, "n_estimators": trees}).fit(X_trn, y_trn)
     importance = pd.Series(model.booster_.feature_importance("gain"), index=X_trn.columns)
-    return model, importance, model.best_iteration_ or params["n_estimators"]
+    return model, importance, trees
 
 
 def _fit_sklearn(cfg: CFG, X_trn, y_trn):
@@ -180,7 +205,11 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
     scikit-learn heads). Kept as it is while up to date."""
     logger = logger or logging.getLogger("kaggle")
     out_cfg = artifacts.stack_cfg(cfg)
-    why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "stacking")
+    with artifacts.decision():
+        why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "stacking")
+        for k in [None] if cfg.features_from == "pretrained" else cfg.fold_ids:
+            if why:
+                artifacts.require(cfg, "features", k, "extract the embeddings first (03_features)")
     if why is None:
         logger.info(f"{out_cfg.experiment}: up to date")
         return {**artifacts.read_score(artifacts.exp_dir(out_cfg)), "importance": artifacts.read_importance(out_cfg)}
@@ -200,7 +229,7 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
             X_trn, X_val, X_test = _pca(cfg, X_trn, [X_val, X_test])
         if cfg.stacker == "lgbm":
             _categorise(X_trn, [X_val, X_test])
-            model, importance, trees = _fit_lgbm(cfg, X_trn, y[trn], X_val, y[val], n_classes)
+            model, importance, trees = _fit_lgbm(cfg, X_trn, y[trn], n_classes, seed=cfg.seed + k)
             importances.append(importance)
         else:
             model, _, trees = _fit_sklearn(cfg, X_trn, y[trn])

@@ -24,6 +24,14 @@ def positive_probability(cfg: CFG, sample: pd.DataFrame, classes: list | None) -
             and (cfg.metric == "roc_auc" or pd.api.types.is_float_dtype(sample[value_cols[0]])))
 
 
+def positive_index(cfg: CFG, sample: pd.DataFrame, classes: list) -> int:
+    """The class whose probability a one-column binary submission holds: the class its column
+    is named after (a 'cat' column holds P(cat)), else the second (positive) class."""
+    column = str([c for c in sample.columns if c != cfg.id_col][0])
+    names = [str(c) for c in classes]
+    return names.index(column) if column in names else 1
+
+
 def submission_format(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> str:
     """What sample_submission asks for: 'value' (regression), 'positive' (a binary task's
     positive-class probability), 'classes' (one probability column per class: the columns must
@@ -65,7 +73,7 @@ def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, clas
     if kind == "value":
         sub[value_cols[0]] = pred[:, 0]
     elif kind == "positive":
-        sub[value_cols[0]] = pred[:, 1]
+        sub[value_cols[0]] = pred[:, positive_index(cfg, sample, classes)]
     elif kind == "classes":
         for c in value_cols:
             sub[c] = pred[:, [str(k) for k in classes].index(str(c))]
@@ -91,7 +99,7 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
     value_cols = [c for c in submission.columns if c != cfg.id_col]
     if positive_probability(cfg, submission, classes):
         p = merged[value_cols[0]].to_numpy(float)
-        y_pred = np.column_stack([1 - p, p])
+        y_pred = np.column_stack([1 - p, p] if positive_index(cfg, submission, classes) == 1 else [p, 1 - p])
     elif cfg.target_col in submission.columns:
         y_pred = np.eye(len(classes))[merged[cfg.target_col].astype(str).map(index).to_numpy()]
     else:

@@ -51,7 +51,7 @@ def create_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=
     before each epoch gives that epoch's order and augmentations, the same in a resumed run."""
     targets = df["target"].to_numpy() if "target" in df else None
     dataset = ImageDataset(df["path"].tolist(), targets, create_transforms(cfg, train), cfg.in_chans, cache)
-    sampler = EpochSampler(len(dataset), shuffle=train)
+    sampler = EpochSampler(len(dataset), shuffle=train, batch_size=cfg.batch_size)
     sampler.set_epoch(seed)
     return DataLoader(
         dataset,
@@ -70,6 +70,12 @@ def autocast(cfg: CFG, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def optimizer_kwargs(cfg: CFG, device: torch.device) -> dict:
+    """Fused Adam/AdamW on CUDA: one kernel for the update, and a GradScaler that needs not read
+    its inf check back to the host every step (the fused optimizers take it on the device)."""
+    return {"fused": True} if device.type == "cuda" and cfg.optimizer.lower() in ("adam", "adamw") else {}
 
 
 def create_scaler(cfg: CFG, device: torch.device) -> torch.amp.GradScaler:
@@ -145,6 +151,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     count, accum = 0, cfg.grad_accum
     steps = epoch_updates(len(loader), accum)
     updates = epoch * steps
+    if warm_backbone:
+        _ramp_backbone(optimizer, 1 / steps)  # the first update of the epoch too
     for step, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0), 1):
         images = norm(images)
         targets = loss_targets(targets.to(device, non_blocking=True), cfg, scale)
@@ -164,15 +172,19 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
             updates += 1
             scheduler.step_update(updates)
             if warm_backbone:  # the first epoch after unfreezing: the backbone's LR from ~0 up to its schedule
-                ramp = min(1.0, (updates - epoch * steps) / steps)
-                for g in optimizer.param_groups:
-                    if g.get("backbone"):
-                        g["lr"] *= ramp
+                _ramp_backbone(optimizer, min(1.0, (updates - epoch * steps + 1) / steps))
             if ema is not None:
                 ema.update(model, step=updates)
         total += loss.detach() * len(images)
         count += len(images)
     return total.item() / max(count, 1)
+
+
+def _ramp_backbone(optimizer, factor: float) -> None:
+    """The backbone's groups at this share of the LR the schedule gave them, for the next update."""
+    for g in optimizer.param_groups:
+        if g.get("backbone"):
+            g["lr"] *= factor
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -206,9 +218,9 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
     outs, logits, total, count = [], [], torch.zeros((), device=device), 0
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
         images = norm(images)
-        if features:
+        if features:  # kept on the device (half precision: they are saved as float16), copied once at the end
             with autocast(cfg, device):
-                outs.append(model.features(images).float().to("cpu", non_blocking=True))
+                outs.append(model.features(images).half())
             continue
         preds, out = predict_batch(model, images, cfg, device, scale)
         if criterion is not None:
@@ -216,7 +228,7 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
             count += len(images)
             logits.append(out.float())
         outs.append(preds.float())
-    preds = torch.cat(outs).cpu().numpy()
+    preds = torch.cat(outs).float().cpu().numpy()
     if criterion is None:
         return preds
     return preds, total.item() / max(count, 1), torch.cat(logits).cpu().numpy()
@@ -275,7 +287,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     valid_df = folds[folds["fold"] == fold].reset_index(drop=True)
     epochs = 1 if cfg.debug else cfg.epochs
     n_out = num_outputs(cfg, classes)
-    seed_everything(cfg.seed + fold)
+    seed_everything((cfg.seed + fold) % 2**32)
 
     model = create_model(cfg, n_out).to(device)
     if cfg.channels_last:
@@ -284,7 +296,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     norm = InputNorm(input_stats(cfg), device, cfg.channels_last)  # built once, constants on the device
     train_norm = InputNorm(input_stats(cfg), device, cfg.channels_last, augment=device_augment(cfg))
     criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out).to(device)
-    optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    **optimizer_kwargs(cfg, device))
     train_cache = create_cache(cfg, folds["path"].tolist(), logger)
     train_loader = create_loader(cfg, train_df, train=True, cache=train_cache)  # once per fold: workers persist
     valid_loader = create_loader(cfg, valid_df, train=False, cache=train_cache)
@@ -294,7 +307,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     scaler = create_scaler(cfg, device)
     # EMA with timm's warm-up: its decay grows with the steps taken, so the EMA that is validated
     # and saved follows the model early on instead of averaging in the untrained weights
-    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    # (power 3/4, for the 10^4-10^5 steps of a Kaggle run; timm's 2/3 suits 10^6)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75) if cfg.ema else None
     eval_model = ema.module if ema is not None else model
     eval_step = torch.compile(eval_model) if cfg.compile else eval_model
     mixup = None
@@ -311,7 +325,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
             model.load_state_dict(last["model"])
             optimizer.load_state_dict(last["optimizer"])
             scheduler.load_state_dict(last["scheduler"])
-            scaler.load_state_dict(last["scaler"])
+            if last["scaler"] and scaler.is_enabled():  # a bf16 run has no scaler state: a T4 resumes with a fresh one
+                scaler.load_state_dict(last["scaler"])
             if ema is not None:
                 ema.load_state_dict(last["ema"])
             state = last["state"]
@@ -326,7 +341,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         if state["bad_epochs"] >= cfg.patience:
             break
         start = time.perf_counter()
-        epoch_seed = cfg.seed * 1000 + fold * 100 + epoch
+        epoch_seed = (cfg.seed * 1000 + fold * 100 + epoch) % 2**32
         seed_everything(epoch_seed)  # every epoch's randomness from its own seed: a resumed run matches
         frozen = epoch < cfg.freeze_epochs
         set_backbone_trainable(model, not frozen)
@@ -384,15 +399,17 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     return {"fold": fold, "score": state["best_score"], "best_epoch": state["best_epoch"], "history": state["history"]}
 
 
-def load_model(ckpt: dict, device) -> nn.Module:
-    """The model a checkpoint describes (its own config), with its weights, ready for inference."""
-    model_cfg = artifacts.checkpoint_config(ckpt)
+def load_model(ckpt: dict, device, runtime: CFG | None = None) -> nn.Module:
+    """The model a checkpoint describes (its own config), with its weights, ready for inference;
+    compiled when `runtime` (this run's config) says so."""
+    model_cfg = artifacts.checkpoint_config(ckpt, runtime)
     no_download = dataclasses.replace(model_cfg, pretrained=False, pretrained_path="")  # the weights are in ckpt
     model = create_model(no_download, num_outputs(model_cfg, ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     if model_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return torch.compile(model) if model_cfg.compile else model  # as in training: every path that runs the model
 
 
 def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int, logger: logging.Logger,
@@ -400,7 +417,7 @@ def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int, logger: lo
     """Fold k's test predictions from its best checkpoint, recorded as made from it."""
     made_from = artifacts.fingerprint(cfg, "test", fold)
     device = device or get_device(cfg.device)
-    model = model if model is not None else load_model(best, device)
+    model = model if model is not None else load_model(best, device, cfg)
     model.load_state_dict(best["model"])
     scale = TargetScale(*best["target_range"]) if best.get("target_range") else None
     loader = create_loader(cfg, test, train=False, cache=create_cache(cfg, test["path"].tolist(), logger))
@@ -414,13 +431,14 @@ def finalize_experiment(cfg: CFG, logger: logging.Logger | None = None) -> dict 
     experiment's OOF (all folds), test predictions (mean over folds), OOF logits and score.
     None until then; the recorded score when nothing changed since."""
     logger = logger or logging.getLogger("kaggle")
-    waiting = [k for k in cfg.fold_ids if artifacts.stale(cfg, "train", k) or artifacts.stale(cfg, "test", k)]
-    if waiting:
-        logger.info(f"{cfg.experiment}: folds {waiting} are not trained (or not up to date) yet")
-        return None
-    if artifacts.stale(cfg, "cv") is None:
-        return artifacts.read_score(artifacts.exp_dir(cfg))
-    made_from = artifacts.fingerprint(cfg, "cv")
+    with artifacts.decision():
+        waiting = [k for k in cfg.fold_ids if artifacts.stale(cfg, "train", k) or artifacts.stale(cfg, "test", k)]
+        if waiting:
+            logger.info(f"{cfg.experiment}: folds {waiting} are not trained (or not up to date) yet")
+            return None
+        if artifacts.stale(cfg, "cv") is None:
+            return artifacts.read_score(artifacts.exp_dir(cfg))
+        made_from = artifacts.fingerprint(cfg, "cv")
     oof = pd.concat([artifacts.read_predictions(cfg, "oof", k) for k in cfg.fold_ids], ignore_index=True)
     tests = [artifacts.read_predictions(cfg, "test", k) for k in cfg.fold_ids]
     test = tests[0].copy()

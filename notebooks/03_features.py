@@ -18,9 +18,10 @@
 # CNN embeddings from each fold's best model, for every train row and the test set.
 #
 # **Why this is leak-free:** the stacker of fold k (next notebook) is trained only on fold k's
-# CNN embeddings of the rows that CNN trained on, early-stopped and validated on fold k's rows,
-# which that CNN never saw, and predicts test from the same CNN. So no row's stacker prediction
-# comes from a model that saw the row, and the stacker's OOF score is honest.
+# CNN embeddings of the rows that CNN trained on (LightGBM early-stops on a held-back share of
+# them), validated on fold k's rows, which that CNN never saw and the stacker chose nothing on,
+# and predicts test from the same CNN. So no row's stacker prediction comes from a model that
+# saw the row, and the stacker's OOF score is honest.
 #
 # With `features_from: pretrained`, a frozen pretrained timm backbone embeds the images instead
 # (no fine-tuning, the Pawpularity "embeddings + SVR" recipe): it never saw a label, so one set

@@ -18,7 +18,8 @@
 # LightGBM (or, with `stacker`, an SVR / logistic head) on the CNN embeddings, optionally
 # PCA-reduced (`stack_pca`), plus the metadata columns (numeric or text, NaN allowed), with the
 # same folds as the CNN: the fold-k stacker learns from fold k's CNN embeddings of the other
-# folds' rows, early-stops on the competition metric on fold k's rows and predicts them. Its
+# folds' rows (LightGBM early-stops on the competition metric on a held-back 15% of them, then
+# is refitted on all of them) and predicts fold k's rows. Its
 # OOF and test predictions form a new experiment, `models/<experiment>_<stacker>`, for the
 # ensemble.
 

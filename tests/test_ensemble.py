@@ -323,3 +323,13 @@ def test_results_table_lists_experiments_and_the_ensemble(tmp_path):
     assert (row["experiment"], row["model"], row["img_size"], row["epochs"], row["wall_s"]) == ("cnn", "resnet18", 64, 7, 12.0)
     assert row["cv"] == 0.75 and row["cv_mean"] == 0.75
     assert table["experiment"].tolist()[1:] == ["ensemble (hill, in-sample)", "ensemble (hill, held-out)"]
+
+
+def test_a_binary_column_named_after_a_class_gets_that_class_probability(comp, tmp_path):
+    """Kaggle's 'cat' column wants P(cat), even when 'cat' sorts first among the classes."""
+    pd.DataFrame({"id": ["a", "b"], "cat": [0.5, 0.5]}).to_csv(comp / "sample_submission.csv", index=False)
+    pd.DataFrame({"id": ["a", "b"], "label": ["cat", "dog"]}).to_csv(comp / "solution.csv", index=False)
+    cfg = sub_cfg(comp, tmp_path, metric="roc_auc")
+    sub = create_submission(cfg, pd.Series(["a", "b"]), np.array([[0.9, 0.1], [0.3, 0.7]]), ["cat", "dog"])
+    np.testing.assert_allclose(sub["cat"], [0.9, 0.3])
+    assert local_lb(cfg, sub, ["cat", "dog"]) == pytest.approx(1.0)

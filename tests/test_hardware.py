@@ -52,6 +52,14 @@ def test_auto_precision_follows_the_card(monkeypatch, capability, name, dtype, s
     assert made["enabled"] is scaler  # fp16 always with a GradScaler, bf16 never
 
 
+def test_adam_is_fused_on_cuda_so_the_scaler_never_reads_back():
+    from helpers.train import optimizer_kwargs
+
+    assert optimizer_kwargs(CFG(optimizer="adamw"), torch.device("cuda")) == {"fused": True}
+    assert optimizer_kwargs(CFG(optimizer="adamw"), torch.device("cpu")) == {}
+    assert optimizer_kwargs(CFG(optimizer="lamb"), torch.device("cuda")) == {}  # timm's own: as it comes
+
+
 def test_explicit_precision(monkeypatch):
     t4 = card(monkeypatch, (7, 5), "Tesla T4")
     with pytest.raises(ValueError, match="config key 'amp_dtype': bf16 needs compute capability 8.0.*Tesla T4"):
@@ -123,6 +131,9 @@ def test_a_loader_built_once_gives_each_epoch_what_a_fresh_one_would(comp, tmp_p
     again = [b[0] for b in fresh]
     assert all(torch.equal(a, b) for a, b in zip(second, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, second))
+    alone = create_loader(tiny(comp, tmp_path, num_workers=0), df, train=True)  # no workers at all: the same too
+    alone.sampler.set_epoch(12)
+    assert all(torch.equal(a, b[0]) for a, b in zip(second, alone))
 
 
 def test_a_fold_builds_its_loaders_once(comp, tmp_path, monkeypatch):
@@ -136,17 +147,34 @@ def test_a_fold_builds_its_loaders_once(comp, tmp_path, monkeypatch):
     assert made == [True, False]  # one training and one validation loader for 3 epochs
 
 
-def test_the_presets_warp_on_the_device_as_albumentations_would():
+@pytest.mark.parametrize("sx, sy, rotate, shear_x, shear_y, translate", [
+    (1.2, 0.8, 15, 5, -3, 0.0), (0.9, 1.1, -20, -5, 4, 0.125), (1.1, 1.1, 10, 0, 0, -0.125)])
+def test_the_presets_warp_on_the_device_as_albumentations_would(sx, sy, rotate, shear_x, shear_y, translate):
+    import math
+
     import albumentations as A
+
+    from helpers.data import warp_affine
 
     img = np.zeros((64, 64, 3), np.float32)
     img[20:44, 10:30] = 1.0
+    img[5:10, 40:60] = 1.0
     x = torch.from_numpy(img).permute(2, 0, 1)[None]
-    warp = DeviceAffine(scale=(1.2, 1.2), translate=(0.0, 0.0), rotate=(15, 15), shear=(5, 5), p=1.0)
-    ours = warp(x)[0].permute(1, 2, 0).numpy()
-    theirs = A.Compose([A.Affine(scale=1.2, rotate=15, shear={"x": (5, 5), "y": (5, 5)}, p=1)])(image=img)["image"]
-    assert ((ours > 0.5) != (theirs > 0.5)).mean() < 0.005  # the same geometry, edges aside
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    ours = warp_affine(x, t(sx), t(sy), t(math.radians(rotate)), t(math.tan(math.radians(shear_x))),
+                       t(math.tan(math.radians(shear_y))), t(2 * translate), t(2 * translate))[0].permute(1, 2, 0).numpy()
+    theirs = A.Compose([A.Affine(scale={"x": (sx, sx), "y": (sy, sy)}, translate_percent=(translate, translate), rotate=rotate,
+                                 shear={"x": (shear_x, shear_x), "y": (shear_y, shear_y)}, p=1)])(image=img)["image"]
+    assert ((ours > 0.5) != (theirs > 0.5)).mean() < 0.002  # the same geometry (whole-pixel shifts: A rounds them)
     assert torch.equal(DeviceAffine((0.5, 2), (-0.2, 0.2), (-30, 30), p=0.0)(x), x)  # not drawn: untouched
+
+
+def test_the_device_warp_fills_black_as_albumentations_does():
+    norm = InputNorm(((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 255.0), "cpu",
+                     augment=DeviceAffine((0.5, 0.5), (0.0, 0.0), (0, 0), p=1.0))  # shrink: a border comes in
+    out = norm(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8))
+    assert out[0, :, 0, 0].tolist() == [-2.0] * 3  # black, normalised: (0 - 127.5) / 63.75
+    assert torch.allclose(out[0, :, 16, 16], torch.full((3,), 2.0))  # the image, normalised
 
 
 # --- 3. per-model preprocessing -------------------------------------------------------------------
@@ -206,7 +234,7 @@ def test_the_backbone_lr_ramps_up_in_the_epoch_after_unfreezing():
     train_one_epoch(model, DataLoader(data, batch_size=4), torch.nn.CrossEntropyLoss(), optimizer, scheduler,
                     create_scaler(cfg, torch.device("cpu")), cfg, torch.device("cpu"), 1, warm_backbone=True)
     heads = [g["lr"] for g in optimizer.param_groups if not g.get("backbone")]
-    assert seen[1:] == pytest.approx([0.025, 0.05, 0.075]) and heads[0] == pytest.approx(0.1)
+    assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1]) and heads[0] == pytest.approx(0.1)
 
 
 # --- 5. Kaggle's limits -------------------------------------------------------------------------------
@@ -220,11 +248,13 @@ def test_a_finished_fold_keeps_its_best_weights_only(comp, tmp_path):
 
 
 def test_the_cache_goes_to_kaggle_scratch_space(tmp_path, monkeypatch):
-    scratch = tmp_path / "kaggle_temp"
+    scratch, working = tmp_path / "kaggle_temp", tmp_path / "kaggle_working"
     monkeypatch.setattr(artifacts, "KAGGLE_SCRATCH", scratch)
+    monkeypatch.setattr(artifacts, "KAGGLE_WORKING", working)
     assert artifacts.cache_dir(CFG(experiment="e")) == artifacts.under_root(".cache")  # not in a kernel
-    scratch.mkdir()
+    working.mkdir()
     assert artifacts.cache_dir(CFG(experiment="e")) == scratch / "cache"  # in a kernel: outside /kaggle/working
+    assert scratch.is_dir()  # made when the kernel has none
     assert artifacts.cache_dir(CFG(cache_dir=str(tmp_path / "mine"))) == tmp_path / "mine"
 
 

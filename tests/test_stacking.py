@@ -34,6 +34,7 @@ def write_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, train_embs
     for k in cfg.fold_ids:
         artifacts.save_features(cfg, "train", k, train_embs[k])
         artifacts.save_features(cfg, "test", k, test_embs[k])
+        artifacts.record(cfg, "features", k)
 
 
 def fold_embeddings(signal: np.ndarray, rng, dim: int, noise: float = 1.0) -> list[np.ndarray]:
