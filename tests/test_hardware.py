@@ -7,7 +7,6 @@ import json
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,7 +17,7 @@ from helpers.data import DeviceAffine, InputNorm, create_resize, input_stats, re
 from helpers.demo import write_digits
 from helpers.folds import get_folds
 from helpers.models import create_model
-from helpers.train import (autocast, create_loader, create_scaler, param_groups, predict, train_fold, train_one_epoch)
+from helpers.train import (autocast, create_loader, create_scaler, param_groups, train_fold, train_one_epoch)
 from helpers.utils import precision, version_problems
 
 
