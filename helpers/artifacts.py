@@ -314,6 +314,34 @@ def load_features(cfg: CFG, split: str, fold: int) -> np.ndarray:
     return np.load(path)
 
 
+def stacker_path(cfg: CFG, fold: int) -> Path:
+    """A stacker experiment's fitted fold-k stacker (helpers.stacking.FoldStacker)."""
+    return exp_dir(cfg) / f"fold{fold}.joblib"
+
+
+def save_stacker(cfg: CFG, fold: int, stacker) -> None:
+    import joblib
+
+    atomic_save(stacker, stacker_path(cfg, fold), saver=lambda obj, tmp: joblib.dump(obj, tmp))
+
+
+def load_stacker(path: Path):
+    import joblib
+
+    return joblib.load(path)
+
+
+def write_stacker_manifest(cfg: CFG, manifest: dict) -> None:
+    """stacker.json of a stacker experiment: the CNN experiment whose embeddings it reads
+    ('source'), features_from, its folds and metadata columns."""
+    atomic_write_text(exp_dir(cfg) / "stacker.json", json.dumps(manifest, indent=1))
+
+
+def read_stacker_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / "stacker.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def write_importance(cfg: CFG, importance: pd.DataFrame) -> None:
     atomic_to_csv(importance, exp_dir(cfg) / "importance.csv")
 

@@ -98,7 +98,7 @@ def rank_transform(pred: np.ndarray) -> np.ndarray:
     return (ranks - 1) / max(len(pred) - 1, 1)
 
 
-def _normalise_rows(pred: np.ndarray) -> np.ndarray:
+def normalise_rows(pred: np.ndarray) -> np.ndarray:
     return pred / np.clip(pred.sum(1, keepdims=True), 1e-12, None) if pred.shape[1] > 1 else pred
 
 
@@ -129,7 +129,7 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
         held_out = blend(oofs, weights)  # nothing is fitted: in-sample is held-out
     oof, test = blend(oofs, weights), blend(tests, weights)
     if method == "rank":
-        oof, test, held_out = _normalise_rows(oof), _normalise_rows(test), _normalise_rows(held_out)
+        oof, test, held_out = normalise_rows(oof), normalise_rows(test), normalise_rows(held_out)
     return {"method": method, "weights": weights, "in_sample": get_score(metric, y_true, oof),
             "held_out": get_score(metric, y_true, held_out), "oof": oof, "test": test}
 

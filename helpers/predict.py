@@ -36,7 +36,7 @@ from . import artifacts
 from .config import CFG
 from .data import InputNorm, create_transforms, input_stats, read_image
 from .losses import TargetScale
-from .train import load_model, predict_batch
+from .train import autocast, load_model, predict_batch
 from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
 
 
@@ -78,12 +78,18 @@ class Predictor:
             paths = [p for p in paths if int(p.parent.name[4:]) in folds]
         if not paths:
             raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
-        ckpts = [artifacts.load_checkpoint(p) for p in paths]
+        return cls.from_checkpoints([artifacts.load_checkpoint(p) for p in paths], device, [str(p) for p in paths])
+
+    @classmethod
+    def from_checkpoints(cls, ckpts: list[dict], device: str = "auto", names: list[str] | None = None) -> "Predictor":
+        """Fold models from checkpoint dicts ({'model', 'cfg', 'classes', 'target_range'}), all
+        made for the same inputs and classes."""
+        names = names or [f"fold model {i}" for i in range(len(ckpts))]
         cfg = artifacts.checkpoint_config(ckpts[0])
-        for path, ckpt in zip(paths, ckpts):
+        for name, ckpt in zip(names, ckpts):
             other = artifacts.checkpoint_config(ckpt)
             if (other.img_size, other.in_chans, other.task, ckpt["classes"]) != (cfg.img_size, cfg.in_chans, cfg.task, ckpts[0]["classes"]):
-                raise ValueError(f"{path} was trained for other inputs or classes than the first fold's: "
+                raise ValueError(f"{name} was trained for other inputs or classes than the first fold's: "
                                  f"its folds cannot be averaged (train them again together)")
         dev = get_device(device if device != "auto" else cfg.device)
         scale = TargetScale(*ckpts[0]["target_range"]) if ckpts[0].get("target_range") else None
@@ -93,21 +99,41 @@ class Predictor:
         """Fold-averaged predictions [n, classes] (or [n, 1]) for the readable items; NaN rows
         and an error message for the others. Items are decoded in batches (by cfg.num_workers
         DataLoader workers), so a test set of any size streams through in bounded memory."""
+        out = self.run(items, progress)
+        return out["preds"], out["errors"]
+
+    def run(self, items: list, progress: bool = False, embeddings: bool = False,
+            eta: logging.Logger | None = None) -> dict:
+        """predictions: fold-averaged [n, classes] (or [n, 1]), NaN for unreadable items;
+        embeddings (with embeddings=True): each fold model's [n, width] float16, NaN rows for
+        unreadable items; errors: {index: reason}. With `eta`, logs an estimate of the whole
+        run's time after its first batches."""
         width = 1 if self.cfg.task == "regression" else len(self.classes)
-        out = np.full((len(items), width), np.nan)
+        preds = np.full((len(items), width), np.nan)
+        embs = [np.full((len(items), m.num_features), np.nan, dtype=np.float16) for m in self.models] if embeddings else None
         errors: dict[int, str] = {}
         dataset = _Items(list(items), self.transform, self.cfg.in_chans)
         workers = self.cfg.num_workers if len(items) > 4 * self.cfg.batch_size else 0
         loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=_collate, pin_memory=self.device.type == "cuda")
-        for images, index, failed in tqdm(loader, desc="predict", disable=not progress, mininterval=1.0):
+        start, done = time.perf_counter(), 0
+        for batch, (images, index, failed) in enumerate(tqdm(loader, desc="predict", disable=not progress, mininterval=1.0), 1):
             errors.update(failed)
-            if not len(index):
-                continue
-            images = self.norm(images)
-            preds = sum(predict_batch(m, images, self.cfg, self.device, self.scale)[0].float() for m in self.models)
-            out[index] = (preds / len(self.models)).cpu().numpy().reshape(len(index), width)
-        return out, errors
+            done += len(index) + len(failed)
+            if len(index):
+                images = self.norm(images)
+                total = 0
+                for k, model in enumerate(self.models):
+                    total = total + predict_batch(model, images, self.cfg, self.device, self.scale)[0].float()
+                    if embeddings:
+                        with torch.no_grad(), autocast(self.cfg, self.device):
+                            embs[k][index] = model.features(images).float().cpu().numpy().astype(np.float16)
+                preds[index] = (total / len(self.models)).cpu().numpy().reshape(len(index), width)
+            if eta is not None and batch == max(1, min(5, len(loader) - 1)) and done < len(items):  # after the first batches
+                seconds = (time.perf_counter() - start) / done * len(items)
+                eta.info(f"about {seconds / 60:.1f} min for {len(items)} images with {len(self.models)} fold model(s) "
+                         f"on {self.device} (Kaggle re-runs stop at 9 h)")
+        return {"preds": preds, "embeddings": embs, "errors": errors, "seconds": time.perf_counter() - start}
 
     def predict(self, items: list, progress: bool = False) -> list[dict]:
         """One result per item, in order (see the module docstring)."""

@@ -82,36 +82,54 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
         logger.info(f"{what}: embeddings {model.num_features} wide for {len(folds)} train and {len(test)} test rows")
 
 
-def feature_frame(cfg: CFG, emb: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
-    """Embedding columns emb_0.. plus the metadata columns (strings become categories later)."""
-    X = pd.DataFrame(emb.astype(np.float32), columns=[f"emb_{i}" for i in range(emb.shape[1])])
-    for col in cfg.metadata_cols:
-        X[col] = rows[col].to_numpy()
-    return X
-
-
 def _text_columns(X: pd.DataFrame) -> list[str]:
     return [c for c in X.columns if pd.api.types.is_object_dtype(X[c]) or pd.api.types.is_string_dtype(X[c])]
 
 
-def _categorise(X_train: pd.DataFrame, X_other: list[pd.DataFrame]) -> None:
-    """Text metadata columns -> pandas categories with one category set for all frames."""
-    for col in _text_columns(X_train):
-        cats = pd.Index(sorted(set(X_train[col].dropna()).union(*(set(x[col].dropna()) for x in X_other))))
-        for X in (X_train, *X_other):
+class FoldStacker:
+    """One fold's fitted stacker with all it needs to predict new rows, as saved beside the
+    stacker's predictions and packed for an internet-off kernel: the PCA of the embeddings
+    (fitted on the fold's training rows), the text metadata's categories (from those rows only:
+    a category unseen in training is unknown, whatever the test set), the fitted model."""
+
+    def __init__(self, cfg: CFG, n_classes: int):
+        self.task, self.stacker, self.metadata_cols, self.n_classes = cfg.task, cfg.stacker, list(cfg.metadata_cols), n_classes
+        self.pca, self.categories, self.model, self.trees, self.importance = None, {}, None, 0, None
+
+    def frame(self, emb: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
+        """The model's input: embeddings (PCA-reduced when fitted so) + metadata columns."""
+        X = pd.DataFrame(np.asarray(emb, dtype=np.float32), columns=[f"emb_{i}" for i in range(emb.shape[1])])
+        if self.pca is not None:
+            X = pd.DataFrame(self.pca.transform(X.to_numpy()), columns=[f"pca_{i}" for i in range(self.pca.n_components_)])
+        for col in self.metadata_cols:
+            X[col] = rows[col].to_numpy()
+        for col, cats in self.categories.items():  # LightGBM: text as categories fixed in training
             X[col] = pd.Categorical(X[col], categories=cats)
+        return X
 
+    def fit(self, cfg: CFG, emb: np.ndarray, rows: pd.DataFrame, y: np.ndarray, seed: int) -> "FoldStacker":
+        if cfg.stack_pca:
+            n = min(cfg.stack_pca, len(emb), emb.shape[1])
+            self.pca = PCA(n_components=n, random_state=cfg.seed).fit(np.asarray(emb, dtype=np.float32))
+        X = self.frame(emb, rows)
+        if cfg.stacker == "lgbm":
+            self.categories = {c: sorted(X[c].dropna().unique().tolist()) for c in _text_columns(X)}
+            X = self.frame(emb, rows)
+            self.model, self.importance, self.trees = _fit_lgbm(cfg, X, y, self.n_classes, seed)
+        else:
+            self.model, _, self.trees = _fit_sklearn(cfg, X, y)
+        return self
 
-def _pca(cfg: CFG, X_trn: pd.DataFrame, others: list[pd.DataFrame]) -> list[pd.DataFrame]:
-    """Embeddings reduced to cfg.stack_pca components, fitted on the fold's training rows only."""
-    emb = [c for c in X_trn.columns if c.startswith("emb_")]
-    n = min(cfg.stack_pca, len(X_trn), len(emb))
-    pca = PCA(n_components=n, random_state=cfg.seed).fit(X_trn[emb].to_numpy())
-    out = []
-    for X in (X_trn, *others):
-        reduced = pd.DataFrame(pca.transform(X[emb].to_numpy()), columns=[f"pca_{i}" for i in range(n)], index=X.index)
-        out.append(pd.concat([reduced, X.drop(columns=emb)], axis=1))
-    return out
+    def predict(self, emb: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
+        """Regression values, or probabilities with a column for every class (also those absent
+        from the fold's training rows)."""
+        X = self.frame(emb, rows)
+        if self.task == "regression":
+            return self.model.predict(X)
+        proba = self.model.predict_proba(X)
+        full = np.zeros((len(X), self.n_classes))
+        full[:, np.asarray(self.model.classes_).astype(int)] = proba
+        return full
 
 
 def _metric_eval(cfg: CFG, classes_present: np.ndarray, n_classes: int):
@@ -179,17 +197,6 @@ def _fit_sklearn(cfg: CFG, X_trn, y_trn):
     return model, None, 0
 
 
-def _predict(model, X: pd.DataFrame, cfg: CFG, n_classes: int) -> np.ndarray:
-    """Regression values, or probabilities with a column for every class (also those absent
-    from a fold's training rows)."""
-    if cfg.task == "regression":
-        return model.predict(X)
-    proba = model.predict_proba(X)
-    full = np.zeros((len(X), n_classes))
-    full[:, np.asarray(model.classes_).astype(int)] = proba
-    return full
-
-
 def _embeddings(cfg: CFG, split: str, fold: int, rows: int) -> np.ndarray:
     emb = artifacts.load_features(cfg, split, fold)
     if len(emb) != rows:
@@ -221,24 +228,20 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
     y = folds["target"].to_numpy()
     oof_parts, test_preds, importances = [], [], []
     for k in cfg.fold_ids:
-        X = feature_frame(cfg, _embeddings(cfg, "train", k, len(folds)), folds)
-        X_test = feature_frame(cfg, _embeddings(cfg, "test", k, len(test)), test)
+        emb, emb_test = _embeddings(cfg, "train", k, len(folds)), _embeddings(cfg, "test", k, len(test))
         trn, val = (folds["fold"] != k).to_numpy(), (folds["fold"] == k).to_numpy()
-        X_trn, X_val = X[trn].reset_index(drop=True), X[val].reset_index(drop=True)
-        if cfg.stack_pca:
-            X_trn, X_val, X_test = _pca(cfg, X_trn, [X_val, X_test])
-        if cfg.stacker == "lgbm":
-            _categorise(X_trn, [X_val, X_test])
-            model, importance, trees = _fit_lgbm(cfg, X_trn, y[trn], n_classes, seed=cfg.seed + k)
-            importances.append(importance)
-        else:
-            model, _, trees = _fit_sklearn(cfg, X_trn, y[trn])
-        part = artifacts.frame_predictions(folds.loc[val, cfg.id_col], _predict(model, X_val, cfg, n_classes), cfg, classes)
-        part.insert(1, cfg.target_col, folds.loc[val, cfg.target_col].to_numpy())
+        rows_trn, rows_val = folds[trn].reset_index(drop=True), folds[val].reset_index(drop=True)
+        stacker = FoldStacker(cfg, n_classes).fit(cfg, emb[trn], rows_trn, y[trn], seed=cfg.seed + k)
+        artifacts.save_stacker(out_cfg, k, stacker)
+        if stacker.importance is not None:
+            importances.append(stacker.importance)
+        part = artifacts.frame_predictions(rows_val[cfg.id_col], stacker.predict(emb[val], rows_val), cfg, classes)
+        part.insert(1, cfg.target_col, rows_val[cfg.target_col].to_numpy())
         part.insert(2, "fold", k)
         oof_parts.append(part)
-        test_preds.append(_predict(model, X_test, cfg, n_classes))
-        logger.info(f"{cfg.stacker} stacker fold {k}: {X_trn.shape[1]} features" + (f", {trees} trees" if trees else ""))
+        test_preds.append(stacker.predict(emb_test, test))
+        n_features = len(stacker.frame(emb[:1], rows_trn.head(1)).columns)
+        logger.info(f"{cfg.stacker} stacker fold {k}: {n_features} features" + (f", {stacker.trees} trees" if stacker.trees else ""))
     oof = pd.concat(oof_parts, ignore_index=True)
     artifacts.save_config(out_cfg)
     artifacts.write_predictions(out_cfg, "test", artifacts.frame_predictions(test[cfg.id_col], np.mean(test_preds, axis=0), cfg, classes))
@@ -249,6 +252,8 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
         importance = importance.rename("gain").rename_axis("feature").reset_index()
         importance["kind"] = np.where(importance["feature"].isin(cfg.metadata_cols), "metadata", "image")
         artifacts.write_importance(out_cfg, importance)
+    artifacts.write_stacker_manifest(out_cfg, {"source": cfg.experiment, "features_from": cfg.features_from,
+                                               "folds": cfg.fold_ids, "metadata_cols": cfg.metadata_cols})
     score = write_score(out_cfg, oof, logger, wall_s=time.perf_counter() - start, model=cfg.stacker)
     artifacts.record(cfg, "stacking", made_from=made_from)
     return {**score, "importance": importance}

@@ -15,13 +15,18 @@
 
 # %% [markdown]
 # # Kaggle inference (internet off)
-# Made by `python -m helpers.package models/<exp> OUT`: upload OUT as a Kaggle dataset, add it
-# and the competition to a notebook, and run this. The weights come from the dataset's
-# `model/` folder; nothing is downloaded. Writes `/kaggle/working/submission.csv`.
+# Made by `python -m helpers.package --config configs/<comp>.yaml OUT` (the whole blended
+# ensemble: CNN folds with TTA, their embeddings into the stackers, the blend) or
+# `python -m helpers.package models/<exp> OUT` (one CNN experiment). Upload OUT as a Kaggle
+# dataset, add it and the competition to a notebook, and run this: it reads the competition's
+# current test set (Kaggle swaps in the private one at re-run), downloads nothing, uses the GPU
+# when there is one, gives an unreadable image the fallback prediction (its id is named) instead
+# of crashing, checks the submission against sample_submission and writes
+# `/kaggle/working/submission.csv`.
 
 # %% tags=["parameters"]
-competition_dir = "/kaggle/input/digits"  # the competition's data (train.csv, test.csv or sample_submission.csv, images)
-package_dir = "/kaggle/input/my-model"  # this dataset: helpers/ and model/
+competition_dir = "/kaggle/input/digits"  # the competition's data (test.csv or sample_submission.csv, test images)
+package_dir = "/kaggle/input/my-model"  # this dataset: package.json, helpers/, the weights
 output_csv = "/kaggle/working/submission.csv"  # where Kaggle picks the submission up
 
 # %%
@@ -31,22 +36,7 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub
 sys.path.insert(0, package_dir)
 
-from helpers.data import read_test
-from helpers.predict import Predictor
-from helpers.submission import check_submission, create_submission
-from helpers.utils import atomic_to_csv
+from helpers.package import run_package
 
-predictor = Predictor.from_experiment(f"{package_dir}/model")
-cfg = predictor.cfg
-cfg.competition_dir = competition_dir
-
-# %%
-test = read_test(cfg)
-preds, errors = predictor.predict_array(test["path"].tolist(), progress=True)
-if errors:
-    raise ValueError(f"{len(errors)} test image(s) could not be read: " + "; ".join(list(errors.values())[:5]))
-submission = create_submission(cfg, test[cfg.id_col], preds, predictor.classes)
-check_submission(cfg, submission, predictor.classes)
-atomic_to_csv(submission, output_csv)
-print(f"wrote {output_csv}: {len(submission)} rows")
+submission = run_package(package_dir, competition_dir, output_csv)
 submission.head()
