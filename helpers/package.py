@@ -1,7 +1,7 @@
 """The offline code-competition package: everything 05_ensemble blended, to rebuild the same
 submission in an internet-off Kaggle kernel on a test set the training never saw.
 
-    python -m helpers.package --config configs/<comp>.yaml OUT [--fp16]   # the whole blended ensemble
+    python -m helpers.package --config configs/<comp>.yaml OUT [--set k=v ...] [--fp16]   # the whole blended ensemble
     python -m helpers.package models/<exp> OUT [--fp16]                   # one CNN experiment alone
 
 OUT/ is uploaded as a Kaggle dataset:
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts
-from .config import ROOT, CFG, cfg_from_dict, experiment_names, load_cfg, to_dict
+from .config import ROOT, CFG, cfg_from_dict, experiment_names, load_cfg, parse_set, to_dict
 from .data import locate_images, read_csv, read_train
 from .ensemble import blend, normalise_rows, rank_transform
 from .utils import atomic_to_csv, atomic_write_text, get_logger
@@ -297,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="OUT (with --config), or models/<experiment> OUT")
     parser.add_argument("--config", help="package what 05_ensemble blended for this config's competition")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the overrides the runner was given")
     parser.add_argument("--fp16", action="store_true", help="weights in float16 (half the size)")
     args = parser.parse_args(argv)
     if args.config:
         if len(args.paths) != 1:
             parser.error("with --config, give only OUT")
-        package_ensemble(args.config, args.paths[0], args.fp16)
+        package_ensemble(args.config, args.paths[0], args.fp16, parse_set(args.set))
     else:
         if len(args.paths) != 2:
             parser.error("give models/<experiment> OUT, or --config configs/<comp>.yaml OUT")
