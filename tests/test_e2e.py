@@ -351,9 +351,8 @@ def run_in_kaggle_sandbox(package: Path, competition: Path, tmp_path: Path, name
     guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(
         "import socket\n_connect = socket.socket.connect\n"
-        "def connect(self, address):\n"
-        "    host = address[0] if isinstance(address, tuple) else str(address)\n"
-        "    if host not in ('127.0.0.1', 'localhost', '::1'):\n"
+        "def connect(self, address):\n"  # internet sockets only: DataLoader workers talk over unix sockets
+        "    if isinstance(address, tuple) and address[0] not in ('127.0.0.1', 'localhost', '::1'):\n"
         "        raise OSError(f'network disabled in this test: {address}')\n"
         "    return _connect(self, address)\n"
         "socket.socket.connect = connect\n")
