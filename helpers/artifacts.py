@@ -483,7 +483,7 @@ def competition_digest(cfg: CFG) -> str:
 RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
                       "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
                       "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
-                      "submission_name", "keep_last"})
+                      "submission_name", "keep_last", "ddp"})
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")

@@ -105,6 +105,8 @@ class CFG:
     wandb: bool = False  # log epochs to Weights & Biases (offline when there is no API key)
     wandb_project: str = "kaggle-images"  # W&B project name
     num_workers: int = 2  # DataLoader worker processes
+    ddp: int = 1  # processes that train one fold together (DistributedDataParallel, one per GPU; gloo on CPU); batch_size stays the global batch
+    sync_bn: bool = False  # with ddp: BatchNorm statistics over every process's batch (SyncBatchNorm, GPUs only)
     amp_dtype: str = "auto"  # mixed precision on CUDA: 'auto' (bf16 on compute capability >= 8.0, else fp16 + GradScaler) | 'bf16' | 'fp16' | 'fp32' (off)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
@@ -335,7 +337,7 @@ RANGES = {
     "label_smoothing": "[0, 1)", "focal_alpha": "(0, inf)", "focal_gamma": "[0, inf)", "layer_decay": "[0, 1]",
     "grad_accum": "[1, inf)", "mixup_alpha": "[0, inf)", "cutmix_alpha": "[0, inf)", "mixup_prob": "[0, 1]",
     "mixup_off_epoch": "[0, inf)", "ema_decay": "[0, 1)", "freeze_epochs": "[0, inf)", "backbone_lr_scale": "[0, inf)",
-    "drop_path": "[0, 1)", "sampling_ratio": "(0, 1]", "num_workers": "[0, inf)", "debug_rows": "[1, inf)",
+    "drop_path": "[0, 1)", "sampling_ratio": "(0, 1]", "num_workers": "[0, inf)", "debug_rows": "[1, inf)", "ddp": "[1, inf)",
     "stack_pca": "[0, inf)", "stack_c": "(0, inf)", "ensemble_iters": "[1, inf)",
 }
 

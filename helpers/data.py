@@ -521,18 +521,27 @@ class EpochSampler(torch.utils.data.Sampler):
     A loader built once per fold, with persistent workers, then gives every epoch the same
     batches and augmentations as a run resumed at that epoch, whatever the number of workers."""
 
-    def __init__(self, n: int, shuffle: bool, batch_size: int = 1):
-        self.n, self.shuffle, self.batch_size, self.seed = n, shuffle, batch_size, 0
+    def __init__(self, n: int, shuffle: bool, batch_size: int = 1, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.batch_size, self.seed, self.rank, self.world = n, shuffle, batch_size, 0, rank, world
 
     def set_epoch(self, seed: int) -> None:
         self.seed = seed
 
+    def _mine(self) -> np.ndarray:
+        """This process's rows: every world-th of the epoch's order, from its rank; in training
+        all processes get as many (the last few rows of the order wait for the next epoch)."""
+        order = np.random.default_rng(self.seed).permutation(self.n) if self.shuffle else np.arange(self.n)
+        if self.shuffle:
+            order = order[: self.n // self.world * self.world]
+        return order[self.rank::self.world]
+
     def __len__(self) -> int:
-        return self.n
+        return len(self._mine())
 
     def __iter__(self):
-        order = np.random.default_rng(self.seed).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter([(int(i), self.seed, position // self.batch_size) for position, i in enumerate(order)])
+        # a batch's number is global (rank included): each process's batches draw their own augmentations
+        return iter([(int(i), self.seed, position // self.batch_size * self.world + self.rank)
+                     for position, i in enumerate(self._mine())])
 
 
 class ImageDataset(Dataset):

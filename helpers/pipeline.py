@@ -195,6 +195,41 @@ def execute_on_gpus(jobs: list[Job], gpus: list[str]) -> list[float]:
         return list(pool.map(run, jobs))
 
 
+def start_ray(address: str | None):
+    """Ray for --executor ray: the cluster at `address` ('auto': the one this machine joined),
+    or a local one. Ray is an optional extra (requirements-ray.txt)."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--executor ray needs Ray: pip install -r requirements-ray.txt") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def _run_on_node(job: Job) -> float:
+    """A job's notebook on whichever Ray node got it (the same code as locally)."""
+    return execute(job)
+
+
+def execute_on_ray(jobs: list[Job], address: str | None) -> list[float]:
+    """Run jobs at once as Ray tasks, each asking for its GPUs (ddp of them) when the cluster
+    has GPUs, else for one CPU; outputs go to models_dir, which every node must reach (a
+    shared path). Returns their times; raises NotebookFailed, with its notebook and cell, on
+    the first failure."""
+    ray = start_ray(address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    env = {"env_vars": {artifacts.OUTPUT_ROOT_ENV: str(artifacts.output_root())}}
+    remote = ray.remote(_run_on_node)
+    refs = [remote.options(num_gpus=job.cfg.ddp if gpus else 0, num_cpus=0 if gpus else 1, runtime_env=env,
+                           max_retries=0).remote(job) for job in jobs]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        raise NotebookFailed(str(cause) if isinstance(cause, NotebookFailed) else str(e)) from None
+
+
 def choose_gpus(count: int | None) -> list[str]:
     """The GPUs to run folds on: the first `count` of those CUDA_VISIBLE_DEVICES lets this
     process see (all of them by default). Without CUDA, `count` processes that see no GPU."""
@@ -206,6 +241,16 @@ def choose_gpus(count: int | None) -> list[str]:
     if count > len(visible):
         raise ValueError(f"--gpus {count}: only {len(visible)} GPU(s) are visible ({', '.join(visible)})")
     return visible[:count]
+
+
+def gpu_slots(gpus: list[str], ddp: int) -> list[str]:
+    """What each fold process gets: one GPU, or, with `ddp: N`, N of them ("0,1"), whose
+    processes train that fold together."""
+    if ddp <= 1 or not visible_gpus():
+        return gpus
+    if len(gpus) < ddp:
+        raise ValueError(f"ddp: {ddp} needs {ddp} GPUs per fold; {len(gpus)} are visible ({', '.join(gpus)})")
+    return [",".join(gpus[i:i + ddp]) for i in range(0, len(gpus) - ddp + 1, ddp)]
 
 
 def visible_gpus() -> list[str]:
@@ -248,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="run every stage and retrain, also what is up to date")
     parser.add_argument("--dry-run", action="store_true", help="list what would run and why, run nothing")
     parser.add_argument("--gpus", type=int, help="train folds in parallel on this many GPUs (default: every visible GPU)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: this machine (folds in parallel, one per GPU); ray: every notebook as a Ray task")
+    parser.add_argument("--address", help="with --executor ray: the cluster to join ('auto', or host:port); default a local Ray")
     args = parser.parse_args(argv)
     from .utils import version_problems
 
@@ -259,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.force:
             overrides["retrain"] = True
         jobs = plan(args.config, overrides, args.experiments, args.stages)
+        if args.executor == "ray":  # every experiment's folds at once, then their later stages
+            jobs = sorted(jobs, key=lambda job: STAGES.index(job.stage))
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
@@ -276,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, jobs: list[Job]) -> int:
     """The checks before any work, then every job that is not up to date, in order."""
     try:
-        gpus = choose_gpus(args.gpus)
+        gpus = gpu_slots(choose_gpus(args.gpus), max(job.cfg.ddp for job in jobs))
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -298,11 +348,15 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
     ran = False  # a stage ran (or would run): the ensemble, made from every experiment, runs too
     pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
 
+    ray = args.executor == "ray"
+
     def flush() -> None:
         if not pending:
             return
-        seconds = execute_on_gpus([job for _, job in pending], gpus)
-        print(f"    {len(pending)} folds in parallel: {', '.join(f'{s:.1f}s' for s in seconds)}", flush=True)
+        batch = [job for _, job in pending]
+        seconds = execute_on_ray(batch, args.address) if ray else execute_on_gpus(batch, gpus)
+        print(f"    {len(pending)} folds in parallel{' (Ray tasks)' if ray else ''}: {', '.join(f'{s:.1f}s' for s in seconds)}",
+              flush=True)
         pending.clear()
 
     try:
@@ -319,12 +373,13 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             if args.dry_run:
                 print(f"[{i}/{len(jobs)}] {job.label} ... would run ({why})", flush=True)
                 continue
-            if job.stage == "02_train" and len(gpus) > 1:
-                print(f"[{i}/{len(jobs)}] {job.label} ... on GPU {gpus[len(pending) % len(gpus)]} (parallel) ({why})", flush=True)
+            if job.stage == "02_train" and (ray or len(gpus) > 1):
+                where = "as a Ray task" if ray else f"on GPU {gpus[len(pending) % len(gpus)]}"
+                print(f"[{i}/{len(jobs)}] {job.label} ... {where} (parallel) ({why})", flush=True)
                 pending.append((i, job))
                 continue
             print(f"[{i}/{len(jobs)}] {job.label} ... ({why})", end=" ", flush=True)
-            seconds = execute(job)
+            seconds = execute_on_ray([job], args.address)[0] if ray else execute(job)
             print(f"{seconds:.1f}s", flush=True)
         flush()
     except NotebookFailed as e:

@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import artifacts
+from . import artifacts, distributed
 from .cache import create_cache
-from .config import CFG, to_dict
+from .config import CFG, cfg_from_dict, to_dict
 from .data import EpochSampler, ImageDataset, InputNorm, create_transforms, device_augment, get_classes, input_stats
 from .losses import TargetScale, create_criterion, loss_kind
 from .metrics import get_score, is_better
@@ -45,19 +45,21 @@ def num_outputs(cfg: CFG, classes: list | None) -> int:
     return 1 if cfg.task == "regression" else len(classes)
 
 
-def create_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=None) -> DataLoader:
-    """A DataLoader over df's images, built once per fold (persistent workers). A training
-    loader shuffles and augments from the seed of its EpochSampler: `loader.sampler.set_epoch`
-    before each epoch gives that epoch's order and augmentations, the same in a resumed run."""
+def create_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=None, rank: int = 0,
+                  world: int = 1) -> DataLoader:
+    """A DataLoader over df's images (this process's share of them with several: `rank` of
+    `world`), built once per fold (persistent workers). A training loader shuffles and augments
+    from the seed of its EpochSampler: `loader.sampler.set_epoch` before each epoch gives that
+    epoch's order and augmentations, the same in a resumed run."""
     targets = df["target"].to_numpy() if "target" in df else None
     dataset = ImageDataset(df["path"].tolist(), targets, create_transforms(cfg, train), cfg.in_chans, cache)
-    sampler = EpochSampler(len(dataset), shuffle=train, batch_size=cfg.batch_size)
+    sampler = EpochSampler(len(dataset), shuffle=train, batch_size=cfg.batch_size, rank=rank, world=world)
     sampler.set_epoch(seed)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        drop_last=train and len(dataset) > cfg.batch_size,
+        drop_last=train and len(sampler) > cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0,
@@ -234,13 +236,6 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
     return preds, total.item() / max(count, 1), torch.cat(logits).cpu().numpy()
 
 
-def validate(model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale: TargetScale | None = None,
-             norm: InputNorm | None = None):
-    """Validation loss, metric, predictions and logits."""
-    preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale, norm=norm)
-    return loss, get_score(cfg.metric, targets, preds), preds, logits
-
-
 def _memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -262,9 +257,10 @@ def _wandb_run(cfg: CFG, fold: int):
 
 def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | None = None,
                logger: logging.Logger | None = None) -> dict:
-    """Train one fold and predict the test set with it. An up-to-date fold is kept (unless
-    cfg.retrain), only its test predictions redone if the test set changed; a killed run
-    resumes from last.pt. Returns {'fold', 'score', 'best_epoch', 'history'}."""
+    """Train one fold (in cfg.ddp processes when above 1) and predict the test set with it. An
+    up-to-date fold is kept (unless cfg.retrain), only its test predictions redone if the test
+    set changed; a killed run resumes from last.pt. Returns {'fold', 'score', 'best_epoch',
+    'history'}."""
     logger = logger or logging.getLogger("kaggle")
     why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "train", fold)
     if why is None:
@@ -276,9 +272,55 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"], "skipped": True}
     logger.info(f"fold {fold}: training: {why}")
     made_from = artifacts.fingerprint(cfg, "train", fold)
+    if cfg.ddp > 1:
+        logger.info(f"fold {fold}: {cfg.ddp} processes (DistributedDataParallel)")
+        distributed.launch(_ddp_worker, cfg.ddp, to_dict(cfg), folds, fold, made_from, str(artifacts.log_path(cfg)))
+    else:
+        device = get_device(cfg.device)
+        setup_device(device)
+        fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger)
+    best = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, fold))
+    artifacts.record(cfg, "train", fold, made_from)  # after every file of the fold: from now on it counts as done
+    if test is not None:
+        predict_test(cfg, best, test, fold, logger)
+    logger.info(f"fold {fold}: best {cfg.metric} {best['score']:.5f} at epoch {best['epoch']}")
+    return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"]}
 
-    device = get_device(cfg.device)
-    setup_device(device)
+
+def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int, made_from: dict, log_file: str) -> None:
+    """One of the processes torchrun's launcher started for a fold."""
+    import torch.distributed as dist
+
+    from .utils import get_logger
+
+    procs = distributed.start()
+    try:
+        logger = get_logger("kaggle", log_file) if procs.main else distributed.quiet_logger(procs.rank, logging.getLogger("kaggle"))
+        fit_fold(cfg_from_dict(cfg_dict), folds, fold, made_from, procs, logger)
+    finally:
+        dist.destroy_process_group()
+
+
+def validate(procs, model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale, norm):
+    """(loss, score, predictions, logits) over every process's share of the validation rows:
+    gathered to rank 0, which scores them and tells the others (they get None for the rows)."""
+    preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale, norm=norm)
+    loss = procs.mean(loss, len(loader.sampler))
+    preds, logits = procs.gather_rows(preds), procs.gather_rows(logits)
+    score = procs.broadcast(get_score(cfg.metric, targets, preds) if procs.main else None)
+    return loss, score, preds, logits
+
+
+def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: distributed.Processes,
+             logger: logging.Logger) -> None:
+    """The training loop of one fold in this process (one of procs.world): the best and last
+    checkpoints, metrics.jsonl, the OOF predictions and logits, written by rank 0."""
+    device, world = procs.device, procs.world
+    if cfg.batch_size % world:
+        raise ValueError(f"config key 'batch_size' ({cfg.batch_size}) must split evenly among ddp={world} processes")
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("config key 'sync_bn': SyncBatchNorm needs GPUs (NCCL); turn it off on the CPU")
+    local = dataclasses.replace(cfg, batch_size=cfg.batch_size // world)  # each process's share of the global batch
     classes = get_classes(folds, cfg) if cfg.task == "classification" else None
     scale = TargetScale(folds["target"].min(), folds["target"].max()) if cfg.task == "regression" else None
     train_df = folds[folds["fold"] != fold].reset_index(drop=True)
@@ -292,15 +334,21 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     model = create_model(cfg, n_out).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.compile else model
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    step_model = procs.wrap(model)  # DistributedDataParallel with several processes
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     norm = InputNorm(input_stats(cfg), device, cfg.channels_last)  # built once, constants on the device
     train_norm = InputNorm(input_stats(cfg), device, cfg.channels_last, augment=device_augment(cfg))
     criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out).to(device)
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **optimizer_kwargs(cfg, device))
+    if procs.main:  # one process builds the cache, the others then map it
+        create_cache(cfg, folds["path"].tolist(), logger)
+    procs.barrier()
     train_cache = create_cache(cfg, folds["path"].tolist(), logger)
-    train_loader = create_loader(cfg, train_df, train=True, cache=train_cache)  # once per fold: workers persist
-    valid_loader = create_loader(cfg, valid_df, train=False, cache=train_cache)
+    train_loader = create_loader(local, train_df, train=True, cache=train_cache, rank=procs.rank, world=world)  # once per fold
+    valid_loader = create_loader(local, valid_df, train=False, cache=train_cache, rank=procs.rank, world=world)
     steps = epoch_updates(len(train_loader), cfg.grad_accum)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.scheduler, num_epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
                                        min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
@@ -321,7 +369,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     last_path, best_path = artifacts.checkpoint_path(cfg, fold, "last"), artifacts.checkpoint_path(cfg, fold)
     if last_path.exists() and not cfg.retrain:
         last = artifacts.load_checkpoint(last_path)
-        if last.get("made_from") == artifacts.digest(made_from):
+        if last.get("made_from") == artifacts.digest(made_from):  # whatever the number of processes it was made with
             model.load_state_dict(last["model"])
             optimizer.load_state_dict(last["optimizer"])
             scheduler.load_state_dict(last["scheduler"])
@@ -334,9 +382,10 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         else:
             logger.info(f"fold {fold}: {last_path} was made from other settings or data; starting over")
 
-    logger.info(f"fold {fold}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}")
+    logger.info(f"fold {fold}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}"
+                + (f" x {world} processes" if world > 1 else ""))
     valid_targets = valid_df["target"].to_numpy()
-    wandb_run = _wandb_run(cfg, fold)
+    wandb_run = _wandb_run(cfg, fold) if procs.main else None
     for epoch in range(state["epoch"], epochs):
         if state["bad_epochs"] >= cfg.patience:
             break
@@ -350,53 +399,53 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch,
                                      scale, mix, ema, step_model, train_norm, frozen=frozen,
                                      warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs)
+        train_loss = procs.mean(train_loss, len(train_loader.sampler))
         scheduler.step(epoch + 1)
-        valid_loss, score, preds, logits = validate(eval_step, valid_loader, criterion, cfg, device, valid_targets, scale, norm)
+        valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device, valid_targets,
+                                                     scale, norm)
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_loss": round(valid_loss, 6),
                "metric": round(score, 6), "lr": max(g["lr"] for g in optimizer.param_groups),
                "time_s": 0.0, "mem_MiB": round(_memory_mib(device), 1)}
         if ema is not None:  # the raw weights' score too: is the EMA helping?
-            _, raw_score, _, _ = validate(step_model, valid_loader, criterion, cfg, device, valid_targets, scale, norm)
+            _, raw_score, _, _ = validate(procs, model, valid_loader, criterion, cfg, device, valid_targets, scale, norm)
             row.update(metric_raw=round(raw_score, 6), metric_ema=round(score, 6), ema_decay=round(ema.get_decay(steps * (epoch + 1)), 6))
         row["time_s"] = round(time.perf_counter() - start, 2)
         state["history"].append(row)
         improved = is_better(cfg.metric, score, state["best_score"])
         if improved:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_preds=preds, best_logits=logits)
-            artifacts.save_checkpoint({"model": eval_model.state_dict(), "cfg": to_dict(cfg), "classes": classes,
-                                       "epoch": epoch + 1, "score": score, "history": state["history"],
-                                       "num_features": model.num_features,
-                                       "target_range": (scale.low, scale.high) if scale else None}, best_path)
+            if procs.main:
+                artifacts.save_checkpoint({"model": eval_model.state_dict(), "cfg": to_dict(cfg), "classes": classes,
+                                           "epoch": epoch + 1, "score": score, "history": state["history"],
+                                           "num_features": model.num_features,
+                                           "target_range": (scale.low, scale.high) if scale else None}, best_path)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        artifacts.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                   "ema": ema.state_dict() if ema is not None else None, "state": state,
-                                   "cfg": to_dict(cfg), "made_from": artifacts.digest(made_from)}, last_path)
-        artifacts.write_metrics(cfg, fold, state["history"])
+        if procs.main:
+            artifacts.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                       "ema": ema.state_dict() if ema is not None else None, "state": state,
+                                       "cfg": to_dict(cfg), "made_from": artifacts.digest(made_from)}, last_path)
+            artifacts.write_metrics(cfg, fold, state["history"])
         if wandb_run is not None:
             wandb_run.log(row)
         logger.info(f"fold {fold} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f} "
                     f"{cfg.metric} {score:.5f}{' *' if improved else ''} ({row['time_s']:.1f}s)")
     if wandb_run is not None:
         wandb_run.finish()
-
-    oof = artifacts.frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
-    oof.insert(1, cfg.target_col, valid_df[cfg.target_col].to_numpy())
-    oof.insert(2, "fold", fold)
-    best = artifacts.load_checkpoint(best_path)
-    best["history"] = state["history"]
-    artifacts.save_checkpoint(best, best_path)
-    if not cfg.keep_last:  # a finished fold keeps its best weights only: optimizer and EMA state are many MB
-        last_path.unlink(missing_ok=True)
-    artifacts.save_logits(cfg, state.get("best_logits"), fold)  # None (resumed from a last.pt without them): no stale file
-    artifacts.write_predictions(cfg, "oof", oof, fold)
-    artifacts.record(cfg, "train", fold, made_from)  # last: from now on the fold counts as done
-    if test is not None:
-        predict_test(cfg, best, test, fold, logger, model=model, device=device)
-    logger.info(f"fold {fold}: best {cfg.metric} {state['best_score']:.5f} at epoch {state['best_epoch']}")
-    return {"fold": fold, "score": state["best_score"], "best_epoch": state["best_epoch"], "history": state["history"]}
+    if procs.main:
+        oof = artifacts.frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
+        oof.insert(1, cfg.target_col, valid_df[cfg.target_col].to_numpy())
+        oof.insert(2, "fold", fold)
+        best = artifacts.load_checkpoint(best_path)
+        best["history"] = state["history"]
+        artifacts.save_checkpoint(best, best_path)
+        if not cfg.keep_last:  # a finished fold keeps its best weights only: optimizer and EMA state are many MB
+            last_path.unlink(missing_ok=True)
+        artifacts.save_logits(cfg, state.get("best_logits"), fold)  # None (resumed from a last.pt without them): no stale file
+        artifacts.write_predictions(cfg, "oof", oof, fold)
+    procs.barrier()
 
 
 def load_model(ckpt: dict, device, runtime: CFG | None = None) -> nn.Module:
@@ -412,13 +461,11 @@ def load_model(ckpt: dict, device, runtime: CFG | None = None) -> nn.Module:
     return torch.compile(model) if model_cfg.compile else model  # as in training: every path that runs the model
 
 
-def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int, logger: logging.Logger,
-                 model: nn.Module | None = None, device=None) -> None:
+def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int, logger: logging.Logger) -> None:
     """Fold k's test predictions from its best checkpoint, recorded as made from it."""
     made_from = artifacts.fingerprint(cfg, "test", fold)
-    device = device or get_device(cfg.device)
-    model = model if model is not None else load_model(best, device, cfg)
-    model.load_state_dict(best["model"])
+    device = get_device(cfg.device)
+    model = load_model(best, device, cfg)
     scale = TargetScale(*best["target_range"]) if best.get("target_range") else None
     loader = create_loader(cfg, test, train=False, cache=create_cache(cfg, test["path"].tolist(), logger))
     preds = predict(model, loader, cfg, device, scale=scale)
