@@ -25,6 +25,10 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
         from .demo import write_digits
 
         write_digits(cfg.path(""))
+    if not cfg.path(cfg.train_csv).exists() and cfg.path("") == ROOT / "inputs" / "digits_multilabel":
+        from .demo import write_multilabel_digits
+
+        write_multilabel_digits(cfg.path(""))
     seed_everything(cfg.seed)
     logger = get_logger("kaggle", artifacts.log_path(cfg, log_name))
     artifacts.save_config(cfg)

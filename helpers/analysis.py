@@ -3,6 +3,8 @@
 Classification: the confusion matrix, the classification report, wrong_oof.csv (id, path, true
 class, predicted class, confidence; most confident first) and a grid of the most confident
 wrong images. Regression: residual plots, largest_errors.csv and a grid of the worst images.
+Multi-label: a per-label precision/recall/F1 table at the tuned thresholds, each label's
+TP/FP/FN/TN, wrong_oof.csv (the most confident misses and false alarms) and their images.
 Tables go to the experiment's analysis folder (helpers.artifacts); figures are helpers.plots'.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from . import artifacts, plots
 from .config import CFG
+from .metrics import fit_thresholds
 from .utils import atomic_to_csv
 
 
@@ -58,6 +61,42 @@ def regression_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir:
     return {"largest": largest, "residuals": fig, "grid": grid}
 
 
+def multilabel_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir: Path) -> dict:
+    """Per-label report and confusion counts at the experiment's thresholds, and the most
+    confident misses (a label the image has, predicted least likely) and false alarms."""
+    cols = [c for c in oof.columns if c.startswith("prob_")]
+    labels = [c[len("prob_"):] for c in cols]
+    y_true, probs = artifacts.oof_targets(cfg, oof)
+    score = artifacts.read_score(artifacts.exp_dir(cfg), missing_ok=True) or {}
+    saved = score.get("thresholds") or {}
+    thresholds = np.asarray([saved.get(label, 0.5) for label in labels]) if saved else fit_thresholds(cfg.metric, y_true, probs)
+    hit, truth = probs >= thresholds[None, :], y_true > 0.5
+    tp, fp = (hit & truth).sum(0), (hit & ~truth).sum(0)
+    fn, tn = (~hit & truth).sum(0), (~hit & ~truth).sum(0)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    report = pd.DataFrame({"support": truth.sum(0), "precision": precision, "recall": recall, "f1": f1,
+                           "threshold": thresholds, "tp": tp, "fp": fp, "fn": fn, "tn": tn}, index=labels).round(4)
+    atomic_to_csv(report.reset_index(names="label"), out_dir / "label_report.csv")
+    fig = plots.label_confusion(report, out_dir / "label_confusion.png")
+    paths = oof[[cfg.id_col]].merge(folds[[cfg.id_col, "path"]], on=cfg.id_col, how="left")["path"].to_numpy()
+    rows, cols_ = np.nonzero(truth & ~hit)
+    misses = pd.DataFrame({"id": oof[cfg.id_col].to_numpy()[rows], "path": paths[rows], "label": np.asarray(labels)[cols_],
+                           "kind": "miss", "prob": probs[rows, cols_]}).sort_values("prob")
+    rows, cols_ = np.nonzero(~truth & hit)
+    alarms = pd.DataFrame({"id": oof[cfg.id_col].to_numpy()[rows], "path": paths[rows], "label": np.asarray(labels)[cols_],
+                           "kind": "false alarm", "prob": probs[rows, cols_]}).sort_values("prob", ascending=False)
+    wrong = pd.concat([misses, alarms], ignore_index=True).round({"prob": 5})
+    atomic_to_csv(wrong, out_dir / "wrong_oof.csv")
+    top = pd.concat([misses.head(8), alarms.head(8)])
+    grid = None
+    if len(top):
+        grid = plots.image_grid(top["path"].tolist(), [f"{k}: {label} ({p:.2f})" for k, label, p in zip(top["kind"], top["label"], top["prob"])],
+                                out_dir / "wrong_confident.png")
+    return {"report": report, "confusion": fig, "wrong": wrong, "grid": grid}
+
+
 def error_analysis(cfg: CFG, folds: pd.DataFrame) -> dict | None:
     """Analyse the experiment's OOF predictions (None until every fold is trained)."""
     if not artifacts.predictions_path(cfg, "oof").exists():
@@ -65,4 +104,5 @@ def error_analysis(cfg: CFG, folds: pd.DataFrame) -> dict | None:
     oof = artifacts.read_predictions(cfg, "oof")
     out_dir = artifacts.analysis_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return (regression_errors if cfg.task == "regression" else classification_errors)(cfg, oof, folds, out_dir)
+    analyse = {"regression": regression_errors, "multilabel": multilabel_errors}.get(cfg.task, classification_errors)
+    return analyse(cfg, oof, folds, out_dir)

@@ -257,10 +257,19 @@ def frame_predictions(ids: pd.Series, preds: np.ndarray, cfg: CFG, classes: list
 
 
 def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true, y_pred) of an OOF frame: class indices + probabilities, or values."""
+    """(y_true, y_pred) of an OOF frame: class indices + probabilities, 0/1 per label +
+    probabilities (multi-label), or values."""
     if cfg.task == "regression":
         return oof[cfg.target_col].to_numpy(float), oof["pred"].to_numpy(float)
     cols = [c for c in oof.columns if c.startswith("prob_")]
+    if cfg.task == "multilabel":
+        index = {c[len("prob_"):]: j for j, c in enumerate(cols)}
+        y_true = np.zeros((len(oof), len(cols)))
+        for i, value in enumerate(oof[cfg.target_col]):
+            for label in (str(value).split(cfg.label_sep) if isinstance(value, str) else []):
+                if label in index:
+                    y_true[i, index[label]] = 1.0
+        return y_true, oof[cols].to_numpy(float)
     index = {c[len("prob_"):]: i for i, c in enumerate(cols)}
     return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
 
@@ -293,6 +302,15 @@ def read_score(folder: Path, missing_ok: bool = False) -> dict | None:
     if missing_ok and not path.exists():
         return None
     return json.loads(path.read_text())
+
+
+def score_thresholds(score: dict | None, classes: list | None) -> list[float] | None:
+    """Multi-label: each label's decision threshold, in the classes' order, from a score.json
+    (an experiment's or the ensemble's, tuned on its OOF predictions); None when none were tuned."""
+    saved = (score or {}).get("thresholds")
+    if not saved or classes is None:
+        return None
+    return [float(saved.get(str(c), 0.5)) for c in classes]
 
 
 def read_experiment(folder: Path, id_col: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -485,11 +503,14 @@ RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submis
                       "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
                       "submission_name", "keep_last", "ddp"})
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
+# multi-label keys count only for a multi-label task (so they leave other tasks' outputs alone)
+MULTILABEL_KEYS = ("label_cols", "label_sep", "labels")  # what the label matrix the folds stratify is read from
+MULTILABEL_TRAIN_KEYS = ("allow_empty", "label_weights", "pos_weight", "label_pos_weight")
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
 ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters")
 # everything else changes what a fold's CNN learns
-TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + FEATURE_KEYS + STACK_KEYS)
+TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + MULTILABEL_KEYS + MULTILABEL_TRAIN_KEYS + FEATURE_KEYS + STACK_KEYS)
                    | {"n_bins", "ensemble_method", "ensemble_iters"})
 PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
 EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
@@ -559,10 +580,11 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
     train_images = {f"{cfg.image_dir_train}/": images_digest(cfg, "train")}
     up = lambda *parts: {output_name(s, k): upstream_id(cfg, s, k) for s, k in parts}  # noqa: E731
     if stage == "folds":
-        keys = FOLD_KEYS + (("n_bins",) if cfg.task == "regression" else ())
+        keys = FOLD_KEYS + {"regression": ("n_bins",), "multilabel": MULTILABEL_KEYS}.get(cfg.task, ())
         return {"keys": _keys(cfg, keys), "files": train_csv, "upstream": {}}
     if stage == "train":
-        return {"keys": {**_keys(cfg, TRAIN_KEYS), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
+        keys = TRAIN_KEYS + (MULTILABEL_TRAIN_KEYS if cfg.task == "multilabel" else ())
+        return {"keys": {**_keys(cfg, keys), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
     if stage == "test":
         return {"keys": {}, "files": _test_files(cfg), "upstream": up(("train", fold))}
     if stage == "cv":

@@ -45,8 +45,13 @@ class CFG:
     image_ext: str = ""  # image file extension; '' tries the id as is, then .jpg .jpeg .png
     metadata_cols: list = field(default_factory=list)  # tabular columns fed to the stacker
     group_col: str = ""  # rows sharing a group stay in one fold ((Stratified)GroupKFold)
-    task: str = "classification"  # 'classification' | 'regression'
-    metric: str = "accuracy"  # 'accuracy' | 'f1_macro' | 'rmse' | 'roc_auc'
+    task: str = "classification"  # 'classification' | 'regression' | 'multilabel' (several labels per image)
+    metric: str = "accuracy"  # classification: 'accuracy' | 'f1_macro' | 'roc_auc'; regression: 'rmse'; multilabel: 'f1_micro' | 'f1_macro' | 'map' | 'roc_auc' | 'f2_ciw'
+    label_cols: list = field(default_factory=list)  # multilabel: one 0/1 column per label (else target_col holds the labels, label_sep apart)
+    label_sep: str = " "  # multilabel: what separates the labels in target_col ("cloudy primary water")
+    labels: list = field(default_factory=list)  # multilabel: the label vocabulary ([]: every label the training data names); others are errors
+    allow_empty: bool = True  # multilabel: a row may have no label
+    label_weights: dict = field(default_factory=dict)  # multilabel f2_ciw: importance weight per label (Sewer-ML's CIW; 1 where not given)
     # --- cross-validation ---------------------------------------------------------------
     n_folds: int = 5  # number of CV folds
     folds: list = field(default_factory=list)  # which folds to train; [] = all
@@ -78,7 +83,9 @@ class CFG:
     augment_pipeline: dict = field(default_factory=dict)  # an albumentations pipeline (A.to_dict form); replaces the preset
     hflip: bool = False  # presets add horizontal flips (off for text and digits, on for photos)
     tta: list = field(default_factory=list)  # test-time flips averaged at validation and test: 'hflip', 'vflip'
-    loss: str = "auto"  # 'auto' (ce / mse) | 'ce' | 'focal' | regression: 'bce' (Pawpularity) | 'mse'
+    loss: str = "auto"  # 'auto' (ce / mse / bce) | 'ce' | 'focal' | regression: 'bce' (Pawpularity) | 'mse' | multilabel: 'bce' | 'focal' | 'asl' (timm's asymmetric loss)
+    pos_weight: str = ""  # multilabel bce: '' | 'balanced' (each label's negatives / positives, at most 100)
+    label_pos_weight: dict = field(default_factory=dict)  # multilabel bce: a positive's weight for the labels named ({'crack': 20}), over 'balanced'
     label_smoothing: float = 0.0  # classification label smoothing
     class_weights: str = ""  # '' | 'balanced' (inverse class frequency)
     focal_alpha: float = 1.0  # focal loss weight
@@ -317,13 +324,14 @@ def check_config(cfg: CFG) -> None:
 
 
 CHOICES = {
-    "task": ("classification", "regression"),
-    "metric": ("accuracy", "f1_macro", "rmse", "roc_auc"),
+    "task": ("classification", "regression", "multilabel"),
+    "metric": ("accuracy", "f1_macro", "rmse", "roc_auc", "f1_micro", "map", "f2_ciw"),
     "arch": ARCHS,
     "in_chans": (1, 3),
     "amp_dtype": ("auto", "bf16", "fp16", "fp32"),
     "augment": ("none", "light", "medium", "heavy"),
-    "loss": ("auto", "ce", "focal", "bce", "mse"),
+    "loss": ("auto", "ce", "focal", "bce", "mse", "asl"),
+    "pos_weight": ("", "balanced"),
     "class_weights": ("", "balanced"),
     "features_from": ("folds", "pretrained"),
     "stacker": ("lgbm", "svr", "logistic"),
@@ -361,8 +369,16 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
     for key, interval in RANGES.items():
         if _outside(getattr(cfg, key), interval):
             out.append((key, f"config key '{key}' must be in {interval.replace('inf', '∞')}, got {getattr(cfg, key)!r}"))
+    task_metrics = {"classification": ("accuracy", "f1_macro", "roc_auc"), "regression": ("rmse",),
+                    "multilabel": ("f1_micro", "f1_macro", "map", "roc_auc", "f2_ciw")}[cfg.task] if cfg.task in CHOICES["task"] else ()
+    if cfg.task != "regression" and cfg.metric in CHOICES["metric"] and cfg.metric not in task_metrics:
+        out.append(("metric", f"config key 'metric': {cfg.task} takes {task_metrics}, got {cfg.metric!r}"))
     if cfg.task == "regression" and cfg.metric != "rmse":
         out.append(("metric", f"config key 'metric': regression supports 'rmse', got {cfg.metric!r}"))
+    for key in ("label_weights", "label_pos_weight"):
+        bad = {k: v for k, v in getattr(cfg, key).items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        if bad:
+            out.append((key, f"config key '{key}' takes a positive number per label, got {bad}"))
     bad_tta = [t for t in cfg.tta if t not in ("hflip", "vflip")]
     if bad_tta:
         out.append(("tta", f"config key 'tta' takes 'hflip' and 'vflip', got {bad_tta}"))

@@ -77,12 +77,17 @@ def id_problems(df: pd.DataFrame, id_col: str, path: Path) -> list[str]:
 
 def train_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
     """Every problem of train.csv's table: columns, rows, ids, the target, the groups."""
-    problems = column_problems(train, path, [cfg.id_col, cfg.target_col, *cfg.metadata_cols, cfg.group_col])
+    multilabel_cols = cfg.task == "multilabel" and bool(cfg.label_cols)
+    target = list(cfg.label_cols) if multilabel_cols else [cfg.target_col]
+    problems = column_problems(train, path, [cfg.id_col, *target, *cfg.metadata_cols, cfg.group_col])
     if len(train) == 0:
         return problems + [f"{path}: no rows"]
     if cfg.id_col in train:
         problems += id_problems(train, cfg.id_col, path)
-    if cfg.target_col in train:
+    if cfg.task == "multilabel":
+        if all(c in train for c in target):
+            problems += multilabel_problems(cfg, train, path)
+    elif cfg.target_col in train:
         nan = train[cfg.target_col].isna()
         if nan.any():
             problems.append(f"{path}: NaN in target column '{cfg.target_col}' (rows {_rows(nan)})")
@@ -102,6 +107,38 @@ def train_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
         groups = train[cfg.group_col].dropna().nunique()
         if groups < cfg.n_folds:
             problems.append(f"{path}: group column '{cfg.group_col}' has {groups} group(s), fewer than n_folds={cfg.n_folds}")
+    return problems
+
+
+def multilabel_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
+    """A multi-label target's problems: label columns that are not 0/1, labels outside
+    cfg.labels, rows without a label (unless allow_empty), labels with fewer positive rows
+    than folds (stratified folds cannot put one in every fold)."""
+    problems = []
+    if cfg.label_cols:
+        values = train[list(cfg.label_cols)]
+        bad = ~values.isin([0, 1]).all(axis=1)
+        if bad.any():
+            problems.append(f"{path}: label columns {list(cfg.label_cols)} must hold 0 or 1 (rows {_rows(bad)})")
+            return problems
+    else:
+        sets = label_sets(train[cfg.target_col], cfg.label_sep)
+        if cfg.labels:
+            known = set(map(str, cfg.labels))
+            unknown = pd.Series([bool(s - known) for s in sets])
+            if unknown.any():
+                names = sorted(set().union(*(s - known for s in sets)))
+                problems.append(f"{path}: labels {names[:8]} in '{cfg.target_col}' are not in config key 'labels' "
+                                f"(rows {_rows(unknown)})")
+    labels = get_classes(train, cfg)
+    matrix = multilabel_matrix(cfg, train, labels)
+    empty = pd.Series(matrix.sum(1) == 0)
+    if empty.any() and not cfg.allow_empty:
+        problems.append(f"{path}: {int(empty.sum())} row(s) have no label (rows {_rows(empty)}); "
+                        f"set allow_empty: true if that is a valid answer")
+    rare = [(label, int(n)) for label, n in zip(labels, matrix.sum(0)) if n < cfg.n_folds]
+    for label, n in rare:
+        problems.append(f"{path}: label {label!r} has {n} positive row(s), fewer than n_folds={cfg.n_folds}")
     return problems
 
 
@@ -125,7 +162,8 @@ def test_problems(cfg: CFG, test: pd.DataFrame, test_path: Path, sample: pd.Data
 def read_train(cfg: CFG) -> pd.DataFrame:
     """train.csv with `path` (resolved image file) and `target` (class index or float) added."""
     path = cfg.path(cfg.train_csv)
-    required = [cfg.id_col, cfg.target_col, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
+    target = list(cfg.label_cols) if cfg.task == "multilabel" and cfg.label_cols else [cfg.target_col]
+    required = [cfg.id_col, *target, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
     df = read_csv(path, required, "train CSV", cfg.id_col)
     problems = train_problems(cfg, df, path)
     if problems:
@@ -134,6 +172,11 @@ def read_train(cfg: CFG) -> pd.DataFrame:
     if cfg.task == "classification":
         classes = get_classes(df, cfg)
         df["target"] = df[cfg.target_col].map({c: i for i, c in enumerate(classes)}).astype(int)
+    elif cfg.task == "multilabel":  # a 0/1 vector per row; target_col the labels as one string
+        labels = get_classes(df, cfg)
+        matrix = multilabel_matrix(cfg, df, labels)
+        df["target"] = list(matrix)
+        df[cfg.target_col] = joined_labels(matrix, labels, cfg.label_sep)  # one spelling: a blank row is "", not NaN
     else:
         df["target"] = df[cfg.target_col].astype(float)
     if cfg.debug:  # tiny data; classification keeps every class, with enough rows for the folds
@@ -175,8 +218,37 @@ def read_sample_submission(cfg: CFG) -> pd.DataFrame:
 
 
 def get_classes(train: pd.DataFrame, cfg: CFG) -> list:
-    """The sorted class labels (strings or numbers) of a classification target."""
+    """The sorted class labels (strings or numbers) of a classification target; the labels of
+    a multi-label one (cfg.label_cols, cfg.labels, or every label train names, sorted)."""
+    if cfg.task == "multilabel":
+        if cfg.label_cols:
+            return list(cfg.label_cols)
+        return list(cfg.labels) or sorted(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
     return sorted(train[cfg.target_col].unique().tolist())
+
+
+def label_sets(column: pd.Series, sep: str) -> list[set[str]]:
+    """The labels of each row of a multi-label column ('cloudy primary water'; blank: none)."""
+    return [set(t for t in str(v).split(sep) if t) if isinstance(v, str) or not pd.isna(v) else set() for v in column]
+
+
+def multilabel_matrix(cfg: CFG, df: pd.DataFrame, labels: list) -> np.ndarray:
+    """Rows x labels, 1.0 where a row has the label: from the 0/1 label_cols, or from the labels
+    in target_col."""
+    if cfg.label_cols:
+        return df[list(cfg.label_cols)].to_numpy(dtype=float)
+    index = {label: j for j, label in enumerate(labels)}
+    out = np.zeros((len(df), len(labels)))
+    for i, row in enumerate(label_sets(df[cfg.target_col], cfg.label_sep)):
+        for label in row:
+            if label in index:
+                out[i, index[label]] = 1.0
+    return out
+
+
+def joined_labels(matrix: np.ndarray, labels: list, sep: str) -> list[str]:
+    """Each row's labels written back as one string."""
+    return [sep.join(str(labels[j]) for j in np.flatnonzero(row > 0.5)) for row in np.asarray(matrix)]
 
 
 def locate_images(ids: pd.Series, image_dir: Path, image_ext: str) -> list[tuple[str | None, list[str]]]:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from . import artifacts
 from .config import CFG
-from .metrics import HIGHER_IS_BETTER, get_score
+from .metrics import HIGHER_IS_BETTER, cross_fitted, fit_thresholds, get_score, label_weights
 
 
 @dataclass
@@ -52,8 +52,9 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Colle
         if (oof["fold"].to_numpy() != ref_oof["fold"].to_numpy()).any():
             logger.warning(f"experiment '{name}' used other folds than '{found[0].name}': its held-out scores are optimistic")
         y_true, y_pred = artifacts.oof_targets(cfg, oof)
+        weights = label_weights(cfg.label_weights, [c[len("prob_"):] for c in cols]) if cfg.task == "multilabel" else None
         experiments.append(Experiment(name, y_pred.reshape(len(oof), -1), test[cols].to_numpy(float),
-                                      get_score(cfg.metric, y_true, y_pred)))
+                                      get_score(cfg.metric, y_true, y_pred, weights=weights)))
         ref_y = y_true if ref_y is None else ref_y  # rows are aligned: every experiment's y_true is the same
     return Collection(experiments, ref_oof, ref_y, ref_test[cfg.id_col])
 
@@ -73,17 +74,19 @@ def blend(preds: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     return sum(w * p for w, p in zip(weights, preds)) / weights.sum()
 
 
-def hill_climb(preds: list[np.ndarray], y_true: np.ndarray, metric: str, iters: int = 50) -> np.ndarray:
+def hill_climb(preds: list[np.ndarray], y_true: np.ndarray, metric: str, iters: int = 50,
+               weights: np.ndarray | None = None) -> np.ndarray:
     """Caruana's ensemble selection: start from the best model, then repeatedly add (with
     replacement) the model that most improves the blend; weights are the selection counts.
     Never worse in sample than the best single model."""
     sign = 1 if HIGHER_IS_BETTER[metric] else -1
-    singles = [sign * get_score(metric, y_true, p) for p in preds]
+    singles = [sign * get_score(metric, y_true, p, weights=weights) for p in preds]
     counts = np.zeros(len(preds))
     counts[int(np.argmax(singles))] = 1
     best = max(singles)
     for _ in range(iters):
-        trials = [sign * get_score(metric, y_true, blend(preds, counts + np.eye(len(preds))[i])) for i in range(len(preds))]
+        trials = [sign * get_score(metric, y_true, blend(preds, counts + np.eye(len(preds))[i]), weights=weights)
+                  for i in range(len(preds))]
         i = int(np.argmax(trials))
         if trials[i] <= best:
             break
@@ -103,13 +106,16 @@ def normalise_rows(pred: np.ndarray) -> np.ndarray:
 
 
 def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.ndarray, metric: str,
-                 method: str = "hill", iters: int = 50) -> dict:
+                 method: str = "hill", iters: int = 50, label_weights: np.ndarray | None = None) -> dict:
     """Blend the experiments' OOF and test predictions.
 
     'hill': weights by hill climbing on all OOF rows (the in-sample score), and judged honestly:
     for each fold, weights fitted on the other folds score that fold (the held-out score).
-    'mean': equal weights. 'rank': equal-weight average of per-column ranks (classification).
+    'mean': equal weights. 'rank': equal-weight average of per-column ranks.
+    Multi-label: the held-out score also uses thresholds tuned on the other folds, and the
+    thresholds tuned on every OOF row come back for the test set ('thresholds').
     Returns weights, in_sample, held_out, oof and test (the blended predictions)."""
+    multilabel = np.asarray(y_true).ndim == 2
     oofs, tests = [e.oof for e in experiments], [e.test for e in experiments]
     if method == "hill" and len(np.unique(folds)) < 2:
         raise ValueError(f"hill climbing judges its weights on held-out folds, and the OOF rows come from fold "
@@ -118,20 +124,24 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
         oofs = [rank_transform(p) for p in oofs]
         tests = [rank_transform(p) for p in tests]
     if method == "hill":
-        weights = hill_climb(oofs, y_true, metric, iters)
+        weights = hill_climb(oofs, y_true, metric, iters, label_weights)
         held_out = np.zeros_like(oofs[0])
         for k in np.unique(folds):
             trn, val = folds != k, folds == k
-            w = hill_climb([p[trn] for p in oofs], y_true[trn], metric, iters)
+            w = hill_climb([p[trn] for p in oofs], y_true[trn], metric, iters, label_weights)
             held_out[val] = blend([p[val] for p in oofs], w)
     else:
         weights = np.full(len(oofs), 1.0 / len(oofs))
         held_out = blend(oofs, weights)  # nothing is fitted: in-sample is held-out
     oof, test = blend(oofs, weights), blend(tests, weights)
-    if method == "rank":
+    if method == "rank" and not multilabel:
         oof, test, held_out = normalise_rows(oof), normalise_rows(test), normalise_rows(held_out)
-    return {"method": method, "weights": weights, "in_sample": get_score(metric, y_true, oof),
-            "held_out": get_score(metric, y_true, held_out), "oof": oof, "test": test}
+    result = {"method": method, "weights": weights, "in_sample": get_score(metric, y_true, oof, weights=label_weights),
+              "held_out": get_score(metric, y_true, held_out, weights=label_weights), "oof": oof, "test": test}
+    if multilabel:
+        result["held_out"] = cross_fitted(metric, y_true, held_out, folds, label_weights)[0]
+        result["thresholds"] = fit_thresholds(metric, y_true, oof)
+    return result
 
 
 def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
@@ -198,18 +208,22 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     made_from = artifacts.fingerprint(cfg, "ensemble")
     collection = collect_experiments(cfg, logger)
     experiments = collection.experiments
+    classes = classes_of(cfg, read_train(cfg))
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
-                          cfg.ensemble_method, cfg.ensemble_iters)
+                          cfg.ensemble_method, cfg.ensemble_iters,
+                          label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None)
     weights = pd.DataFrame({"experiment": [e.name for e in experiments], "cv": [e.score for e in experiments],
                             "weight": result["weights"]})
     results = results_table(cfg, result)
-    classes = classes_of(cfg, read_train(cfg))
-    submission = create_submission(cfg, collection.test_ids, result["test"], classes)
+    thresholds = result.get("thresholds")
+    submission = create_submission(cfg, collection.test_ids, result["test"], classes, thresholds)
     paths = write_submission(cfg, submission, classes)
     lb = local_lb(cfg, submission, classes)
     artifacts.write_ensemble_score(cfg, {"metric": cfg.metric, "method": result["method"], "in_sample": result["in_sample"],
                                          "held_out": result["held_out"], "local_lb": lb,
                                          "weights": dict(zip(weights["experiment"], weights["weight"])),
+                                         **({"thresholds": dict(zip(map(str, classes), map(float, thresholds)))}
+                                            if thresholds is not None else {}),
                                          "submission": str(paths[0])})
     artifacts.record(cfg, "ensemble", made_from=made_from)
     logger.info(f"ensemble ({result['method']}): {cfg.metric} {result['in_sample']:.5f} in-sample, "

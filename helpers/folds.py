@@ -1,5 +1,7 @@
 """Cross-validation folds: StratifiedKFold for classification, stratified on a binned target
-for regression, (Stratified)GroupKFold when `group_col` is set. Saved as folds.csv, remade
+for regression, MultilabelStratifiedKFold (iterative-stratification) for multi-label targets,
+grouped when `group_col` is set ((Stratified)GroupKFold; multi-label groups stratified on
+their labels). Saved as folds.csv, remade
 whenever what they were made from (train.csv, n_folds, seed, group_col, n_bins, ...) changed."""
 from __future__ import annotations
 
@@ -23,8 +25,33 @@ def stratify_labels(cfg: CFG, train: pd.DataFrame) -> np.ndarray:
     return train["target"].to_numpy()
 
 
+def multilabel_folds(cfg: CFG, train: pd.DataFrame) -> np.ndarray:
+    """Each row's fold: iterative stratification of the label matrix (every label's positives
+    spread over the folds); with group_col, of the groups' label matrices (a group's rows stay
+    together)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    matrix = np.stack(train["target"].to_numpy())
+    splitter = MultilabelStratifiedKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
+    if not cfg.group_col:
+        fold = np.full(len(train), -1)
+        for k, (_, valid_idx) in enumerate(splitter.split(np.zeros(len(train)), matrix)):
+            fold[valid_idx] = k
+        return fold
+    groups = train[cfg.group_col].astype(str).to_numpy()
+    names, inverse = np.unique(groups, return_inverse=True)
+    per_group = np.zeros((len(names), matrix.shape[1]))
+    np.maximum.at(per_group, inverse, matrix)
+    group_fold = np.full(len(names), -1)
+    for k, (_, valid_idx) in enumerate(splitter.split(np.zeros(len(names)), per_group)):
+        group_fold[valid_idx] = k
+    return group_fold[inverse]
+
+
 def create_folds(cfg: CFG, train: pd.DataFrame) -> pd.DataFrame:
     """`train` with a `fold` column (0..n_folds-1)."""
+    if cfg.task == "multilabel":
+        return train.assign(fold=multilabel_folds(cfg, train))
     if cfg.task == "classification":
         problems = class_count_problems(cfg, train, cfg.path(cfg.train_csv))
         if problems:

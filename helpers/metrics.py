@@ -1,18 +1,34 @@
-"""The competition metrics: `get_score`, which direction is better, and comparisons."""
+"""The competition metrics: `get_score`, which direction is better, and, for multi-label tasks,
+per-label decision thresholds tuned on out-of-fold predictions.
+
+Multi-label metrics take `y_true` as a 0/1 matrix [n, labels] and `y_pred` as probabilities of
+the same shape: 'f1_micro', 'f1_macro', 'f2_ciw' (Sewer-ML's class-importance-weighted F2)
+need thresholds (one per label; tuned on the rows themselves when none are given: the score a
+model can reach, used to compare epochs and blends), 'map' (mean average precision) and
+'roc_auc' (macro) do not. The CV an experiment reports uses `cross_fitted`: each fold scored
+with the thresholds tuned on the other folds.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "roc_auc": True, "rmse": False}
+HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "roc_auc": True, "rmse": False, "f1_micro": True, "map": True,
+                    "f2_ciw": True}
+THRESHOLD_METRICS = ("f1_micro", "f1_macro", "f2_ciw")
+GRID = np.round(np.arange(0.02, 0.99, 0.02), 2)  # the thresholds tried for each label
 
 
-def get_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+def get_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresholds: np.ndarray | None = None,
+              weights: np.ndarray | None = None) -> float:
     """The competition metric. Classification: `y_true` class indices, `y_pred` probabilities
-    [n, n_classes]. Regression: both 1-d values on the original scale."""
+    [n, n_classes]. Regression: both 1-d values on the original scale. Multi-label: see the
+    module docstring (`weights`: f2_ciw's per-label importance)."""
     from sklearn import metrics
 
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
+    if y_true.ndim == 2:
+        return multilabel_score(metric, y_true, y_pred, thresholds, weights)
     if metric == "rmse":
         return float(np.sqrt(metrics.mean_squared_error(y_true, y_pred.reshape(len(y_true)))))
     if metric == "accuracy":
@@ -30,3 +46,86 @@ def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
     return new > best if HIGHER_IS_BETTER[metric] else new < best
+
+
+# --- multi-label ---------------------------------------------------------------------------------
+def _counts(y_true: np.ndarray, y_pred: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(tp, fp, fn) per label at one threshold per label."""
+    hit = y_pred >= thresholds[None, :]
+    truth = y_true > 0.5
+    return (hit & truth).sum(0), (hit & ~truth).sum(0), (~hit & truth).sum(0)
+
+
+def _f_beta(tp, fp, fn, beta: float = 1.0) -> np.ndarray:
+    b2 = beta * beta
+    denominator = (1 + b2) * tp + b2 * fn + fp
+    return np.where(denominator > 0, (1 + b2) * tp / np.maximum(denominator, 1e-12), 0.0)
+
+
+def multilabel_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresholds: np.ndarray | None = None,
+                     weights: np.ndarray | None = None) -> float:
+    from sklearn import metrics
+
+    y_true, y_pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    present = (y_true > 0.5).any(0) & (y_true < 0.5).any(0)  # labels with both kinds of row here
+    if metric == "map":
+        return float(np.mean([metrics.average_precision_score(y_true[:, j], y_pred[:, j]) for j in np.flatnonzero(present)]))
+    if metric == "roc_auc":
+        return float(np.mean([metrics.roc_auc_score(y_true[:, j], y_pred[:, j]) for j in np.flatnonzero(present)]))
+    if metric not in THRESHOLD_METRICS:
+        raise ValueError(f"unknown multi-label metric '{metric}'")
+    thresholds = fit_thresholds(metric, y_true, y_pred) if thresholds is None else np.asarray(thresholds, dtype=float)
+    tp, fp, fn = _counts(y_true, y_pred, thresholds)
+    if metric == "f1_micro":
+        return float(_f_beta(tp.sum(), fp.sum(), fn.sum()))
+    if metric == "f1_macro":
+        return float(_f_beta(tp, fp, fn).mean())
+    w = np.ones(y_true.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    return float((w * _f_beta(tp, fp, fn, beta=2.0)).sum() / w.sum())
+
+
+def fit_thresholds(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """One threshold per label, from GRID, maximising that label's F1 (F2 for f2_ciw) on
+    these rows; 0.5 for a label with no positive row."""
+    y_true, y_pred = np.asarray(y_true) > 0.5, np.asarray(y_pred, dtype=float)
+    beta = 2.0 if metric == "f2_ciw" else 1.0
+    out = np.full(y_true.shape[1], 0.5)
+    for j in range(y_true.shape[1]):
+        if not y_true[:, j].any():
+            continue
+        hit = y_pred[:, j, None] >= GRID[None, :]  # [n, grid]
+        tp = (hit & y_true[:, j, None]).sum(0)
+        fp = (hit & ~y_true[:, j, None]).sum(0)
+        fn = y_true[:, j].sum() - tp
+        out[j] = GRID[int(np.argmax(_f_beta(tp, fp, fn, beta)))]
+    return out
+
+
+def label_weights(weights: dict, labels: list) -> np.ndarray | None:
+    """f2_ciw's importance weight of each label, in the labels' order (1 where none is given)."""
+    if not weights:
+        return None
+    return np.asarray([float(weights.get(str(label), weights.get(label, 1.0))) for label in labels])
+
+
+def cross_fitted(metric: str, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray,
+                 weights: np.ndarray | None = None) -> tuple[float, list[float], np.ndarray]:
+    """(score over all rows, score of each fold, thresholds tuned on all rows): every fold's
+    rows judged with thresholds tuned on the other folds, so no score is tuned on the rows it
+    scores. Metrics without thresholds are scored as they are."""
+    y_true, y_pred, folds = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float), np.asarray(folds)
+    ks = sorted(np.unique(folds))
+    if metric not in THRESHOLD_METRICS or len(ks) < 2:
+        per_fold = [get_score(metric, y_true[folds == k], y_pred[folds == k], weights=weights) for k in ks]
+        thresholds = fit_thresholds(metric, y_true, y_pred)
+        return get_score(metric, y_true, y_pred, weights=weights), per_fold, thresholds
+    binary = np.zeros_like(y_pred)
+    per_fold = []
+    for k in ks:
+        rows = folds == k
+        t = fit_thresholds(metric, y_true[~rows], y_pred[~rows])
+        binary[rows] = (y_pred[rows] >= t[None, :]).astype(float)
+        per_fold.append(get_score(metric, y_true[rows], y_pred[rows], t, weights))
+    # the thresholded predictions of every fold at once: thresholds of 0.5 on 0/1 keep them
+    score = get_score(metric, y_true, binary, np.full(y_true.shape[1], 0.5), weights)
+    return score, per_fold, fit_thresholds(metric, y_true, y_pred)

@@ -33,7 +33,7 @@ import pandas as pd
 
 from . import artifacts
 from .config import ROOT, CFG, cfg_from_dict, experiment_names, load_cfg, parse_set, to_dict
-from .data import locate_images, read_csv, read_train
+from .data import get_classes, label_sets, locate_images, read_csv, read_train
 from .ensemble import blend, normalise_rows, rank_transform
 from .utils import atomic_to_csv, atomic_write_text, get_logger
 
@@ -124,10 +124,11 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
     for name, folds in cnn_folds.items():
         _pack_cnn(root / name, out, sorted(folds), fp16)
     train = read_train(cfg)
-    classes = sorted(train[cfg.target_col].unique().tolist()) if cfg.task == "classification" else None
+    classes = None if cfg.task == "regression" else get_classes(train, cfg)
     spec = {"cfg": to_dict(cfg), "classes": classes, "fallback": _fallback(cfg, train, classes),
             "blend": {"method": score["method"], "members": members}, "cnn": {n: sorted(f) for n, f in cnn_folds.items()},
-            "backbones": sorted(backbones), "cv": {"in_sample": score["in_sample"], "held_out": score["held_out"]}}
+            "backbones": sorted(backbones), "cv": {"in_sample": score["in_sample"], "held_out": score["held_out"]},
+            "thresholds": artifacts.score_thresholds(score, classes)}
     return _finish(out, spec)
 
 
@@ -147,7 +148,8 @@ def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False)
     train = pd.read_csv(oof_path) if oof_path.exists() else None
     spec = {"cfg": to_dict(cfg), "classes": classes, "fallback": _fallback(cfg, train, classes),
             "blend": {"method": "mean", "members": [{"name": exp_dir.name, "kind": "cnn", "weight": 1.0, "folds": folds}]},
-            "cnn": {exp_dir.name: folds}, "backbones": [], "cv": None}
+            "cnn": {exp_dir.name: folds}, "backbones": [], "cv": None,
+            "thresholds": artifacts.score_thresholds(artifacts.read_score(exp_dir, missing_ok=True), classes)}
     return _finish(out, spec)
 
 
@@ -158,6 +160,9 @@ def _fallback(cfg: CFG, train: pd.DataFrame | None, classes: list | None) -> lis
         return [1.0 / len(classes)] * len(classes) if classes else [0.0]
     if cfg.task == "regression":
         return [float(train[cfg.target_col].mean())]
+    if cfg.task == "multilabel":  # each label's share of the training rows
+        sets = label_sets(train[cfg.target_col], cfg.label_sep)
+        return [float(np.mean([str(c) in s for s in sets])) for c in classes]
     counts = train[cfg.target_col].astype(str).value_counts()
     return [float(counts.get(str(c), 0) / counts.sum()) for c in classes]
 
@@ -225,7 +230,8 @@ def run_package(package_dir: str | Path, competition_dir: str | Path, output_csv
 
     logger = logger or get_logger("kaggle.package")
     cfg, test, blended, classes, seconds = predict_package(package_dir, competition_dir, device, logger)
-    submission = create_submission(cfg, test[cfg.id_col], blended, classes)
+    spec = json.loads((Path(package_dir) / "package.json").read_text())
+    submission = create_submission(cfg, test[cfg.id_col], blended, classes, spec.get("thresholds"))
     check_submission(cfg, submission, classes)
     if output_csv is not None:
         atomic_to_csv(submission, output_csv)
@@ -280,7 +286,8 @@ def predict_package(package_dir: str | Path, competition_dir: str | Path, device
         p[rows] = fallback
     weights = np.asarray([m["weight"] for m in members], dtype=float)
     if spec["blend"]["method"] == "rank":
-        blended = normalise_rows(blend([rank_transform(p) for p in preds], weights))
+        blended = blend([rank_transform(p) for p in preds], weights)
+        blended = blended if cfg.task == "multilabel" else normalise_rows(blended)
     else:
         blended = blend(preds, weights)
     blended[rows] = fallback

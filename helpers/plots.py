@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .data import read_thumbnail
+from .data import label_sets, read_thumbnail
 from .utils import save_figure
 
 
@@ -41,8 +41,26 @@ def sample_grid(df: pd.DataFrame, label_col: str, path=None, n: int = 24, seed: 
     return image_grid(rows["path"].tolist(), rows[label_col].astype(str).tolist(), path)
 
 
-def target_balance(df: pd.DataFrame, target_col: str, task: str, path=None):
-    """Class counts (classification) or the target's histogram (regression)."""
+def label_counts(column: pd.Series, sep: str = " ") -> pd.Series:
+    """Multi-label: rows holding each label (labels in `column`, `sep` apart), by label."""
+    counts = pd.Series([label for labels in label_sets(column, sep) for label in labels], dtype=object).value_counts()
+    return counts.sort_index()
+
+
+def target_balance(df: pd.DataFrame, target_col: str, task: str, path=None, label_sep: str = " "):
+    """Class counts (classification), the target's histogram (regression), or the rows holding
+    each label beside the number of labels per row (multilabel)."""
+    if task == "multilabel":
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+        counts = label_counts(df[target_col], label_sep)
+        sns.barplot(x=counts.index.astype(str), y=counts.values, ax=ax, color="C0")
+        ax.set_ylabel("rows with the label")
+        ax.tick_params(axis="x", rotation=90 if len(counts) > 15 else 0)
+        per_row = pd.Series([len(s) for s in label_sets(df[target_col], label_sep)]).value_counts().sort_index()
+        sns.barplot(x=per_row.index, y=per_row.values, ax=ax2, color="C1")
+        ax2.set(xlabel="labels per row", ylabel="rows")
+        ax.set_title(f"{target_col}: label counts")
+        return _done(fig, path)
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if task == "regression":
         sns.histplot(df[target_col], bins=40, ax=ax)
@@ -63,8 +81,23 @@ def image_sizes(sizes: pd.DataFrame, path=None):
     return _done(fig, path)
 
 
-def fold_distribution(folds: pd.DataFrame, target_col: str, task: str, path=None):
-    """Rows per fold and class (or the target's distribution per fold)."""
+def fold_shares(folds: pd.DataFrame, target_col: str, label_sep: str = " ") -> pd.DataFrame:
+    """Multi-label: the share of each fold's rows that hold each label (fold x label)."""
+    sets = label_sets(folds[target_col], label_sep)
+    labels = sorted({label for s in sets for label in s}, key=str)
+    hot = pd.DataFrame([[label in s for label in labels] for s in sets], columns=labels, index=folds.index)
+    return hot.groupby(folds["fold"].to_numpy()).mean().rename_axis("fold")
+
+
+def fold_distribution(folds: pd.DataFrame, target_col: str, task: str, path=None, label_sep: str = " "):
+    """Rows per fold and class, the target's distribution per fold, or (multilabel) the share
+    of each fold's rows holding each label: even columns mean well-stratified folds."""
+    if task == "multilabel":
+        shares = fold_shares(folds, target_col, label_sep)
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * shares.shape[1] + 2), 0.5 * len(shares) + 1.5))
+        sns.heatmap(shares, annot=shares.shape[1] <= 20, fmt=".2f", cmap="Blues", ax=ax, cbar_kws={"label": "share of rows"})
+        ax.set_title("label share per fold")
+        return _done(fig, path)
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if task == "regression":
         sns.boxplot(data=folds, x="fold", y=target_col, ax=ax)
@@ -131,6 +164,18 @@ def confusion_heatmap(cm: np.ndarray, classes: list[str], title: str, path=None)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     sns.heatmap(cm, annot=len(classes) <= 30, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax)
     ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _done(fig, path)
+
+
+def label_confusion(report: pd.DataFrame, path=None):
+    """Multi-label: each label's true/false positives and negatives (shares of its rows) and
+    its precision, recall and F1, as a heatmap."""
+    counts = report[["tp", "fp", "fn", "tn"]].astype(float)
+    shares = counts.div(counts.sum(axis=1), axis=0)
+    table = pd.concat([shares, report[["precision", "recall", "f1"]]], axis=1)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(table) + 1.5))
+    sns.heatmap(table, annot=len(table) <= 40, fmt=".2f", cmap="Blues", vmin=0, vmax=1, ax=ax, cbar=False)
+    ax.set_title("per label: outcome shares at its threshold, and precision / recall / F1 (OOF)")
     return _done(fig, path)
 
 

@@ -6,7 +6,10 @@ its config.
     results = predictor.predict(["a.png", "b.jpg", image_array])
 
 One result per item, in order: id (the path, or the item's index for an array), label,
-confidence and the class probabilities (or the regression value). An item that cannot be
+confidence and the class probabilities (or the regression value). Multi-label: `labels`, the
+labels whose probability reaches the threshold tuned on the experiment's OOF predictions
+(score.json; 0.5 without one), `label` those labels joined by cfg.label_sep, `confidence`
+the lowest probability among them, and every label's probability. An item that cannot be
 read gets label "ERROR" and the reason; the others are unaffected. It logs the count, the
 time per image, successes/failures and the predicted class distribution, and writes no files.
 
@@ -36,6 +39,7 @@ from . import artifacts
 from .config import CFG
 from .data import InputNorm, create_transforms, input_stats, read_image
 from .losses import TargetScale
+from .submission import multilabel_decisions
 from .train import autocast, load_model, predict_batch
 from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
 
@@ -60,8 +64,9 @@ class Predictor:
     """Every fold's best model of one experiment; `predict(items)` averages them."""
 
     def __init__(self, cfg: CFG, models: list[torch.nn.Module], classes: list | None, scale: TargetScale | None,
-                 device: torch.device, logger: logging.Logger | None = None):
+                 device: torch.device, logger: logging.Logger | None = None, thresholds: list[float] | None = None):
         self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
+        self.thresholds = thresholds  # multilabel: one per class (None: 0.5)
         self.transform = create_transforms(cfg, train=False)  # the model's own preprocessing, from its checkpoint's config
         self.norm = InputNorm(input_stats(cfg), device, cfg.channels_last)
         self.logger = logger or get_logger("kaggle.predict")
@@ -78,7 +83,12 @@ class Predictor:
             paths = [p for p in paths if int(p.parent.name[4:]) in folds]
         if not paths:
             raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
-        return cls.from_checkpoints([artifacts.load_checkpoint(p) for p in paths], device, [str(p) for p in paths])
+        predictor = cls.from_checkpoints([artifacts.load_checkpoint(p) for p in paths], device, [str(p) for p in paths])
+        if predictor.cfg.task == "multilabel":
+            predictor.thresholds = artifacts.score_thresholds(artifacts.read_score(exp_dir, missing_ok=True), predictor.classes)
+            if predictor.thresholds is None:
+                predictor.logger.warning(f"{exp_dir} has no tuned thresholds (score.json): labels are those at 0.5 or above")
+        return predictor
 
     @classmethod
     def from_checkpoints(cls, ckpts: list[dict], device: str = "auto", names: list[str] | None = None) -> "Predictor":
@@ -140,12 +150,20 @@ class Predictor:
         start = time.perf_counter()
         preds, errors = self.predict_array(list(items), progress)
         results = []
+        if self.cfg.task == "multilabel":
+            good = np.nan_to_num(preds)
+            hits = multilabel_decisions(self.cfg, good, self.thresholds).astype(bool)
         for i, item in enumerate(items):
             rid = str(item) if isinstance(item, (str, Path)) else i
             if i in errors:
                 results.append({"id": rid, "label": "ERROR", "confidence": None, "error": errors[i]})
             elif self.cfg.task == "regression":
                 results.append({"id": rid, "label": float(preds[i, 0]), "confidence": None, "value": float(preds[i, 0])})
+            elif self.cfg.task == "multilabel":
+                labels = [self.classes[k] for k in np.flatnonzero(hits[i])]
+                results.append({"id": rid, "label": self.cfg.label_sep.join(map(str, labels)), "labels": labels,
+                                "confidence": float(preds[i, hits[i]].min()) if labels else None,
+                                "probs": {str(c): float(p) for c, p in zip(self.classes, preds[i])}})
             else:
                 probs = preds[i]
                 k = int(np.argmax(probs))
@@ -154,9 +172,12 @@ class Predictor:
         seconds = time.perf_counter() - start
         ok = len(items) - len(errors)
         dist = Counter(str(r["label"]) for r in results if r["label"] != "ERROR") if self.cfg.task == "classification" else {}
+        if self.cfg.task == "multilabel":
+            dist = Counter(str(label) for r in results for label in r.get("labels", []))
+            dist.update({"(none)": sum(1 for r in results if r["label"] == "")} if any(r["label"] == "" for r in results) else {})
         self.logger.info(f"predicted {len(items)} item(s) with {len(self.models)} fold model(s) in {seconds:.2f}s "
                          f"({1000 * seconds / max(len(items), 1):.1f} ms/image): {ok} ok, {len(errors)} failed"
-                         + (f"; classes {dict(dist.most_common())}" if dist else ""))
+                         + (f"; {'labels' if self.cfg.task == 'multilabel' else 'classes'} {dict(dist.most_common())}" if dist else ""))
         return results
 
 

@@ -10,6 +10,7 @@ same CNN. No row's stacker prediction comes from a model that saw or was tuned o
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -31,6 +32,7 @@ from sklearn.svm import SVC, SVR
 from . import artifacts
 from .cache import create_cache
 from .config import CFG
+from .data import get_classes
 from .metrics import HIGHER_IS_BETTER, get_score
 from .models import TimmModel
 from .train import create_loader, load_model, predict, write_score
@@ -115,6 +117,22 @@ class FoldStacker:
         if cfg.stacker == "lgbm":
             self.categories = {c: sorted(X[c].dropna().unique().tolist()) for c in _text_columns(X)}
             X = self.frame(emb, rows)
+        if self.task == "multilabel":  # one binary head per label, early-stopped on its own ROC AUC
+            binary = dataclasses.replace(cfg, task="classification", metric="roc_auc")
+            Y = np.asarray(y, dtype=float)
+            self.model, importances = [], []
+            for j in range(Y.shape[1]):
+                yj = Y[:, j].astype(int)
+                if yj.min() == yj.max():  # a label these rows never (or always) show: its share
+                    self.model.append(float(yj[0]))
+                    continue
+                fitted = _fit_lgbm(binary, X, yj, 2, seed) if cfg.stacker == "lgbm" else _fit_sklearn(binary, X, yj)
+                self.model.append(fitted[0])
+                if fitted[1] is not None:
+                    importances.append(fitted[1])
+                self.trees = max(self.trees, fitted[2])
+            self.importance = pd.concat(importances, axis=1).mean(axis=1) if importances else None
+        elif cfg.stacker == "lgbm":
             self.model, self.importance, self.trees = _fit_lgbm(cfg, X, y, self.n_classes, seed)
         else:
             self.model, _, self.trees = _fit_sklearn(cfg, X, y)
@@ -126,6 +144,9 @@ class FoldStacker:
         X = self.frame(emb, rows)
         if self.task == "regression":
             return self.model.predict(X)
+        if self.task == "multilabel":
+            return np.column_stack([np.full(len(X), m) if isinstance(m, float)
+                                    else m.predict_proba(X)[:, list(m.classes_).index(1)] for m in self.model])
         proba = self.model.predict_proba(X)
         full = np.zeros((len(X), self.n_classes))
         full[:, np.asarray(self.model.classes_).astype(int)] = proba
@@ -223,9 +244,9 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
     logger.info(f"{out_cfg.experiment}: stacking: {why}")
     made_from = artifacts.fingerprint(cfg, "stacking")
     start = time.perf_counter()
-    classes = sorted(folds[cfg.target_col].unique().tolist()) if cfg.task == "classification" else None
+    classes = None if cfg.task == "regression" else get_classes(folds, cfg)
     n_classes = len(classes) if classes else 1
-    y = folds["target"].to_numpy()
+    y = np.stack(folds["target"].to_numpy()) if cfg.task == "multilabel" else folds["target"].to_numpy()
     oof_parts, test_preds, importances = [], [], []
     for k in cfg.fold_ids:
         emb, emb_test = _embeddings(cfg, "train", k, len(folds)), _embeddings(cfg, "test", k, len(test))

@@ -1,5 +1,6 @@
 """The submission: made in sample_submission's shape (labels, one probability per class, or
-the positive class's probability), checked before it is written, and scored against a
+the positive class's probability; multi-label: the labels above their thresholds in one
+column, or one column per label), checked before it is written, and scored against a
 held-back solution file when there is one (the local leaderboard)."""
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pandas as pd
 
 from . import artifacts
 from .config import CFG
-from .data import get_classes, read_csv, read_sample_submission
-from .metrics import get_score
+from .data import get_classes, joined_labels, label_sets, read_csv, read_sample_submission
+from .metrics import THRESHOLD_METRICS, get_score
 
 
 def positive_probability(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> bool:
@@ -57,10 +58,23 @@ def submission_format(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> s
     return "classes"
 
 
-def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classes: list | None) -> pd.DataFrame:
+def multilabel_decisions(cfg: CFG, probs: np.ndarray, thresholds) -> np.ndarray:
+    """0/1 per label: each label's probability against its threshold (0.5 without thresholds);
+    a row left with no label gets its most likely one unless cfg.allow_empty."""
+    t = np.full(probs.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
+    hit = (probs >= t[None, :]).astype(float)
+    if not cfg.allow_empty:
+        empty = hit.sum(1) == 0
+        hit[empty, probs[empty].argmax(1)] = 1.0
+    return hit
+
+
+def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, classes: list | None,
+                      thresholds=None) -> pd.DataFrame:
     """The submission in sample_submission's shape (submission_format): same ids, order and
     columns; labels decoded, one probability per class, the positive class's probability, or
-    the regression value; no NaN."""
+    the regression value; multi-label: the labels above `thresholds` (one per label), or one
+    column per label (probabilities when the metric ranks, else 0/1); no NaN."""
     sample = read_sample_submission(cfg)
     kind = submission_format(cfg, sample, classes)
     pred = pd.DataFrame(test_pred, index=test_ids.astype(str).to_numpy())
@@ -75,8 +89,13 @@ def create_submission(cfg: CFG, test_ids: pd.Series, test_pred: np.ndarray, clas
     elif kind == "positive":
         sub[value_cols[0]] = pred[:, positive_index(cfg, sample, classes)]
     elif kind == "classes":
+        if cfg.task == "multilabel" and cfg.metric in THRESHOLD_METRICS:
+            pred = multilabel_decisions(cfg, pred, thresholds).astype(int)
         for c in value_cols:
             sub[c] = pred[:, [str(k) for k in classes].index(str(c))]
+    elif cfg.task == "multilabel":
+        target = cfg.target_col if cfg.target_col in sample.columns else value_cols[0]
+        sub[target] = joined_labels(multilabel_decisions(cfg, pred, thresholds), classes, cfg.label_sep)
     else:
         target = cfg.target_col if cfg.target_col in sample.columns else value_cols[0]
         sub[target] = np.asarray(classes, dtype=object)[pred.argmax(1)]
@@ -89,6 +108,8 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
     path = cfg.path(cfg.solution_csv)
     if not path.exists():
         return None
+    if cfg.task == "multilabel":
+        return _multilabel_lb(cfg, path, submission, classes)
     solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution", cfg.id_col)
     solution = solution[[cfg.id_col, cfg.target_col]].rename(columns={cfg.target_col: "__true"})
     merged = solution.merge(submission, on=cfg.id_col)
@@ -105,6 +126,27 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
     else:
         y_pred = merged[[str(c) for c in classes]].to_numpy(float)
     return get_score(cfg.metric, y_true, y_pred)
+
+
+def _multilabel_lb(cfg: CFG, path, submission: pd.DataFrame, classes: list) -> float:
+    """A multi-label submission (labels in one column, or one column per label) scored against a
+    solution in either shape."""
+    index = {str(c): j for j, c in enumerate(classes)}
+
+    def matrix(column: pd.Series) -> np.ndarray:
+        out = np.zeros((len(column), len(classes)))
+        for i, labels in enumerate(label_sets(column, cfg.label_sep)):
+            out[i, [index[label] for label in labels if label in index]] = 1.0
+        return out
+
+    truth_cols = list(cfg.label_cols) or [cfg.target_col]
+    solution = read_csv(path, [cfg.id_col, *truth_cols], "solution", cfg.id_col)
+    order = submission[[cfg.id_col]].merge(solution[[cfg.id_col]].reset_index(), on=cfg.id_col)
+    solution, submission = solution.loc[order["index"]], submission.set_index(cfg.id_col).loc[order[cfg.id_col]]
+    y_true = solution[truth_cols].to_numpy(float) if cfg.label_cols else matrix(solution[cfg.target_col])
+    value_cols = list(submission.columns)
+    y_pred = matrix(submission[value_cols[0]]) if len(value_cols) == 1 else submission[[str(c) for c in classes]].to_numpy(float)
+    return get_score(cfg.metric, y_true, y_pred, thresholds=np.full(len(classes), 0.5))
 
 
 def check_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> None:
@@ -127,7 +169,11 @@ def check_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> None:
         values = sub[col]
         if probability and not (pd.api.types.is_numeric_dtype(values) and values.between(0, 1).all()):
             raise ValueError(f"submission column '{col}' must hold probabilities in [0, 1]")
-        if cfg.task == "classification" and col == cfg.target_col and classes is not None and not probability:
+        if cfg.task == "multilabel" and not probability:
+            unknown = set().union(*label_sets(values, cfg.label_sep)) - set(map(str, classes))
+            if unknown:
+                raise ValueError(f"submission column '{col}' has labels not among the training labels: {sorted(unknown)[:5]}")
+        elif cfg.task == "classification" and col == cfg.target_col and classes is not None and not probability:
             unknown = set(values.astype(str)) - set(map(str, classes))
             if unknown:
                 raise ValueError(f"submission column '{col}' has labels not among the training classes: {sorted(unknown)[:5]}")
@@ -144,4 +190,4 @@ def write_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> list[
 
 
 def classes_of(cfg: CFG, train: pd.DataFrame) -> list | None:
-    return get_classes(train, cfg) if cfg.task == "classification" else None
+    return None if cfg.task == "regression" else get_classes(train, cfg)

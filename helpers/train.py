@@ -34,7 +34,7 @@ from .cache import create_cache
 from .config import CFG, cfg_from_dict, to_dict
 from .data import EpochSampler, ImageDataset, InputNorm, create_transforms, device_augment, get_classes, input_stats
 from .losses import TargetScale, create_criterion, loss_kind
-from .metrics import get_score, is_better
+from .metrics import cross_fitted, get_score, is_better, label_weights
 from .models import create_model
 from .utils import get_device, precision, seed_everything, setup_device
 
@@ -124,14 +124,20 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 
 
 def loss_targets(targets: torch.Tensor, cfg: CFG, scale: TargetScale | None) -> torch.Tensor:
-    """What the loss compares with: class indices (or soft targets), or the target in [0, 1]."""
-    return scale.to01(targets.float()) if cfg.task == "regression" else targets
+    """What the loss compares with: class indices (or soft targets), 0/1 per label, or the
+    target in [0, 1]."""
+    if cfg.task == "regression":
+        return scale.to01(targets.float())
+    return targets.float() if cfg.task == "multilabel" else targets
 
 
 def to_predictions(outputs: torch.Tensor, cfg: CFG, scale: TargetScale | None) -> torch.Tensor:
-    """Raw outputs -> class probabilities, or the regression value on the original scale."""
+    """Raw outputs -> class probabilities (each label's, for multi-label), or the regression
+    value on the original scale."""
     if cfg.task == "regression":
         return scale.from_outputs(outputs, loss_kind(cfg))
+    if cfg.task == "multilabel":
+        return outputs.float().sigmoid()
     return outputs.float().softmax(1)
 
 
@@ -158,8 +164,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     for step, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0), 1):
         images = norm(images)
         targets = loss_targets(targets.to(device, non_blocking=True), cfg, scale)
-        if mixup is not None:
-            images, targets = mixup(images, targets.long())
+        if mixup is not None:  # timm's Mixup/CutMix; multi-hot targets are mixed as they are
+            images, targets = mixup(images, targets if cfg.task == "multilabel" else targets.long())
         with autocast(cfg, device):
             loss = criterion(step_model(images).float(), targets)
         if (step - 1) % accum == 0:  # first micro-batch of a step; here, not after the step, lets
@@ -301,13 +307,15 @@ def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int, made_from: dict,
         dist.destroy_process_group()
 
 
-def validate(procs, model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale, norm):
+def validate(procs, model, loader, criterion, cfg: CFG, device, targets: np.ndarray, scale, norm, weights=None):
     """(loss, score, predictions, logits) over every process's share of the validation rows:
-    gathered to rank 0, which scores them and tells the others (they get None for the rows)."""
+    gathered to rank 0, which scores them and tells the others (they get None for the rows).
+    Multi-label scores use the thresholds that suit these rows (the model's reach: epochs are
+    compared, the reported CV is cross-fitted later)."""
     preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale, norm=norm)
     loss = procs.mean(loss, len(loader.sampler))
     preds, logits = procs.gather_rows(preds), procs.gather_rows(logits)
-    score = procs.broadcast(get_score(cfg.metric, targets, preds) if procs.main else None)
+    score = procs.broadcast(get_score(cfg.metric, targets, preds, weights=weights) if procs.main else None)
     return loss, score, preds, logits
 
 
@@ -321,7 +329,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ValueError("config key 'sync_bn': SyncBatchNorm needs GPUs (NCCL); turn it off on the CPU")
     local = dataclasses.replace(cfg, batch_size=cfg.batch_size // world)  # each process's share of the global batch
-    classes = get_classes(folds, cfg) if cfg.task == "classification" else None
+    classes = None if cfg.task == "regression" else get_classes(folds, cfg)
     scale = TargetScale(folds["target"].min(), folds["target"].max()) if cfg.task == "regression" else None
     train_df = folds[folds["fold"] != fold].reset_index(drop=True)
     if cfg.sampling_ratio < 1:
@@ -340,7 +348,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     step_model = torch.compile(step_model) if cfg.compile else step_model
     norm = InputNorm(input_stats(cfg), device, cfg.channels_last)  # built once, constants on the device
     train_norm = InputNorm(input_stats(cfg), device, cfg.channels_last, augment=device_augment(cfg))
-    criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out).to(device)
+    criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out, classes).to(device)
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **optimizer_kwargs(cfg, device))
     if procs.main:  # one process builds the cache, the others then map it
@@ -362,7 +370,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     mixup = None
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
-                      label_smoothing=cfg.label_smoothing, num_classes=n_out)
+                      label_smoothing=cfg.label_smoothing, num_classes=n_out, multi_label=cfg.task == "multilabel")
 
     state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_preds": None,
              "best_logits": None}
@@ -384,7 +392,8 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
 
     logger.info(f"fold {fold}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}"
                 + (f" x {world} processes" if world > 1 else ""))
-    valid_targets = valid_df["target"].to_numpy()
+    valid_targets = np.stack(valid_df["target"].to_numpy()) if cfg.task == "multilabel" else valid_df["target"].to_numpy()
+    weights = label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None
     wandb_run = _wandb_run(cfg, fold) if procs.main else None
     for epoch in range(state["epoch"], epochs):
         if state["bad_epochs"] >= cfg.patience:
@@ -402,12 +411,12 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
         train_loss = procs.mean(train_loss, len(train_loader.sampler))
         scheduler.step(epoch + 1)
         valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device, valid_targets,
-                                                     scale, norm)
+                                                     scale, norm, weights)
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_loss": round(valid_loss, 6),
                "metric": round(score, 6), "lr": max(g["lr"] for g in optimizer.param_groups),
                "time_s": 0.0, "mem_MiB": round(_memory_mib(device), 1)}
         if ema is not None:  # the raw weights' score too: is the EMA helping?
-            _, raw_score, _, _ = validate(procs, model, valid_loader, criterion, cfg, device, valid_targets, scale, norm)
+            _, raw_score, _, _ = validate(procs, model, valid_loader, criterion, cfg, device, valid_targets, scale, norm, weights)
             row.update(metric_raw=round(raw_score, 6), metric_ema=round(score, 6), ema_decay=round(ema.get_decay(steps * (epoch + 1)), 6))
         row["time_s"] = round(time.perf_counter() - start, 2)
         state["history"].append(row)
@@ -506,10 +515,21 @@ def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = Non
     """score.json of an experiment: CV on all OOF rows, mean ± std over folds, wall time, what
     made it (model, image size, epochs) and which data it belongs to."""
     y_true, y_pred = artifacts.oof_targets(cfg, oof)
-    per_fold = [get_score(cfg.metric, y_true[oof["fold"] == k], y_pred[(oof["fold"] == k).to_numpy()])
-                for k in sorted(oof["fold"].unique())]
+    extra = {}
+    if cfg.task == "multilabel":  # each fold judged with thresholds tuned on the other folds
+        labels = [c[len("prob_"):] for c in oof.columns if c.startswith("prob_")]
+        weights = label_weights(cfg.label_weights, labels)
+        cv, per_fold, thresholds = cross_fitted(cfg.metric, y_true, y_pred, oof["fold"].to_numpy(), weights)
+        prevalence = np.broadcast_to(y_true.mean(0), y_true.shape)  # what a model that saw no image could say
+        baseline = cross_fitted(cfg.metric, y_true, prevalence, oof["fold"].to_numpy(), weights)[0]
+        extra = {"thresholds": dict(zip(labels, map(float, thresholds))),  # tuned on every OOF row: for the test set
+                 "baseline": baseline}
+    else:
+        per_fold = [get_score(cfg.metric, y_true[oof["fold"] == k], y_pred[(oof["fold"] == k).to_numpy()])
+                    for k in sorted(oof["fold"].unique())]
+        cv = get_score(cfg.metric, y_true, y_pred)
     cnn = model is None
-    score = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": get_score(cfg.metric, y_true, y_pred),
+    score = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": cv, **extra,
              "cv_mean": float(np.mean(per_fold)), "cv_std": float(np.std(per_fold)), "folds": per_fold,
              "wall_s": None if wall_s is None else round(wall_s, 1),
              "model": (cfg.model_name if cfg.arch == "timm" else cfg.arch) if cnn else model,
@@ -518,5 +538,6 @@ def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = Non
     artifacts.write_score(cfg, score)
     if logger:
         logger.info(f"{cfg.experiment}: CV {cfg.metric} {score['cv']:.5f} "
-                    f"(folds {score['cv_mean']:.5f} ± {score['cv_std']:.5f})")
+                    f"(folds {score['cv_mean']:.5f} ± {score['cv_std']:.5f})"
+                    + (f"; per-label prevalence baseline {score['baseline']:.5f}" if "baseline" in score else ""))
     return score

@@ -52,8 +52,11 @@ display(train.head())
 # ## Target
 
 # %%
-display(train[cfg.target_col].describe() if cfg.task == "regression" else train[cfg.target_col].value_counts().to_frame().T)
-plots.target_balance(train, cfg.target_col, cfg.task, out / "target_balance.png");
+if cfg.task == "multilabel":
+    display(plots.label_counts(train[cfg.target_col], cfg.label_sep).to_frame("rows").T)
+else:
+    display(train[cfg.target_col].describe() if cfg.task == "regression" else train[cfg.target_col].value_counts().to_frame().T)
+plots.target_balance(train, cfg.target_col, cfg.task, out / "target_balance.png", cfg.label_sep);
 
 # %% [markdown]
 # ## Image sizes and modes (headers of up to 2000 images)
@@ -86,7 +89,7 @@ if cfg.metadata_cols:
     numeric = meta.select_dtypes("number").columns.tolist()
     if numeric and cfg.task == "regression":
         display(train[numeric + ["target"]].corr()["target"].to_frame("correlation with target"))
-    elif numeric:
+    elif numeric and cfg.task == "classification":
         display(train.groupby(cfg.target_col)[numeric].mean())
 else:
     print("no metadata columns (config key metadata_cols)")

@@ -46,8 +46,11 @@ cfg, logger = setup(config_path, experiment, overrides)
 # %%
 folds = get_folds(cfg, read_train(cfg), logger)
 logger.info(f"{cfg.n_folds} folds in {artifacts.folds_path(cfg)}")
-display(pd.crosstab(folds["fold"], folds[cfg.target_col]) if cfg.task == "classification"
-        else folds.groupby("fold")[cfg.target_col].describe())
+if cfg.task == "multilabel":
+    display(plots.fold_shares(folds, cfg.target_col, cfg.label_sep).round(3))
+else:
+    display(pd.crosstab(folds["fold"], folds[cfg.target_col]) if cfg.task == "classification"
+            else folds.groupby("fold")[cfg.target_col].describe())
 
 # %%
-plots.fold_distribution(folds, cfg.target_col, cfg.task, artifacts.exp_dir(cfg) / "folds.png");
+plots.fold_distribution(folds, cfg.target_col, cfg.task, artifacts.exp_dir(cfg) / "folds.png", cfg.label_sep);

@@ -75,12 +75,14 @@ print(score if score else f"waiting for the other folds of {cfg.fold_ids}")
 # %% [markdown]
 # ## Error analysis (out of fold, once every fold is trained)
 # What the model gets wrong: the confusion matrix and classification report, `wrong_oof.csv`
-# (most confident mistakes first) and their images; for regression, the residuals and the
-# largest errors. Saved under `models/<experiment>/analysis/`.
+# (most confident mistakes first) and their images; for multi-label, a per-label
+# precision/recall/F1 table at the tuned thresholds, each label's TP/FP/FN/TN, and the most
+# confident misses and false alarms; for regression, the residuals and the largest errors.
+# Saved under `models/<experiment>/analysis/`.
 
 # %%
 analysis = error_analysis(cfg, folds)
-if analysis is not None and cfg.task == "classification":
+if analysis is not None and cfg.task != "regression":  # classification, or multi-label (per label)
     display(analysis["report"])
     display(analysis["wrong"].head(20))
 elif analysis is not None:
