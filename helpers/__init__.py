@@ -17,7 +17,9 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     from .utils import check_versions, get_logger, seed_everything
 
     check_versions()
-    cfg = load_cfg(config_path, experiment, overrides)
+    from .budget import apply_plan
+
+    cfg = apply_plan(load_cfg(config_path, experiment, overrides))  # time_limit: the run's planned image size and folds
     problems = artifacts.unwritable(cfg)
     if problems:
         raise PermissionError("\n".join(problems))

@@ -263,10 +263,12 @@ def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         return oof[cfg.target_col].to_numpy(float), oof["pred"].to_numpy(float)
     cols = [c for c in oof.columns if c.startswith("prob_")]
     if cfg.task == "multilabel":
+        from .data import label_sets
+
         index = {c[len("prob_"):]: j for j, c in enumerate(cols)}
         y_true = np.zeros((len(oof), len(cols)))
-        for i, value in enumerate(oof[cfg.target_col]):
-            for label in (str(value).split(cfg.label_sep) if isinstance(value, str) else []):
+        for i, labels in enumerate(label_sets(oof[cfg.target_col], cfg.label_sep)):
+            for label in labels:
                 if label in index:
                     y_true[i, index[label]] = 1.0
         return y_true, oof[cols].to_numpy(float)
@@ -281,7 +283,11 @@ def write_predictions(cfg: CFG, kind: str, frame: pd.DataFrame, fold: int | None
 
 
 def read_predictions(cfg: CFG, kind: str, fold: int | None = None) -> pd.DataFrame:
-    return read_table(predictions_path(cfg, kind, fold), cfg.id_col)
+    return read_table(predictions_path(cfg, kind, fold), cfg.id_col, _text(cfg))
+
+
+def _text(cfg: CFG) -> list[str]:
+    return [cfg.target_col] if cfg.task == "multilabel" else []
 
 
 def save_logits(cfg: CFG, logits: np.ndarray | None, fold: int | None = None) -> None:
@@ -313,9 +319,10 @@ def score_thresholds(score: dict | None, classes: list | None) -> list[float] | 
     return [float(saved.get(str(c), 0.5)) for c in classes]
 
 
-def read_experiment(folder: Path, id_col: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_experiment(folder: Path, cfg: CFG) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(OOF predictions, test predictions) of an experiment folder (experiment_dirs)."""
-    return read_table(Path(folder) / "oof.csv", id_col), read_table(Path(folder) / "test.csv", id_col)
+    return (read_table(Path(folder) / "oof.csv", cfg.id_col, _text(cfg)),
+            read_table(Path(folder) / "test.csv", cfg.id_col))
 
 
 def save_features(cfg: CFG, split: str, fold: int | None, array: np.ndarray) -> None:
@@ -501,16 +508,19 @@ def competition_digest(cfg: CFG) -> str:
 RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
                       "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
                       "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
-                      "submission_name", "keep_last", "ddp"})
+                      "submission_name", "keep_last", "ddp", "quality"})
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
 # multi-label keys count only for a multi-label task (so they leave other tasks' outputs alone)
 MULTILABEL_KEYS = ("label_cols", "label_sep", "labels")  # what the label matrix the folds stratify is read from
-MULTILABEL_TRAIN_KEYS = ("allow_empty", "label_weights", "pos_weight", "label_pos_weight")
+MULTILABEL_TRAIN_KEYS = ("label_weights", "pos_weight", "label_pos_weight")
+MULTILABEL_STACK_KEYS = ("metric", "label_weights")  # the stacker's score and thresholds
+MULTILABEL_ENSEMBLE_KEYS = ("allow_empty", "label_weights", "label_sep")  # the blend's score and the submission
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
 ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters")
 # everything else changes what a fold's CNN learns
-TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + MULTILABEL_KEYS + MULTILABEL_TRAIN_KEYS + FEATURE_KEYS + STACK_KEYS)
+TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + MULTILABEL_KEYS + MULTILABEL_TRAIN_KEYS + FEATURE_KEYS + STACK_KEYS
+                                                              + MULTILABEL_ENSEMBLE_KEYS)
                    | {"n_bins", "ensemble_method", "ensemble_iters"})
 PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
 EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
@@ -549,9 +559,26 @@ def stamp_path(cfg: CFG, stage: str, fold: int | None = None) -> Path:
     return _folder(cfg, stage) / "stamps" / f"{output_name(stage, fold)}.json"
 
 
+# keys added after outputs were made with their defaults: recorded only when set, so that an
+# output made before they existed stays up to date
+OPTIONAL_KEYS = {"time_limit": ""}
+
+
+def stage_keys(cfg: CFG, stage: str) -> tuple:
+    """The config keys an output of `stage` ('folds', 'train', 'stacking', 'ensemble') is made from."""
+    multilabel = cfg.task == "multilabel"
+    if stage == "folds":
+        return FOLD_KEYS + {"regression": ("n_bins",), "multilabel": MULTILABEL_KEYS}.get(cfg.task, ())
+    if stage == "train":
+        return TRAIN_KEYS + (MULTILABEL_TRAIN_KEYS if multilabel else ())
+    if stage == "stacking":
+        return STACK_KEYS + (MULTILABEL_STACK_KEYS if multilabel else ())
+    return ENSEMBLE_KEYS + (MULTILABEL_ENSEMBLE_KEYS if multilabel else ())
+
+
 def _keys(cfg: CFG, names) -> dict:
     values = to_dict(cfg)
-    return {k: values[k] for k in names}
+    return {k: values[k] for k in names if not (k in OPTIONAL_KEYS and values[k] == OPTIONAL_KEYS[k])}
 
 
 def _test_files(cfg: CFG) -> dict:
@@ -580,11 +607,9 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
     train_images = {f"{cfg.image_dir_train}/": images_digest(cfg, "train")}
     up = lambda *parts: {output_name(s, k): upstream_id(cfg, s, k) for s, k in parts}  # noqa: E731
     if stage == "folds":
-        keys = FOLD_KEYS + {"regression": ("n_bins",), "multilabel": MULTILABEL_KEYS}.get(cfg.task, ())
-        return {"keys": _keys(cfg, keys), "files": train_csv, "upstream": {}}
+        return {"keys": _keys(cfg, stage_keys(cfg, "folds")), "files": train_csv, "upstream": {}}
     if stage == "train":
-        keys = TRAIN_KEYS + (MULTILABEL_TRAIN_KEYS if cfg.task == "multilabel" else ())
-        return {"keys": {**_keys(cfg, keys), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
+        return {"keys": {**_keys(cfg, stage_keys(cfg, "train")), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
     if stage == "test":
         return {"keys": {}, "files": _test_files(cfg), "upstream": up(("train", fold))}
     if stage == "cv":
@@ -598,12 +623,12 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
     if stage == "stacking":
         test_csv = cfg.path(cfg.test_csv)
         sources = [("features", None)] if cfg.features_from == "pretrained" else [("features", k) for k in cfg.fold_ids]
-        return {"keys": {**_keys(cfg, STACK_KEYS), "folds": cfg.fold_ids},
+        return {"keys": {**_keys(cfg, stage_keys(cfg, "stacking")), "folds": cfg.fold_ids},
                 "files": {**train_csv, test_csv.name: file_digest(test_csv)}, "upstream": up(("folds", None), *sources)}
     if stage == "ensemble":
         upstream = {f"experiment {d.name}": recorded_id(d) for d in experiment_dirs(cfg)}
         files = {name: file_digest(cfg.path(name)) for name in (cfg.train_csv, cfg.sample_submission, cfg.solution_csv)}
-        return {"keys": _keys(cfg, ENSEMBLE_KEYS), "files": files, "upstream": upstream}
+        return {"keys": _keys(cfg, stage_keys(cfg, "ensemble")), "files": files, "upstream": upstream}
     if stage == "eda":
         return {"keys": _keys(cfg, EDA_KEYS), "files": {**train_csv, **train_images, **_test_files(cfg)}, "upstream": {}}
     if stage == "check":

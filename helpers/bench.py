@@ -247,13 +247,56 @@ def busy_share(device: torch.device, n_images: int = 2048, batch_size: int = 128
     return steps * batch_size / wall_s, min(compute_s / wall_s, 1.0)
 
 
+def recipe(budget_s: float, out: Path, n_train: int = 3000, n_test: int = 1000) -> dict:
+    """The recipe benchmark (helpers.recipe): the workflow through the runner, given only the
+    data's columns and time_limit, against the minimal plain loop, each in budget_s seconds,
+    both scored on the held-back test labels."""
+    import yaml
+
+    from . import pipeline
+    from .recipe import pixel_baseline, plain_loop, write_recipe_competition
+    from .utils import read_table
+
+    comp = write_recipe_competition(out / "comp", n_train=n_train, n_test=n_test)
+    config = {"competition_dir": str(comp), "models_dir": str(out / "models"), "submissions_dir": str(out / "submissions"),
+              "id_col": "id", "target_col": "label", "time_limit": f"{budget_s:.0f}s"}
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    start = time.perf_counter()
+    rc = pipeline.main(["--config", str(path)])
+    workflow_s = time.perf_counter() - start
+    if rc != 0:
+        raise RuntimeError(f"the workflow's run failed (rc {rc}); see its output above")
+    solution = read_table(comp / "solution.csv", "id").set_index("id")["label"].astype(str)
+    sub = read_table(out / "submissions" / "submission.csv", "id").set_index("id")["label"].astype(str)
+    workflow = float((sub.loc[solution.index] == solution).mean())
+    plain = plain_loop(comp, budget_s)
+    return {"workflow": workflow, "workflow_s": workflow_s, "plain": plain["accuracy"], "plain_s": plain["wall_s"],
+            "plain_epochs": plain["epochs"], "pixel_baseline": pixel_baseline(comp), "budget_s": budget_s}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="JPEGs to generate for the cache benchmark")
     parser.add_argument("--repeats", type=int, default=7, help="alternating repeats of the loop benchmark")
     parser.add_argument("--workers", type=int, default=2, help="also time the cache with this many DataLoader workers")
     parser.add_argument("--gpu", action="store_true", help="also the efficientnet_b0 GPU throughput (CUDA)")
+    parser.add_argument("--recipe", action="store_true", help="the recipe benchmark: workflow vs a plain loop, same budget")
+    parser.add_argument("--budget", default="10min", help="--recipe: each side's wall-clock budget")
+    parser.add_argument("--out", help="--recipe: where its competition and outputs go (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.recipe:
+        from .config import parse_duration
+
+        with tempfile.TemporaryDirectory() as tmp:
+            r = recipe(parse_duration(args.budget, "--budget"), Path(args.out or tmp))
+        print(f"{'recipe benchmark (' + args.budget + ' each)':<52} {'accuracy':>9} {'wall':>9}")
+        print(f"{'pixel baseline (logistic regression, 32x32 gray)':<52} {r['pixel_baseline']:>9.4f}")
+        print(f"{'workflow (data columns + time_limit)':<52} {r['workflow']:>9.4f} {r['workflow_s']:>8.0f}s")
+        print(f"{'plain PyTorch loop, all rows (' + str(r['plain_epochs']) + ' epochs)':<52} {r['plain']:>9.4f} {r['plain_s']:>8.0f}s")
+        print(f"recipe_workflow={r['workflow']:.4f} recipe_plain={r['plain']:.4f} recipe_wall_s={r['workflow_s']:.0f} "
+              f"budget_s={r['budget_s']:.0f}")
+        return
     device = torch.device("cpu")
     ours, plain, ratio = train_loop_ratio(args.repeats, device)
     io = cache_and_decode(args.images, sorted({0, args.workers}))

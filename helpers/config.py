@@ -117,6 +117,8 @@ class CFG:
     amp_dtype: str = "auto"  # mixed precision on CUDA: 'auto' (bf16 on compute capability >= 8.0, else fp16 + GradScaler) | 'bf16' | 'fp16' | 'fp32' (off)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
+    time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be the image size and folds, are planned to fit (helpers.budget)
+    quality: str = ""  # a preset of defaults: 'fast' | 'medium' | 'best' (QUALITY in helpers/config.py; '' = none, 'medium' when time_limit is set); your keys win
     debug: bool = False  # tiny data, 1 epoch: check the whole path quickly
     debug_rows: int = 64  # rows kept in debug mode
     # --- stacking ---------------------------------------------------------------------
@@ -287,9 +289,66 @@ def resolve(path: str | Path | None = None, experiment: str = "", overrides: dic
                 origin[key] = prefix
             except (KeyError, TypeError) as e:
                 problems.append(_qualify(str(e.args[0]), key, prefix))
-    cfg = CFG(**values)
+    cfg = CFG(**with_quality(values))
     problems += [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
     return cfg, problems
+
+
+# AutoGluon-style presets: defaults under the user's own keys. What each picks, and why:
+# - fast: resnet18 at 128 px, 3 folds, 12 epochs: a strong, cheap CNN; 3 folds leave most of
+#   the time to each model. Light augmentation suits few epochs.
+# - medium: resnet50d at 224 px (timm's ImageNet size), 5 folds, 20 epochs, medium augmentation.
+# - best: convnext_small at 288 px, 5 folds, 30 epochs, heavy augmentation with Mixup/CutMix
+#   switched off for the last fifth, stochastic depth: long runs need the regularisation.
+# All: AdamW with one warm-up epoch then cosine, EMA of the weights (timm's warm-up, so short
+# runs are not averaged with their untrained start), label smoothing 0.1 for classification.
+# Without a GPU (QUALITY_CPU), the models and sizes a CPU trains in minutes: resnet18 at 64 px
+# (fast, medium) or resnet34 at 96 px (best).
+QUALITY = {
+    "fast": {"model_name": "resnet18", "img_size": 128, "n_folds": 3, "epochs": 12, "lr": 2e-3, "augment": "light"},
+    "medium": {"model_name": "resnet50d", "img_size": 224, "n_folds": 5, "epochs": 20, "lr": 1e-3, "augment": "medium"},
+    "best": {"model_name": "convnext_small", "img_size": 288, "n_folds": 5, "epochs": 30, "lr": 4e-4, "augment": "heavy",
+             "drop_path": 0.2, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 0.5, "mixup_off_epoch": 24},
+}
+QUALITY_CPU = {"fast": {"img_size": 64}, "medium": {"model_name": "resnet18", "img_size": 64},
+               "best": {"model_name": "resnet34", "img_size": 96, "drop_path": 0.1}}
+QUALITY_COMMON = {"warmup_epochs": 1, "scheduler": "cosine", "optimizer": "adamw", "weight_decay": 0.05, "ema": True,
+                  "ema_decay": 0.998}
+
+
+def with_quality(values: dict) -> dict:
+    """The settings with their quality preset's defaults under them ('medium' when only
+    time_limit is set); label smoothing for classification only; with time_limit, the epochs
+    are what fits (at most `epochs` when you set it) and no early stop."""
+    quality = values.get("quality") or ("medium" if values.get("time_limit") else "")
+    if quality not in QUALITY:
+        return values
+    import torch
+
+    preset = {**QUALITY_COMMON, **QUALITY[quality], **({} if torch.cuda.is_available() else QUALITY_CPU[quality])}
+    if values.get("task", "classification") == "classification":
+        preset["label_smoothing"] = 0.1
+    if values.get("time_limit"):  # the budget sets the epochs (your `epochs`, if any, is the most) and the
+        preset.update(epochs=1000, patience=1000)  # cosine schedule runs to its planned end
+    return {**preset, **values, "quality": quality}
+
+
+def parse_duration(text: str | float | int, key: str = "time_limit") -> float:
+    """Seconds in '20min', '8h', '1h30m', '90s' or '600' (seconds); 0 for ''."""
+    import re
+
+    if isinstance(text, (int, float)):
+        return float(text)
+    text = str(text).strip().lower().replace(" ", "")
+    if not text:
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    units = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]+)", text)
+    if not parts or "".join(n + u for n, u in parts) != text or any(u not in units for _, u in parts):
+        raise ValueError(f"config key '{key}': cannot read {text!r} as a duration (e.g. '20min', '8h', '1h30m', '600s')")
+    return sum(float(n) * units[u] for n, u in parts)
 
 
 def _qualify(message: str, key: str, prefix: str) -> str:
@@ -309,7 +368,7 @@ def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: di
             except (KeyError, TypeError) as e:
                 raise type(e)(_qualify(str(e.args[0]), key, prefix)) from None
             origin[key] = prefix
-    cfg = CFG(**values)
+    cfg = CFG(**with_quality(values))
     problems = [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
     if problems:
         raise ValueError("\n".join(problems))
@@ -336,6 +395,7 @@ CHOICES = {
     "features_from": ("folds", "pretrained"),
     "stacker": ("lgbm", "svr", "logistic"),
     "ensemble_method": ("hill", "mean", "rank"),
+    "quality": ("", "fast", "medium", "best"),
 }
 # every count, rate and size, as an interval: '[' and ']' include the end, '(' and ')' do not
 RANGES = {
@@ -379,6 +439,10 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
         bad = {k: v for k, v in getattr(cfg, key).items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
         if bad:
             out.append((key, f"config key '{key}' takes a positive number per label, got {bad}"))
+    try:
+        parse_duration(cfg.time_limit)
+    except ValueError as e:
+        out.append(("time_limit", str(e)))
     bad_tta = [t for t in cfg.tta if t not in ("hflip", "vflip")]
     if bad_tta:
         out.append(("tta", f"config key 'tta' takes 'hflip' and 'vflip', got {bad_tta}"))

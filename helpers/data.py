@@ -40,12 +40,12 @@ def column_problems(df: pd.DataFrame, path: Path, columns: list[str]) -> list[st
     return [f"{path}: missing column '{c}' (it has {list(df.columns)})" for c in dict.fromkeys(columns) if c and c not in df.columns]
 
 
-def read_csv(path: Path, required: list[str], what: str, id_col: str | None = None) -> pd.DataFrame:
-    """Read a CSV (its id column as text) and check it has the required columns (an error
-    names file and column)."""
+def read_csv(path: Path, required: list[str], what: str, id_col: str | None = None, text_cols: tuple | list = ()) -> pd.DataFrame:
+    """Read a CSV (its id column and `text_cols` as text) and check it has the required columns
+    (an error names file and column)."""
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
-    df = read_table(path, id_col)
+    df = read_table(path, id_col, text_cols)
     missing = column_problems(df, path, required)
     if missing:
         raise KeyError("; ".join(missing))
@@ -121,6 +121,10 @@ def multilabel_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
         if bad.any():
             problems.append(f"{path}: label columns {list(cfg.label_cols)} must hold 0 or 1 (rows {_rows(bad)})")
             return problems
+        clash = [c for c in cfg.label_cols if cfg.label_sep in str(c)]
+        if clash:  # the labels of a row are also kept as one string, label_sep apart
+            problems.append(f"{path}: label column(s) {clash[:5]} hold label_sep {cfg.label_sep!r}; set config key "
+                            f"'label_sep' to a character no label name has (e.g. '|')")
     else:
         sets = label_sets(train[cfg.target_col], cfg.label_sep)
         if cfg.labels:
@@ -131,6 +135,11 @@ def multilabel_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
                 problems.append(f"{path}: labels {names[:8]} in '{cfg.target_col}' are not in config key 'labels' "
                                 f"(rows {_rows(unknown)})")
     labels = get_classes(train, cfg)
+    for key in ("label_weights", "label_pos_weight"):
+        unknown = sorted(set(map(str, getattr(cfg, key))) - set(labels))
+        if unknown:
+            problems.append(f"config key '{key}' names label(s) {unknown[:5]} that {path.name} does not have "
+                            f"(its labels: {labels[:8]}{' ...' if len(labels) > 8 else ''})")
     matrix = multilabel_matrix(cfg, train, labels)
     empty = pd.Series(matrix.sum(1) == 0)
     if empty.any() and not cfg.allow_empty:
@@ -164,7 +173,7 @@ def read_train(cfg: CFG) -> pd.DataFrame:
     path = cfg.path(cfg.train_csv)
     target = list(cfg.label_cols) if cfg.task == "multilabel" and cfg.label_cols else [cfg.target_col]
     required = [cfg.id_col, *target, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
-    df = read_csv(path, required, "train CSV", cfg.id_col)
+    df = read_csv(path, required, "train CSV", cfg.id_col, label_text(cfg))
     problems = train_problems(cfg, df, path)
     if problems:
         raise DataError("\n".join(problems))
@@ -222,9 +231,14 @@ def get_classes(train: pd.DataFrame, cfg: CFG) -> list:
     a multi-label one (cfg.label_cols, cfg.labels, or every label train names, sorted)."""
     if cfg.task == "multilabel":
         if cfg.label_cols:
-            return list(cfg.label_cols)
-        return list(cfg.labels) or sorted(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
+            return [str(c) for c in cfg.label_cols]
+        return [str(c) for c in cfg.labels] or sorted(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
     return sorted(train[cfg.target_col].unique().tolist())
+
+
+def label_text(cfg: CFG) -> list[str]:
+    """The columns read as text: a multi-label column ("0 3", "None" are labels, not numbers or NaN)."""
+    return [cfg.target_col] if cfg.task == "multilabel" else []
 
 
 def label_sets(column: pd.Series, sep: str) -> list[set[str]]:

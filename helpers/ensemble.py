@@ -42,7 +42,7 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Colle
     experiments, ref_oof, ref_test, ref_y = [], None, None, None
     for d in found:
         name = d.name
-        oof, test = artifacts.read_experiment(d, cfg.id_col)
+        oof, test = artifacts.read_experiment(d, cfg)
         cols = [c for c in oof.columns if c.startswith("prob_")] or ["pred"]
         if ref_oof is None:
             ref_oof, ref_test, ref_cols = oof[[cfg.id_col, cfg.target_col, "fold"]].copy(), test[[cfg.id_col]].copy(), cols

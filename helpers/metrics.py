@@ -86,7 +86,8 @@ def multilabel_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresh
 
 def fit_thresholds(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """One threshold per label, from GRID, maximising that label's F1 (F2 for f2_ciw) on
-    these rows; 0.5 for a label with no positive row."""
+    these rows: the middle of the best stretch when several tie; 0.5 for a label with no
+    positive row; 1.0 (never predicted) when no threshold catches one of its positives."""
     y_true, y_pred = np.asarray(y_true) > 0.5, np.asarray(y_pred, dtype=float)
     beta = 2.0 if metric == "f2_ciw" else 1.0
     out = np.full(y_true.shape[1], 0.5)
@@ -97,7 +98,13 @@ def fit_thresholds(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> np.nd
         tp = (hit & y_true[:, j, None]).sum(0)
         fp = (hit & ~y_true[:, j, None]).sum(0)
         fn = y_true[:, j].sum() - tp
-        out[j] = GRID[int(np.argmax(_f_beta(tp, fp, fn, beta)))]
+        scores = _f_beta(tp, fp, fn, beta)
+        if scores.max() <= 0:  # no threshold finds a positive: never predict the label
+            out[j] = 1.0
+            continue
+        best = np.flatnonzero(scores >= scores.max() - 1e-12)
+        run = best[: 1 + int(np.argmax(np.diff(best) > 1)) if (np.diff(best) > 1).any() else len(best)]
+        out[j] = GRID[run[len(run) // 2]]  # the middle of the best stretch, not its lowest end
     return out
 
 
@@ -105,7 +112,8 @@ def label_weights(weights: dict, labels: list) -> np.ndarray | None:
     """f2_ciw's importance weight of each label, in the labels' order (1 where none is given)."""
     if not weights:
         return None
-    return np.asarray([float(weights.get(str(label), weights.get(label, 1.0))) for label in labels])
+    by_name = {str(k): float(v) for k, v in weights.items()}  # YAML reads {0: 5} with an int key
+    return np.asarray([by_name.get(str(label), 1.0) for label in labels])
 
 
 def cross_fitted(metric: str, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray,

@@ -94,7 +94,9 @@ def _pack_backbone(source_cfg: CFG, out: Path, fp16: bool) -> None:
 def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides: dict | None = None) -> Path:
     """Everything 05_ensemble blended for the competition of `config`: every member with a
     weight (CNN folds, stackers and the CNNs or backbones they read), the blend, the classes."""
-    cfg = load_cfg(config, experiment_names(config)[0], overrides)
+    from .budget import apply_plan
+
+    cfg = apply_plan(load_cfg(config, experiment_names(config)[0], overrides))
     score = artifacts.read_ensemble_score(cfg)
     why = artifacts.stale(cfg, "ensemble")
     if score is None or why:

@@ -53,8 +53,10 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
     settings checked before anything runs."""
     from .models import model_problems
 
+    from .budget import apply_plan
+
     names = experiments or experiment_names(config)
-    cfgs = [load_cfg(config, name, overrides) for name in names]
+    cfgs = [apply_plan(load_cfg(config, name, overrides)) for name in names]  # time_limit: the planned size and folds
     problems = [f"experiments.{cfg.experiment}: {p}" if len(cfgs) > 1 else p for cfg in cfgs for p in model_problems(cfg)]
     if problems:
         raise ValueError("\n  ".join(problems))
@@ -345,6 +347,9 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
         except (PermissionError, ValueError, KeyError, FileNotFoundError) as e:  # DataError is a ValueError
             print(f"nothing ran: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2
+        if cfgs[0].time_limit:
+            jobs = plan_budget(args, cfgs, start)
+            cfgs = list({job.cfg.experiment: job.cfg for job in jobs}.values())
     ran = False  # a stage ran (or would run): the ensemble, made from every experiment, runs too
     pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
 
@@ -381,6 +386,10 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             print(f"[{i}/{len(jobs)}] {job.label} ... ({why})", end=" ", flush=True)
             seconds = execute_on_ray([job], args.address)[0] if ray else execute(job)
             print(f"{seconds:.1f}s", flush=True)
+            if job.cfg.time_limit:
+                from . import budget
+
+                budget.spend(job.cfg, budget_key(job), seconds)
         flush()
     except NotebookFailed as e:
         print("FAILED")
@@ -389,8 +398,49 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
     if args.dry_run:
         return 0
     print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
+    if cfgs[0].time_limit:
+        from . import budget
+
+        ledger = budget.finish(cfgs[0])
+        used = budget.spent_s(ledger)
+        print(f"time_limit {cfgs[0].time_limit}: {used:.0f}s of {ledger['limit_s']:.0f}s spent "
+              f"({100 * used / ledger['limit_s']:.0f}%); the plan and each stage's seconds: {budget.ledger_path(cfgs[0])}\n")
     print(summary(cfgs))
     return 0
+
+
+def budget_key(job: Job) -> str:
+    """The ledger's key for what a job makes."""
+    from . import budget
+
+    fold = job.parameters.get("fold")
+    return budget.train_key(job.cfg, fold) if fold is not None else f"{job.cfg.experiment}/{job.stage}"
+
+
+def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float) -> list[Job]:
+    """time_limit: open the run's ledger (a restarted run goes on with the time it has left),
+    plan the image size and folds of each experiment from a probe of its model, and return
+    the jobs of that plan."""
+    from . import budget
+    from .data import get_classes, read_test, read_train
+    from .train import num_outputs
+
+    train = read_train(cfgs[0])
+    rows = (len(train), len(read_test(cfgs[0])))
+    n_outs = [num_outputs(c, None if c.task == "regression" else get_classes(train, c)) for c in cfgs]
+    ledger = budget.open_ledger(cfgs, [budget.train_key(c, k) for c in cfgs for k in c.fold_ids])
+    budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
+    plan = budget.plan_run(cfgs, rows, n_outs)  # logs each change it makes
+    print(f"time_limit {cfgs[0].time_limit}: {budget.spent_s(budget.read_ledger(cfgs[0])):.0f}s of "
+          f"{ledger['limit_s']:.0f}s spent; "
+          + "; ".join(f"{name}: {plan['img_size'][name]} px, folds {plan['folds'][name]}, about "
+                      f"{plan['expected_epochs'][name]:.1f} epochs per fold" for name in plan["img_size"]), flush=True)
+    jobs = globals()["plan"](args.config, parse_set(args.set) | ({"retrain": True} if args.force else {}),
+                             args.experiments, args.stages)
+    ledger = budget.read_ledger(cfgs[0])
+    ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == "02_train"]
+    budget.write_ledger(cfgs[0], ledger)
+    return jobs
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pandas as pd
 from . import artifacts
 from .config import CFG
 from .data import get_classes, joined_labels, label_sets, read_csv, read_sample_submission
-from .metrics import THRESHOLD_METRICS, get_score
+from .metrics import THRESHOLD_METRICS, get_score, label_weights
 
 
 def positive_probability(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> bool:
@@ -60,12 +60,12 @@ def submission_format(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> s
 
 def multilabel_decisions(cfg: CFG, probs: np.ndarray, thresholds) -> np.ndarray:
     """0/1 per label: each label's probability against its threshold (0.5 without thresholds);
-    a row left with no label gets its most likely one unless cfg.allow_empty."""
+    a row left with no label gets the one nearest its threshold unless cfg.allow_empty."""
     t = np.full(probs.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
     hit = (probs >= t[None, :]).astype(float)
     if not cfg.allow_empty:
         empty = hit.sum(1) == 0
-        hit[empty, probs[empty].argmax(1)] = 1.0
+        hit[empty, (probs[empty] / np.maximum(t[None, :], 1e-6)).argmax(1)] = 1.0
     return hit
 
 
@@ -139,14 +139,18 @@ def _multilabel_lb(cfg: CFG, path, submission: pd.DataFrame, classes: list) -> f
             out[i, [index[label] for label in labels if label in index]] = 1.0
         return out
 
-    truth_cols = list(cfg.label_cols) or [cfg.target_col]
-    solution = read_csv(path, [cfg.id_col, *truth_cols], "solution", cfg.id_col)
+    solution = read_csv(path, [cfg.id_col], "solution", cfg.id_col, [cfg.target_col])
+    names = [str(c) for c in classes]
+    per_label = all(c in solution.columns for c in names)  # the solution's own shape, whatever the training data's
+    if not per_label and cfg.target_col not in solution.columns:
+        raise KeyError(f"{path}: neither a '{cfg.target_col}' column nor one column per label ({names[:5]} ...)")
     order = submission[[cfg.id_col]].merge(solution[[cfg.id_col]].reset_index(), on=cfg.id_col)
     solution, submission = solution.loc[order["index"]], submission.set_index(cfg.id_col).loc[order[cfg.id_col]]
-    y_true = solution[truth_cols].to_numpy(float) if cfg.label_cols else matrix(solution[cfg.target_col])
+    y_true = solution[names].to_numpy(float) if per_label else matrix(solution[cfg.target_col])
     value_cols = list(submission.columns)
-    y_pred = matrix(submission[value_cols[0]]) if len(value_cols) == 1 else submission[[str(c) for c in classes]].to_numpy(float)
-    return get_score(cfg.metric, y_true, y_pred, thresholds=np.full(len(classes), 0.5))
+    y_pred = matrix(submission[value_cols[0]]) if len(value_cols) == 1 else submission[names].to_numpy(float)
+    return get_score(cfg.metric, y_true, y_pred, thresholds=np.full(len(classes), 0.5),
+                     weights=label_weights(cfg.label_weights, classes))
 
 
 def check_submission(cfg: CFG, sub: pd.DataFrame, classes: list | None) -> None:

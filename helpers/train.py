@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import artifacts, distributed
+from . import artifacts, budget, distributed
 from .cache import create_cache
 from .config import CFG, cfg_from_dict, to_dict
 from .data import EpochSampler, ImageDataset, InputNorm, create_transforms, device_augment, get_classes, input_stats
@@ -278,22 +278,26 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"], "skipped": True}
     logger.info(f"fold {fold}: training: {why}")
     made_from = artifacts.fingerprint(cfg, "train", fold)
+    n_test = 0 if test is None else len(test)
     if cfg.ddp > 1:
         logger.info(f"fold {fold}: {cfg.ddp} processes (DistributedDataParallel)")
-        distributed.launch(_ddp_worker, cfg.ddp, to_dict(cfg), folds, fold, made_from, str(artifacts.log_path(cfg)))
+        distributed.launch(_ddp_worker, cfg.ddp, to_dict(cfg), folds, fold, made_from, str(artifacts.log_path(cfg)), n_test)
     else:
         device = get_device(cfg.device)
         setup_device(device)
-        fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger)
+        fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger, n_test)
     best = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, fold))
     artifacts.record(cfg, "train", fold, made_from)  # after every file of the fold: from now on it counts as done
     if test is not None:
+        start = time.perf_counter()
         predict_test(cfg, best, test, fold, logger)
+        if cfg.time_limit:
+            budget.add(cfg, budget.train_key(cfg, fold), time.perf_counter() - start)
     logger.info(f"fold {fold}: best {cfg.metric} {best['score']:.5f} at epoch {best['epoch']}")
     return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"]}
 
 
-def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int, made_from: dict, log_file: str) -> None:
+def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int, made_from: dict, log_file: str, n_test: int = 0) -> None:
     """One of the processes torchrun's launcher started for a fold."""
     import torch.distributed as dist
 
@@ -302,7 +306,7 @@ def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int, made_from: dict,
     procs = distributed.start()
     try:
         logger = get_logger("kaggle", log_file) if procs.main else distributed.quiet_logger(procs.rank, logging.getLogger("kaggle"))
-        fit_fold(cfg_from_dict(cfg_dict), folds, fold, made_from, procs, logger)
+        fit_fold(cfg_from_dict(cfg_dict), folds, fold, made_from, procs, logger, n_test)
     finally:
         dist.destroy_process_group()
 
@@ -320,9 +324,12 @@ def validate(procs, model, loader, criterion, cfg: CFG, device, targets: np.ndar
 
 
 def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: distributed.Processes,
-             logger: logging.Logger) -> None:
+             logger: logging.Logger, n_test: int = 0) -> None:
     """The training loop of one fold in this process (one of procs.world): the best and last
-    checkpoints, metrics.jsonl, the OOF predictions and logits, written by rank 0."""
+    checkpoints, metrics.jsonl, the OOF predictions and logits, written by rank 0. With
+    time_limit, the fold's epochs are planned after its first (helpers.budget.fold_epochs;
+    `n_test`: the test rows it will predict after training)."""
+    fold_start = time.perf_counter()
     device, world = procs.device, procs.world
     if cfg.batch_size % world:
         raise ValueError(f"config key 'batch_size' ({cfg.batch_size}) must split evenly among ddp={world} processes")
@@ -358,8 +365,12 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     train_loader = create_loader(local, train_df, train=True, cache=train_cache, rank=procs.rank, world=world)  # once per fold
     valid_loader = create_loader(local, valid_df, train=False, cache=train_cache, rank=procs.rank, world=world)
     steps = epoch_updates(len(train_loader), cfg.grad_accum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.scheduler, num_epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
-                                       min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
+
+    def schedule(n_epochs: int):  # timm's schedulers are functions of the update count: one can replace another mid-run
+        return create_scheduler_v2(optimizer, sched=cfg.scheduler, num_epochs=n_epochs, warmup_epochs=min(cfg.warmup_epochs, n_epochs - 1),
+                                   min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)[0]
+
+    scheduler = schedule(epochs)
     scaler = create_scaler(cfg, device)
     # EMA with timm's warm-up: its decay grows with the steps taken, so the EMA that is validated
     # and saved follows the model early on instead of averaging in the untrained weights
@@ -386,6 +397,10 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
             if ema is not None:
                 ema.load_state_dict(last["ema"])
             state = last["state"]
+            if state.get("planned_epochs"):  # time_limit: the plan this fold made after its first epoch
+                epochs = state["planned_epochs"]
+                scheduler = schedule(epochs)
+                scheduler.load_state_dict(last["scheduler"])
             logger.info(f"fold {fold}: resuming from {last_path} after epoch {state['epoch']}")
         else:
             logger.info(f"fold {fold}: {last_path} was made from other settings or data; starting over")
@@ -395,8 +410,12 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     valid_targets = np.stack(valid_df["target"].to_numpy()) if cfg.task == "multilabel" else valid_df["target"].to_numpy()
     weights = label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None
     wandb_run = _wandb_run(cfg, fold) if procs.main else None
-    for epoch in range(state["epoch"], epochs):
-        if state["bad_epochs"] >= cfg.patience:
+    budgeted = bool(cfg.time_limit) and not cfg.debug
+    fold_key = budget.train_key(cfg, fold)
+    before = sum(r["time_s"] for r in state["history"]) + (time.perf_counter() - fold_start)  # a resumed fold's earlier epochs
+    process_start = time.perf_counter()
+    for epoch in range(state["epoch"], cfg.epochs if budgeted else epochs):
+        if state["bad_epochs"] >= cfg.patience or epoch >= epochs:
             break
         start = time.perf_counter()
         epoch_seed = (cfg.seed * 1000 + fold * 100 + epoch) % 2**32
@@ -410,16 +429,26 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
                                      warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs)
         train_loss = procs.mean(train_loss, len(train_loader.sampler))
         scheduler.step(epoch + 1)
+        valid_start = time.perf_counter()
         valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device, valid_targets,
                                                      scale, norm, weights)
+        valid_s = time.perf_counter() - valid_start
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_loss": round(valid_loss, 6),
                "metric": round(score, 6), "lr": max(g["lr"] for g in optimizer.param_groups),
                "time_s": 0.0, "mem_MiB": round(_memory_mib(device), 1)}
-        if ema is not None:  # the raw weights' score too: is the EMA helping?
+        if ema is not None and not budgeted:  # the raw weights' score too: is the EMA helping? (not on a budget)
             _, raw_score, _, _ = validate(procs, model, valid_loader, criterion, cfg, device, valid_targets, scale, norm, weights)
             row.update(metric_raw=round(raw_score, 6), metric_ema=round(score, 6), ema_decay=round(ema.get_decay(steps * (epoch + 1)), 6))
         row["time_s"] = round(time.perf_counter() - start, 2)
         state["history"].append(row)
+        if budgeted and procs.main:
+            budget.spend(cfg, fold_key, before + time.perf_counter() - process_start)
+        if budgeted and not state.get("planned_epochs"):  # after the timed first epoch: the epochs that fit
+            test_s = n_test * valid_s / max(len(valid_df), 1)  # its test predictions, at the validation's pace
+            planned = budget.fold_epochs(cfg, fold, before + time.perf_counter() - process_start, row["time_s"], test_s, logger) \
+                if procs.main else None
+            state["planned_epochs"] = epochs = int(procs.broadcast(planned))
+            scheduler = schedule(epochs)
         improved = is_better(cfg.metric, score, state["best_score"])
         if improved:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_preds=preds, best_logits=logits)

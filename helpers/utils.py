@@ -67,9 +67,10 @@ NA_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan
              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
-def read_table(path: str | Path, id_col: str | None = None):
-    """A CSV with its id column read as text: '0007' stays '0007' (not 7), 'NA' stays 'NA' and a
-    blank id is ''. An unreadable file (not UTF-8, empty, malformed) raises naming it."""
+def read_table(path: str | Path, id_col: str | None = None, text_cols: tuple | list = ()):
+    """A CSV with its id column (and `text_cols`: a multi-label column, "0 3" or "None") read as
+    text: '0007' stays '0007' (not 7), 'NA' stays 'NA' and a blank is ''. An unreadable file
+    (not UTF-8, empty, malformed) raises naming it."""
     import pandas as pd
 
     try:
@@ -78,8 +79,9 @@ def read_table(path: str | Path, id_col: str | None = None):
         columns = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
         if id_col not in columns:
             return pd.read_csv(path, encoding="utf-8-sig")
-        return pd.read_csv(path, encoding="utf-8-sig", dtype={id_col: str}, keep_default_na=False,
-                           na_values={c: NA_VALUES for c in columns if c != id_col})
+        text = {id_col, *(c for c in text_cols if c in columns)}
+        return pd.read_csv(path, encoding="utf-8-sig", dtype={c: str for c in text}, keep_default_na=False,
+                           na_values={c: NA_VALUES for c in columns if c not in text})
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
                          f"save the file as UTF-8") from None

@@ -37,12 +37,13 @@ if helpers_path:  # a copy of the repository added to a Kaggle kernel as a datas
 from IPython.display import display
 
 from helpers import artifacts, plots, setup
+from helpers.budget import apply_plan
 from helpers.config import experiment_names, load_cfg
 from helpers.ensemble import run_ensemble
 
 cfg, logger = setup(config_path, experiment, overrides)
 out = artifacts.ensemble_dir(cfg)
-members = [load_cfg(config_path, name, overrides) for name in experiments or experiment_names(config_path)]
+members = [apply_plan(load_cfg(config_path, name, overrides)) for name in experiments or experiment_names(config_path)]
 
 # %%
 ensemble = run_ensemble(cfg, logger, members)

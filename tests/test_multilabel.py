@@ -379,3 +379,50 @@ def test_package_keeps_the_thresholds(ml_run, tmp_path):
     sub = pd.read_csv(tmp_path / "submission.csv", dtype={"id": str}, keep_default_na=False)
     expected = pd.read_csv(tmp / "submissions" / "submission.csv", dtype={"id": str}, keep_default_na=False)
     assert (sub["labels"] == expected["labels"]).mean() >= 0.95  # the same answers, offline
+
+
+# --- what real multi-label data holds ----------------------------------------------------------------
+def test_numeric_labels_and_label_none_survive_csv_round_trips(tmp_path):
+    comp = tiny_comp(tmp_path, ["0 3", "3", "", "None", "0", "3 None", "0 None"])
+    cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "m"), target_col="tags", task="multilabel",
+              metric="f1_micro", n_folds=2, labels=[0, 3, "None"], label_weights={0: 5})
+    train = read_train(cfg)
+    assert np.stack(train["target"]).tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 0, 1]]
+    oof = train[["id", "tags"]].assign(fold=0, prob_0=0.9, prob_3=0.1, prob_None=0.2)
+    artifacts.write_predictions(cfg, "oof", oof)
+    y_true, _ = artifacts.oof_targets(cfg, artifacts.read_predictions(cfg, "oof"))  # "3" is not the number 3.0
+    np.testing.assert_array_equal(y_true, np.stack(train["target"]))
+    np.testing.assert_array_equal(label_weights(cfg.label_weights, ["0", "3", "None"]), [5.0, 1.0, 1.0])
+
+
+def test_preflight_names_label_names_holding_the_separator_and_unknown_weight_keys(tmp_path):
+    comp = tiny_comp(tmp_path, ["a"] * 4)
+    df = pd.read_csv(comp / "train.csv").drop(columns=["tags"]).assign(**{"ETT - Abnormal": [1, 0, 1, 1], "NGT": [0, 1, 1, 1]})
+    df.to_csv(comp / "train.csv", index=False)
+    base = dict(competition_dir=str(comp), task="multilabel", metric="f2_ciw", label_cols=["ETT - Abnormal", "NGT"], n_folds=2)
+    with pytest.raises(DataError) as err:
+        read_train(CFG(**base, label_weights={"ngt": 2.0}))
+    assert "label column(s) ['ETT - Abnormal'] hold label_sep ' '" in str(err.value)
+    assert "config key 'label_weights' names label(s) ['ngt']" in str(err.value)
+    train = read_train(CFG(**base, label_sep="|", label_weights={"NGT": 2.0}))
+    assert list(train["label"]) == ["ETT - Abnormal", "NGT", "ETT - Abnormal|NGT", "ETT - Abnormal|NGT"]
+
+
+def test_thresholds_on_ties_and_on_a_hopeless_label():
+    y = np.array([[1, 1], [1, 0], [0, 0], [0, 0]], dtype=float)
+    p = np.array([[0.85, 0.01], [0.8, 0.01], [0.1, 0.3], [0.05, 0.4]])
+    t = fit_thresholds("f1_micro", y, p)
+    assert 0.4 <= t[0] <= 0.6  # every threshold in (0.1, 0.8] separates: the middle, not 0.12
+    assert t[1] == 1.0  # its positive scores below every threshold: never predicted, not predicted everywhere
+    assert get_score("f1_micro", y, p, t) == pytest.approx(2 * 2 / (2 * 2 + 1))
+
+
+def test_allow_empty_redoes_only_the_ensemble(tmp_path):
+    cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "m"), task="multilabel", metric="f1_micro")
+    other = CFG(**{**cfg.__dict__, "allow_empty": False})
+    keys = {stage: artifacts.stage_keys(cfg, stage) for stage in ("folds", "train", "stacking", "ensemble")}
+    assert [s for s, k in keys.items() if "allow_empty" in k] == ["ensemble"]
+    assert [s for s, k in keys.items() if "label_cols" in k] == ["folds"]  # the label matrix: folds, then all that follows
+    assert "label_weights" in keys["train"] and "label_weights" in keys["stacking"] and "metric" in keys["stacking"]
+    assert "allow_empty" not in artifacts.stage_keys(CFG(), "ensemble")  # other tasks' outputs keep their keys
+    assert other.allow_empty is False

@@ -1,0 +1,272 @@
+"""A time budget for a whole run: `time_limit` ("20min", "8h", "1h30m", "600s").
+
+Kaggle kernels stop at 9 h (GPU) or 12 h (CPU). With `time_limit` set, the run spends its
+time like this:
+
+1. Before the first fold, `plan_run` times a few training and inference steps of each
+   experiment's model (a probe of a few seconds) and checks that every fold can have at least
+   MIN_EPOCHS epochs in the time left after the stages that follow training. When it cannot,
+   it halves the image size (down to 32 px) and then trains fewer folds (two at least), and
+   says so. The
+   decision is kept in the ledger, so a restarted run, or the next run with the same settings,
+   keeps it (and what it already made stays up to date).
+2. Each fold times its first epoch, then `fold_epochs` gives it the epochs that fit its share
+   of what is left (the time left, less the estimated cost of the remaining stages, split over
+   the folds not trained yet; `epochs` is the most it gets). So every fold is re-planned from
+   the time the earlier ones really took.
+3. The ledger (`budget.json` beside the ensemble) records the seconds each stage took, under
+   one key per output: a killed run, restarted, goes on with the time it has left.
+
+Without time_limit nothing here runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+from . import artifacts
+from .config import CFG, parse_duration, to_dict
+from .utils import atomic_write_text
+
+# fewer epochs per fold than this: a smaller image size, then fewer folds (a model trained from
+# scratch needs many more epochs than a pretrained one)
+MIN_EPOCHS = {"pretrained": 6, "scratch": 20}
+MIN_IMG_SIZE = 32
+MIN_FOLDS = 2  # the ensemble judges its weights on held-out folds: it needs two
+PIPELINE = 1.3  # a real training step over the probe's (data loading, augmentation, loss, scheduler)
+NOTEBOOK_S = 9.0  # a notebook's kernel start and imports (measured on the 2-core CPU machine: 8-10 s)
+
+
+# --- the ledger ------------------------------------------------------------------------------
+def ledger_path(cfg: CFG) -> Path:
+    return artifacts.ensemble_dir(cfg) / "budget.json"
+
+
+def read_ledger(cfg: CFG) -> dict | None:
+    path = ledger_path(cfg)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_ledger(cfg: CFG, ledger: dict) -> None:
+    path = ledger_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(ledger, indent=1))
+
+
+def _settings_digest(cfgs: list[CFG]) -> str:
+    """What a plan was made for: every experiment's settings, but for how fast they run."""
+    keep = [{k: v for k, v in to_dict(c).items() if k not in artifacts.RUN_ONLY} for c in cfgs]
+    return artifacts.digest(keep)
+
+
+def open_ledger(cfgs: list[CFG], train_jobs: list[str]) -> dict:
+    """The run's ledger: the unfinished one (a restarted run goes on with its time), or a new
+    one. A finished ledger's plan is kept when the settings are the same."""
+    cfg = cfgs[0]
+    limit = parse_duration(cfg.time_limit)
+    old = read_ledger(cfg)
+    digest = _settings_digest(cfgs)
+    if old is not None and not old.get("finished") and old.get("digest") == digest:
+        old.update(limit_s=limit, train_jobs=train_jobs)
+        write_ledger(cfg, old)
+        return old
+    ledger = {"limit_s": limit, "digest": digest, "started": datetime.now().isoformat(timespec="seconds"),
+              "finished": False, "spent": {}, "train_jobs": train_jobs, "rates": {},
+              "plan": old["plan"] if old is not None and old.get("digest") == digest else None}
+    write_ledger(cfg, ledger)
+    return ledger
+
+
+def spend(cfg: CFG, key: str, seconds: float) -> None:
+    """Record what an output took (the larger of what is recorded and `seconds`: a resumed
+    fold's job is shorter than the fold)."""
+    ledger = read_ledger(cfg)
+    if ledger is None or ledger.get("finished"):
+        return
+    ledger["spent"][key] = round(max(float(ledger["spent"].get(key, 0.0)), float(seconds)), 2)
+    write_ledger(cfg, ledger)
+
+
+def add(cfg: CFG, key: str, seconds: float) -> None:
+    """Add seconds to what an output took (a fold's test predictions, after its training)."""
+    ledger = read_ledger(cfg)
+    if ledger is None or ledger.get("finished"):
+        return
+    ledger["spent"][key] = round(float(ledger["spent"].get(key, 0.0)) + float(seconds), 2)
+    write_ledger(cfg, ledger)
+
+
+def finish(cfg: CFG) -> dict | None:
+    ledger = read_ledger(cfg)
+    if ledger is None:
+        return None
+    ledger["finished"] = True
+    write_ledger(cfg, ledger)
+    return ledger
+
+
+def spent_s(ledger: dict, but: str | None = None) -> float:
+    return sum(v for k, v in ledger["spent"].items() if k != but)
+
+
+def train_key(cfg: CFG, fold: int) -> str:
+    return f"{cfg.experiment}/train_fold{fold}"
+
+
+# --- what the stages after training cost ------------------------------------------------------
+def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int]) -> float:
+    """Estimated seconds of 03_features, 04_stacking and 05_ensemble (kernels included): each
+    fold model embeds its OOF rows and the test set, a LightGBM head per fold, the blend."""
+    n_train, n_test = rows
+    total = NOTEBOOK_S  # 05_ensemble
+    for cfg in cfgs:
+        infer = rates.get(cfg.experiment, {}).get("infer_img_s", 500.0)
+        folds = len(cfg.fold_ids)
+        total += 2 * NOTEBOOK_S + (n_train + folds * n_test) / infer + 4.0 * folds
+    return total
+
+
+# --- the plan before training -------------------------------------------------------------------
+def probe(cfg: CFG, n_out: int, steps: int = 3) -> dict:
+    """Training and inference images/s of the experiment's model at its image size on this
+    machine (a few steps on random images; the data pipeline is fed from the cache)."""
+    import torch
+
+    from .models import create_model
+    from .utils import get_device
+
+    device = get_device(cfg.device)
+    model = create_model(dataclasses.replace(cfg, pretrained=False, pretrained_path=""), n_out).to(device)
+    x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = model(x).float().logsumexp(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    train = steps * cfg.batch_size / (time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        sync()
+    infer = steps * cfg.batch_size / (time.perf_counter() - start) / max(1, 1 + len(cfg.tta))
+    return {"train_img_s": train, "infer_img_s": infer, "img_size": cfg.img_size}
+
+
+def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: logging.Logger | None = None) -> dict:
+    """The run's plan, made once per settings and kept in the ledger: {'img_size': {exp: px},
+    'folds': {exp: [...]}, 'notes': [...], 'expected_epochs': {exp: n}}, from a probe of each
+    model. While some experiment's folds would get fewer than MIN_EPOCHS epochs, the worst
+    one's image size is halved (to MIN_IMG_SIZE at least), then it trains one fold fewer (to
+    MIN_FOLDS at least)."""
+    logger = logger or logging.getLogger("kaggle")
+    ledger = read_ledger(cfgs[0])
+    ledger["rows"] = list(rows)
+    if ledger.get("plan"):
+        write_ledger(cfgs[0], ledger)
+        return ledger["plan"]
+    left = ledger["limit_s"] - spent_s(ledger)
+    trials = list(cfgs)
+    rates = {c.experiment: probe(c, n_out) for c, n_out in zip(cfgs, n_outs)}
+    notes = []
+    while True:
+        fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment) for c in trials}
+        i = min(range(len(trials)), key=lambda j: fits[trials[j].experiment])
+        worst = trials[i]
+        if fits[worst.experiment] >= min_epochs(worst):
+            break
+        if worst.img_size // 2 >= MIN_IMG_SIZE:
+            trials[i] = dataclasses.replace(worst, img_size=worst.img_size // 2)
+            rates[worst.experiment] = probe(trials[i], n_outs[i])
+            change = f"img_size {worst.img_size} -> {trials[i].img_size} px"
+        elif len(worst.fold_ids) > MIN_FOLDS:
+            trials[i] = dataclasses.replace(worst, folds=worst.fold_ids[:-1])
+            change = f"folds {worst.fold_ids} -> {trials[i].fold_ids}"
+        else:
+            break
+        notes.append(f"{worst.experiment}: {change} (about {fits[worst.experiment]:.1f} epochs per fold fit before)")
+        logger.warning(f"time_limit: {notes[-1]}")
+    fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment) for c in trials}
+    plan = {"img_size": {c.experiment: c.img_size for c in trials}, "folds": {c.experiment: c.fold_ids for c in trials},
+            "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()}}
+    ledger.update(plan=plan, rates=rates, after_s=round(after_training_s(trials, rates, rows), 1))
+    write_ledger(cfgs[0], ledger)
+    logger.info(f"time_limit {cfgs[0].time_limit} ({ledger['limit_s']:.0f}s, {left:.0f}s left): "
+                + "; ".join(f"{c.experiment}: {c.img_size} px, folds {c.fold_ids}, about "
+                            f"{min(fits[c.experiment], c.epochs):.1f} epochs per fold" for c in trials)
+                + f"; {ledger['after_s']:.0f}s kept for features, stacking and the ensemble")
+    return plan
+
+
+def min_epochs(cfg: CFG) -> int:
+    return min(cfg.epochs, MIN_EPOCHS["pretrained" if cfg.pretrained or cfg.pretrained_path else "scratch"])
+
+
+def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str) -> float:
+    """Epochs per fold of experiment `name` when the time left, less the later stages, is split
+    evenly over every fold of every experiment."""
+    n_train, n_test = rows
+    folds = sum(len(c.fold_ids) for c in cfgs)
+    per_fold = (left - after_training_s(cfgs, rates, rows) - sum(NOTEBOOK_S for _ in range(folds + 2))) / max(folds, 1)
+    c = next(c for c in cfgs if c.experiment == name)
+    r = rates.get(name, {"train_img_s": 100.0, "infer_img_s": 300.0})
+    k = c.n_folds
+    # the probe's steps run on random tensors: loading, augmenting and the loss take the rest
+    # (x1.3 measured on the 2-core CPU machine)
+    epoch = n_train * (k - 1) / k / r["train_img_s"] * PIPELINE + n_train / k / r["infer_img_s"]
+    return max(0.0, (per_fold - n_test / r["infer_img_s"]) / epoch)
+
+
+def apply_plan(cfg: CFG) -> CFG:
+    """cfg with the run's planned image size and folds (as it is when no plan was made)."""
+    if not cfg.time_limit:
+        return cfg
+    ledger = read_ledger(cfg)
+    plan = (ledger or {}).get("plan") or {}
+    changes = {}
+    if cfg.experiment in plan.get("img_size", {}):
+        changes["img_size"] = plan["img_size"][cfg.experiment]
+    if cfg.experiment in plan.get("folds", {}) and not cfg.folds:
+        changes["folds"] = plan["folds"][cfg.experiment]
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+# --- each fold's epochs ---------------------------------------------------------------------------
+def fold_epochs(cfg: CFG, fold: int, elapsed_s: float, epoch_s: float, test_s: float,
+                logger: logging.Logger | None = None) -> int:
+    """The epochs fold `fold` gets (at most cfg.epochs), after a first epoch of epoch_s that
+    ends elapsed_s into the fold: its share of the time left, less the later stages, split
+    over the folds not trained yet (this one included), less its test predictions."""
+    logger = logger or logging.getLogger("kaggle")
+    ledger = read_ledger(cfg)
+    if ledger is None:  # a notebook run by hand, without the runner: this experiment alone
+        ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids])
+    key = train_key(cfg, fold)
+    done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_fold") and k != key}
+    waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
+    later = ledger.get("after_s", 3 * NOTEBOOK_S)
+    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (len(waiting) - 1)
+    share = left / len(waiting)
+    epochs = 1 + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
+    epochs = int(min(cfg.epochs, max(1, epochs)))
+    logger.info(f"time_limit: fold {fold} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
+                f"{left:.0f}s left for {len(waiting)} fold(s); at most epochs={cfg.epochs})")
+    return epochs

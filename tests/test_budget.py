@@ -1,0 +1,138 @@
+"""time_limit and the quality presets: durations, presets under the user's keys, the ledger
+a restarted run continues, each fold's epochs from the time left, and a whole run through
+the runner that stays within its limit."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from helpers import artifacts, budget, pipeline
+from helpers.config import CFG, load_cfg, parse_duration
+from helpers.demo import write_digits
+
+
+@pytest.mark.parametrize("text, seconds", [("20min", 1200), ("8h", 28800), ("1h30m", 5400), ("90s", 90), ("600", 600),
+                                           ("2.5h", 9000), ("", 0)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_a_bad_duration_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"competition_dir": str(tmp_path), "time_limit": "soon"}))
+    with pytest.raises(ValueError, match="config key 'time_limit': cannot read 'soon' as a duration"):
+        load_cfg(path)
+
+
+def test_quality_presets_sit_under_the_users_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"competition_dir": str(tmp_path), "quality": "fast", "img_size": 96}))
+    cfg = load_cfg(path)
+    assert (cfg.model_name, cfg.img_size, cfg.n_folds, cfg.ema, cfg.label_smoothing) == ("resnet18", 96, 3, True, 0.1)
+    assert load_cfg(path, overrides={"quality": "best"}).model_name == ("convnext_small" if torch.cuda.is_available() else "resnet34")
+    timed = load_cfg(path, overrides={"quality": "", "time_limit": "1h"})  # a time limit alone: medium
+    assert timed.quality == "medium" and timed.model_name == ("resnet50d" if torch.cuda.is_available() else "resnet18")
+    regression = load_cfg(path, overrides={"task": "regression", "metric": "rmse"})
+    assert regression.label_smoothing == 0.0  # for classification only
+    plain = load_cfg(path, overrides={"quality": ""})
+    assert (plain.model_name, plain.ema, plain.label_smoothing) == (CFG().model_name, False, 0.0)  # no preset: the defaults
+
+
+def test_time_limit_is_recorded_only_when_set(tmp_path):
+    cfg = CFG(competition_dir=str(tmp_path))
+    assert "time_limit" in artifacts.stage_keys(cfg, "train")
+    assert "time_limit" not in artifacts._keys(cfg, artifacts.stage_keys(cfg, "train"))  # outputs made before it stay fresh
+    timed = CFG(competition_dir=str(tmp_path), time_limit="1h")
+    assert artifacts._keys(timed, artifacts.stage_keys(timed, "train"))["time_limit"] == "1h"
+
+
+def ledger_cfg(tmp_path, **kw) -> CFG:
+    return CFG(**{"competition_dir": str(tmp_path), "models_dir": str(tmp_path / "models"), "experiment": "e",
+                  "time_limit": "100s", "epochs": 50, **kw})
+
+
+def test_each_fold_gets_its_share_of_the_time_left(tmp_path):
+    cfg = ledger_cfg(tmp_path)
+    budget.open_ledger([cfg], [budget.train_key(cfg, k) for k in range(3)])
+    ledger = budget.read_ledger(cfg)
+    ledger.update(after_s=10.0)
+    ledger["spent"].update({"e/00_eda": 10.0, "e/01_folds": 10.0, "e/train_fold0": 20.0})
+    budget.write_ledger(cfg, ledger)
+    # 100 - 40 spent - 10 later - 9 (the next fold's kernel) = 41 for 2 folds: 20.5 each;
+    # 5 s gone (first epoch included), 1.5 s of test predictions: 14 s of 3 s epochs
+    assert budget.fold_epochs(cfg, 1, elapsed_s=5.0, epoch_s=3.0, test_s=1.5) == 1 + 4
+    assert budget.fold_epochs(cfg, 1, elapsed_s=5.0, epoch_s=0.01, test_s=1.5) == 50  # at most `epochs`
+    budget.spend(cfg, "e/train_fold1", 30.0)  # over its share: the last fold gets what is left
+    assert budget.fold_epochs(cfg, 2, elapsed_s=3.0, epoch_s=3.0, test_s=0.0) == 1 + 5  # 100-70-10 = 20 - 3 = 17 -> 5
+    assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=3.0, test_s=0.0) == 1  # nothing left: the first epoch only
+
+
+def test_a_restarted_run_continues_its_ledger_a_finished_one_does_not(tmp_path):
+    cfg = ledger_cfg(tmp_path)
+    budget.open_ledger([cfg], ["e/train_fold0"])
+    budget.spend(cfg, "e/train_fold0", 30.0)
+    budget.spend(cfg, "e/train_fold0", 12.0)  # a resumed fold's job: shorter than the fold
+    assert budget.open_ledger([cfg], ["e/train_fold0"])["spent"] == {"e/train_fold0": 30.0}  # killed, restarted
+    ledger = budget.read_ledger(cfg)
+    ledger["plan"] = {"img_size": {"e": 64}, "folds": {"e": [0, 1]}, "notes": [], "expected_epochs": {"e": 9}}
+    budget.write_ledger(cfg, ledger)
+    budget.finish(cfg)
+    again = budget.open_ledger([cfg], ["e/train_fold0"])
+    assert again["spent"] == {} and again["plan"]["img_size"] == {"e": 64}  # new time, the same plan (outputs stay fresh)
+    assert budget.apply_plan(cfg).img_size == 64 and budget.apply_plan(cfg).fold_ids == [0, 1]
+    changed = ledger_cfg(tmp_path, lr=0.5)
+    assert budget.open_ledger([changed], [])["plan"] is None  # other settings: planned again
+
+
+def test_the_plan_shrinks_images_then_folds_when_the_budget_is_short(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_probe(cfg, n_out, steps=3):  # 4x faster per halving of the side
+        calls.append(cfg.img_size)
+        return {"train_img_s": 10.0 * (256 / cfg.img_size) ** 2, "infer_img_s": 30.0 * (256 / cfg.img_size) ** 2,
+                "img_size": cfg.img_size}
+
+    monkeypatch.setattr(budget, "probe", fake_probe)
+    cfg = ledger_cfg(tmp_path, img_size=256, n_folds=5, time_limit="10min")
+    budget.open_ledger([cfg], [budget.train_key(cfg, k) for k in range(5)])
+    plan = budget.plan_run([cfg], (2000, 500), [10])
+    assert calls[0] == 256 and plan["img_size"]["e"] < 256 and plan["notes"]
+    assert plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
+    tiny = ledger_cfg(tmp_path / "b", img_size=64, n_folds=5, time_limit="90s")
+    budget.open_ledger([tiny], [])
+    plan = budget.plan_run([tiny], (2000, 500), [10])
+    assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0, 1]  # 32 px is the floor, then fewer folds, two at least
+    assert any("folds" in n for n in plan["notes"])
+
+
+@pytest.fixture(scope="module")
+def timed_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("timed")
+    comp = write_digits(tmp / "comp", size=24, n=240, string_labels=True)
+    config = {"competition_dir": str(comp), "models_dir": str(tmp / "models"), "submissions_dir": str(tmp / "subs"),
+              "n_folds": 2, "time_limit": "80s", "quality": "fast", "img_size": 32, "batch_size": 32,
+              "num_workers": 0, "experiments": {"timed": {}}}
+    path = tmp / "timed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rc = pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"])  # the stages a budget plans
+    return tmp, path, rc
+
+
+def test_a_time_limited_run_plans_each_fold_from_the_time_left(timed_run, capsys):
+    tmp, path, rc = timed_run
+    assert rc == 0
+    ledger = json.loads((tmp / "models" / "ensemble" / "budget.json").read_text())
+    assert ledger["finished"] and ledger["limit_s"] == 80 and ledger["plan"]["folds"] == {"timed": [0, 1]}
+    assert set(ledger["spent"]) >= {"timed/01_folds", "timed/train_fold0", "timed/train_fold1"}
+    assert sum(ledger["spent"].values()) <= 80 - ledger["after_s"] + 15  # time kept for the stages after training
+    log = (tmp / "models" / "timed" / "train.log").read_text()
+    for k in (0, 1):
+        planned = int(log.split(f"time_limit: fold {k} gets ")[1].split(" ")[0])
+        lines = (tmp / "models" / "timed" / f"fold{k}" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == planned > 1  # no early stop on a budget: the schedule runs to its planned end
+        assert "metric_raw" not in lines[0]  # no second validation of the raw weights on a budget
+    assert pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"]) == 0  # again: nothing to redo
+    assert "02_train fold 0 [timed] ... up to date" in capsys.readouterr().out
