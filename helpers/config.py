@@ -310,7 +310,7 @@ QUALITY = {
     "best": {"model_name": "convnext_small", "img_size": 288, "n_folds": 5, "epochs": 30, "lr": 4e-4, "augment": "heavy",
              "drop_path": 0.2, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 0.5, "mixup_off_epoch": 24},
 }
-QUALITY_CPU = {"fast": {"img_size": 64}, "medium": {"model_name": "resnet18", "img_size": 64},
+QUALITY_CPU = {"fast": {"img_size": 64, "batch_size": 64}, "medium": {"model_name": "resnet18", "img_size": 64, "batch_size": 64},
                "best": {"model_name": "resnet34", "img_size": 96, "drop_path": 0.1}}
 QUALITY_COMMON = {"warmup_epochs": 1, "scheduler": "cosine", "optimizer": "adamw", "weight_decay": 0.05, "ema": True,
                   "ema_decay": 0.998}
