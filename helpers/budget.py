@@ -265,7 +265,7 @@ def fold_epochs(cfg: CFG, fold: int, elapsed_s: float, epoch_s: float, test_s: f
     over the folds not trained yet (this one included), less its test predictions."""
     logger = logger or logging.getLogger("kaggle")
     ledger = read_ledger(cfg)
-    if ledger is None:  # a notebook run by hand, without the runner: this experiment alone
+    if ledger is None or ledger.get("finished"):  # a notebook run by hand, without the runner: this experiment alone
         ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids])
     key = train_key(cfg, fold)
     done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_fold") and k != key}

@@ -70,6 +70,16 @@ def test_each_fold_gets_its_share_of_the_time_left(tmp_path):
     assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=3.0, test_s=0.0) == 1  # nothing left: the first epoch only
 
 
+def test_a_notebook_run_by_hand_opens_its_own_ledger(tmp_path):
+    cfg = ledger_cfg(tmp_path, n_folds=2)
+    assert budget.read_ledger(cfg) is None
+    # 100 s, nothing spent, 27 s kept for the later stages, one more fold's kernel (9 s): 32 s each
+    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 1 + 15
+    budget.spend(cfg, "e/train_fold0", 80.0)
+    budget.finish(cfg)  # an earlier run's finished ledger: a new run does not inherit its spent time
+    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 1 + 15
+
+
 def test_a_restarted_run_continues_its_ledger_a_finished_one_does_not(tmp_path):
     cfg = ledger_cfg(tmp_path)
     budget.open_ledger([cfg], ["e/train_fold0"])
