@@ -508,7 +508,7 @@ def competition_digest(cfg: CFG) -> str:
 RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
                       "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
                       "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
-                      "submission_name", "keep_last", "ddp", "quality"})
+                      "submission_name", "keep_last", "ddp", "quality", "time_limit"})
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
 # multi-label keys count only for a multi-label task (so they leave other tasks' outputs alone)
 MULTILABEL_KEYS = ("label_cols", "label_sep", "labels")  # what the label matrix the folds stratify is read from
@@ -559,11 +559,6 @@ def stamp_path(cfg: CFG, stage: str, fold: int | None = None) -> Path:
     return _folder(cfg, stage) / "stamps" / f"{output_name(stage, fold)}.json"
 
 
-# keys added after outputs were made with their defaults: recorded only when set, so that an
-# output made before they existed stays up to date
-OPTIONAL_KEYS = {"time_limit": ""}
-
-
 def stage_keys(cfg: CFG, stage: str) -> tuple:
     """The config keys an output of `stage` ('folds', 'train', 'stacking', 'ensemble') is made from."""
     multilabel = cfg.task == "multilabel"
@@ -578,7 +573,7 @@ def stage_keys(cfg: CFG, stage: str) -> tuple:
 
 def _keys(cfg: CFG, names) -> dict:
     values = to_dict(cfg)
-    return {k: values[k] for k in names if not (k in OPTIONAL_KEYS and values[k] == OPTIONAL_KEYS[k])}
+    return {k: values[k] for k in names}
 
 
 def _test_files(cfg: CFG) -> dict:

@@ -77,9 +77,10 @@ def open_ledger(cfgs: list[CFG], train_jobs: list[str]) -> dict:
         old.update(limit_s=limit, train_jobs=train_jobs)
         write_ledger(cfg, old)
         return old
+    same = old is not None and old.get("digest") == digest  # the same settings: the same plan and estimates
     ledger = {"limit_s": limit, "digest": digest, "started": datetime.now().isoformat(timespec="seconds"),
-              "finished": False, "spent": {}, "train_jobs": train_jobs, "rates": {},
-              "plan": old["plan"] if old is not None and old.get("digest") == digest else None}
+              "finished": False, "spent": {}, "train_jobs": train_jobs,
+              **({k: old[k] for k in ("plan", "rates", "after_s", "rows") if k in old} if same else {"plan": None, "rates": {}})}
     write_ledger(cfg, ledger)
     return ledger
 
@@ -113,7 +114,9 @@ def finish(cfg: CFG) -> dict | None:
 
 
 def spent_s(ledger: dict, but: str | None = None) -> float:
-    return sum(v for k, v in ledger["spent"].items() if k != but)
+    """Seconds of the budget spent: folds trained side by side (one per GPU) share the clock."""
+    parallel = max(1, int(ledger.get("parallel", 1)))
+    return sum(v / (parallel if "/train_fold" in k else 1) for k, v in ledger["spent"].items() if k != but)
 
 
 def train_key(cfg: CFG, fold: int) -> str:
@@ -136,25 +139,38 @@ def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int]) -> flo
 # --- the plan before training -------------------------------------------------------------------
 def probe(cfg: CFG, n_out: int, steps: int = 3) -> dict:
     """Training and inference images/s of the experiment's model at its image size on this
-    machine (a few steps on random images; the data pipeline is fed from the cache)."""
+    machine, in the precision training uses (a few steps on random images; PIPELINE covers
+    the data pipeline)."""
     import torch
 
-    from .models import create_model
     from .utils import get_device
 
     device = get_device(cfg.device)
+    rates = _measure(cfg, n_out, device, steps)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the runner keeps no GPU memory from the folds' processes
+    return rates
+
+
+def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
+    import torch
+
+    from .models import create_model
+    from .train import autocast
+
     model = create_model(dataclasses.replace(cfg, pretrained=False, pretrained_path=""), n_out).to(device)
     x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        loss = model(x).float().logsumexp(1).mean()
+        with autocast(cfg, device):  # the precision training runs in (bf16/fp16 on a GPU)
+            loss = model(x).float().logsumexp(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     step()  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -162,7 +178,7 @@ def probe(cfg: CFG, n_out: int, steps: int = 3) -> dict:
     sync()
     train = steps * cfg.batch_size / (time.perf_counter() - start)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg, device):
         model(x)
         sync()
         start = time.perf_counter()
@@ -179,6 +195,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     model. While some experiment's folds would get fewer than MIN_EPOCHS epochs, the worst
     one's image size is halved (to MIN_IMG_SIZE at least), then it trains one fold fewer (to
     MIN_FOLDS at least)."""
+    from .models import model_problems
+
     logger = logger or logging.getLogger("kaggle")
     ledger = read_ledger(cfgs[0])
     ledger["rows"] = list(rows)
@@ -195,7 +213,7 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
         worst = trials[i]
         if fits[worst.experiment] >= min_epochs(worst):
             break
-        if worst.img_size // 2 >= MIN_IMG_SIZE:
+        if worst.img_size // 2 >= MIN_IMG_SIZE and not model_problems(dataclasses.replace(worst, img_size=worst.img_size // 2)):
             # a quarter of the pixels: twice the batch (the same memory) keeps the device busy; on 2 CPU
             # threads resnet18 at 32 px runs 402 img/s in batches of 32, 656 in 64, 890 in 128
             batch = min(MAX_BATCH, worst.batch_size * 2) if worst.batch_size < MAX_BATCH else worst.batch_size
@@ -265,14 +283,18 @@ def fold_epochs(cfg: CFG, fold: int, elapsed_s: float, epoch_s: float, test_s: f
     over the folds not trained yet (this one included), less its test predictions."""
     logger = logger or logging.getLogger("kaggle")
     ledger = read_ledger(cfg)
-    if ledger is None or ledger.get("finished"):  # a notebook run by hand, without the runner: this experiment alone
+    if ledger is None:  # a notebook run by hand, without the runner: this experiment alone
         ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids])
+    elif ledger.get("finished"):  # by hand after a finished run: new time, the same plan and estimates
+        ledger.update(finished=False, spent={}, started=datetime.now().isoformat(timespec="seconds"))
+        write_ledger(cfg, ledger)
     key = train_key(cfg, fold)
     done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_fold") and k != key}
     waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
     later = ledger.get("after_s", 3 * NOTEBOOK_S)
-    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (len(waiting) - 1)
-    share = left / len(waiting)
+    rounds = math.ceil(len(waiting) / max(1, int(ledger.get("parallel", 1))))  # folds side by side, one per GPU
+    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (rounds - 1)
+    share = left / rounds
     epochs = 1 + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
     epochs = int(min(cfg.epochs, max(1, epochs)))
     logger.info(f"time_limit: fold {fold} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "

@@ -440,7 +440,8 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
         if bad:
             out.append((key, f"config key '{key}' takes a positive number per label, got {bad}"))
     try:
-        parse_duration(cfg.time_limit)
+        if cfg.time_limit and parse_duration(cfg.time_limit) <= 0:
+            out.append(("time_limit", f"config key 'time_limit' must be more than 0, got {cfg.time_limit!r}"))
     except ValueError as e:
         out.append(("time_limit", str(e)))
     bad_tta = [t for t in cfg.tta if t not in ("hflip", "vflip")]

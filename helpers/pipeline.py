@@ -348,7 +348,7 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             print(f"nothing ran: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2
         if cfgs[0].time_limit:
-            jobs = plan_budget(args, cfgs, start)
+            jobs = plan_budget(args, cfgs, start, gpus)
             cfgs = list({job.cfg.experiment: job.cfg for job in jobs}.values())
     ran = False  # a stage ran (or would run): the ensemble, made from every experiment, runs too
     pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
@@ -360,6 +360,11 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             return
         batch = [job for _, job in pending]
         seconds = execute_on_ray(batch, args.address) if ray else execute_on_gpus(batch, gpus)
+        if batch[0].cfg.time_limit:
+            from . import budget
+
+            for job, s in zip(batch, seconds):
+                budget.spend(job.cfg, budget_key(job), s)
         print(f"    {len(pending)} folds in parallel{' (Ray tasks)' if ray else ''}: {', '.join(f'{s:.1f}s' for s in seconds)}",
               flush=True)
         pending.clear()
@@ -398,7 +403,7 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
     if args.dry_run:
         return 0
     print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
-    if cfgs[0].time_limit:
+    if cfgs[0].time_limit and any(job.stage == "05_ensemble" for job in jobs):  # a run of some stages: not finished
         from . import budget
 
         ledger = budget.finish(cfgs[0])
@@ -417,7 +422,7 @@ def budget_key(job: Job) -> str:
     return budget.train_key(job.cfg, fold) if fold is not None else f"{job.cfg.experiment}/{job.stage}"
 
 
-def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float) -> list[Job]:
+def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: list[str]) -> list[Job]:
     """time_limit: open the run's ledger (a restarted run goes on with the time it has left),
     plan the image size and folds of each experiment from a probe of its model, and return
     the jobs of that plan."""
@@ -425,20 +430,23 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float) -> list
     from .data import get_classes, read_test, read_train
     from .train import num_outputs
 
+    overrides = parse_set(args.set) | ({"retrain": True} if args.force else {})
+    cfgs = [load_cfg(args.config, c.experiment, overrides) for c in cfgs]  # as written: what the plan is made for
     train = read_train(cfgs[0])
     rows = (len(train), len(read_test(cfgs[0])))
     n_outs = [num_outputs(c, None if c.task == "regression" else get_classes(train, c)) for c in cfgs]
     ledger = budget.open_ledger(cfgs, [budget.train_key(c, k) for c in cfgs for k in c.fold_ids])
+    ledger["parallel"] = len(gpus) if len(gpus) > 1 and args.executor == "local" else 1
+    budget.write_ledger(cfgs[0], ledger)
     budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
     plan = budget.plan_run(cfgs, rows, n_outs)  # logs each change it makes
     print(f"time_limit {cfgs[0].time_limit}: {budget.spent_s(budget.read_ledger(cfgs[0])):.0f}s of "
           f"{ledger['limit_s']:.0f}s spent; "
           + "; ".join(f"{name}: {plan['img_size'][name]} px, folds {plan['folds'][name]}, about "
                       f"{plan['expected_epochs'][name]:.1f} epochs per fold" for name in plan["img_size"]), flush=True)
-    jobs = globals()["plan"](args.config, parse_set(args.set) | ({"retrain": True} if args.force else {}),
-                             args.experiments, args.stages)
+    jobs = globals()["plan"](args.config, overrides, args.experiments, args.stages)
     ledger = budget.read_ledger(cfgs[0])
-    ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == "02_train"]
+    ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == "02_train" and (args.force or stale(j))]  # to train
     budget.write_ledger(cfgs[0], ledger)
     return jobs
 
