@@ -263,15 +263,9 @@ def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         return oof[cfg.target_col].to_numpy(float), oof["pred"].to_numpy(float)
     cols = [c for c in oof.columns if c.startswith("prob_")]
     if cfg.task == "multilabel":
-        from .data import label_sets
+        from .data import label_matrix
 
-        index = {c[len("prob_"):]: j for j, c in enumerate(cols)}
-        y_true = np.zeros((len(oof), len(cols)))
-        for i, labels in enumerate(label_sets(oof[cfg.target_col], cfg.label_sep)):
-            for label in labels:
-                if label in index:
-                    y_true[i, index[label]] = 1.0
-        return y_true, oof[cols].to_numpy(float)
+        return label_matrix(oof[cfg.target_col], [c[len("prob_"):] for c in cols], cfg.label_sep), oof[cols].to_numpy(float)
     index = {c[len("prob_"):]: i for i, c in enumerate(cols)}
     return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
 

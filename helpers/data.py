@@ -251,12 +251,16 @@ def multilabel_matrix(cfg: CFG, df: pd.DataFrame, labels: list) -> np.ndarray:
     in target_col."""
     if cfg.label_cols:
         return df[list(cfg.label_cols)].to_numpy(dtype=float)
-    index = {label: j for j, label in enumerate(labels)}
-    out = np.zeros((len(df), len(labels)))
-    for i, row in enumerate(label_sets(df[cfg.target_col], cfg.label_sep)):
-        for label in row:
-            if label in index:
-                out[i, index[label]] = 1.0
+    return label_matrix(df[cfg.target_col], labels, cfg.label_sep)
+
+
+def label_matrix(column: pd.Series, labels: list, sep: str) -> np.ndarray:
+    """Rows x labels, 1.0 where a row of `column` ('cloudy primary') names the label; labels
+    that are not in `labels` are left out."""
+    index = {str(label): j for j, label in enumerate(labels)}
+    out = np.zeros((len(column), len(labels)))
+    for i, row in enumerate(label_sets(column, sep)):
+        out[i, [index[label] for label in row if label in index]] = 1.0
     return out
 
 

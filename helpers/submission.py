@@ -12,7 +12,7 @@ import pandas as pd
 
 from . import artifacts
 from .config import CFG
-from .data import get_classes, joined_labels, label_sets, read_csv, read_sample_submission
+from .data import get_classes, joined_labels, label_matrix, label_sets, read_csv, read_sample_submission
 from .metrics import THRESHOLD_METRICS, get_score, label_weights
 
 
@@ -131,13 +131,8 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
 def _multilabel_lb(cfg: CFG, path, submission: pd.DataFrame, classes: list) -> float:
     """A multi-label submission (labels in one column, or one column per label) scored against a
     solution in either shape."""
-    index = {str(c): j for j, c in enumerate(classes)}
-
     def matrix(column: pd.Series) -> np.ndarray:
-        out = np.zeros((len(column), len(classes)))
-        for i, labels in enumerate(label_sets(column, cfg.label_sep)):
-            out[i, [index[label] for label in labels if label in index]] = 1.0
-        return out
+        return label_matrix(column, classes, cfg.label_sep)
 
     solution = read_csv(path, [cfg.id_col], "solution", cfg.id_col, [cfg.target_col])
     names = [str(c) for c in classes]
