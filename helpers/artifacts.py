@@ -9,6 +9,7 @@ Layout (under models_dir; /kaggle/working when the repository is a read-only Kag
     <exp>/fold{k}/metrics.jsonl       one line per epoch
     <exp>/oof_fold{k}.csv, oof_logits_fold{k}.npy, test_fold{k}.csv      fold k's predictions
     <exp>/oof.csv, oof_logits.npy, test.csv, score.json                  every fold together
+    <exp>/refit/best.pt, metrics.jsonl; <exp>/test_refit.csv    `refit`: one model on all rows, test only
     <exp>/features/{train,test}_fold{k}.npy (or _all.npy), train_ids.csv, test_ids.csv
     <exp>/eda/, analysis/, notebooks/, train.log
     <exp>_<stacker>/oof.csv, test.csv, score.json, importance.csv       04_stacking
@@ -111,8 +112,16 @@ def unwritable(cfg: CFG) -> list[str]:
 
 
 # --- layout -----------------------------------------------------------------------------------
-def fold_dir(cfg: CFG, fold: int) -> Path:
-    return exp_dir(cfg) / f"fold{fold}"
+REFIT = "refit"  # the "fold" of the model trained on all rows (`refit`): no validation rows, no OOF
+
+
+def fold_name(fold: int | str) -> str:
+    """'fold3', or 'refit' for the model on all rows."""
+    return REFIT if fold == REFIT else f"fold{fold}"
+
+
+def fold_dir(cfg: CFG, fold: int | str) -> Path:
+    return exp_dir(cfg) / fold_name(fold)
 
 
 def checkpoint_path(cfg: CFG, fold: int, which: str = "best") -> Path:
@@ -129,7 +138,7 @@ def folds_path(cfg: CFG) -> Path:
 
 def predictions_path(cfg: CFG, kind: str, fold: int | None = None) -> Path:
     """oof.csv / test.csv of the experiment, or oof_fold{k}.csv / test_fold{k}.csv."""
-    return exp_dir(cfg) / (f"{kind}.csv" if fold is None else f"{kind}_fold{fold}.csv")
+    return exp_dir(cfg) / (f"{kind}.csv" if fold is None else f"{kind}_{fold_name(fold)}.csv")
 
 
 def logits_path(cfg: CFG, fold: int | None = None) -> Path:
@@ -511,11 +520,11 @@ MULTILABEL_STACK_KEYS = ("metric", "label_weights")  # the stacker's score and t
 MULTILABEL_ENSEMBLE_KEYS = ("allow_empty", "label_weights", "label_sep")  # the blend's score and the submission
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
-ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters")
+ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters", "refit")
 # everything else changes what a fold's CNN learns
 TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + MULTILABEL_KEYS + MULTILABEL_TRAIN_KEYS + FEATURE_KEYS + STACK_KEYS
                                                               + MULTILABEL_ENSEMBLE_KEYS)
-                   | {"n_bins", "ensemble_method", "ensemble_iters"})
+                   | {"n_bins", "ensemble_method", "ensemble_iters", "refit"})
 PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
 EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
 CHECK_KEYS = FOLD_KEYS + PRETRAINED_KEYS + ("n_bins", "metadata_cols")
@@ -523,7 +532,8 @@ CHECK_KEYS = FOLD_KEYS + PRETRAINED_KEYS + ("n_bins", "metadata_cols")
 # the files each output is checked against
 OUTPUTS = {"folds": ["folds.csv"], "train": ["fold{k}/best.pt", "oof_fold{k}.csv"], "test": ["test_fold{k}.csv"],
            "cv": ["oof.csv", "test.csv", "score.json"], "features": ["features/train_{f}.npy", "features/test_{f}.npy"],
-           "stacking": ["oof.csv", "test.csv", "score.json"], "ensemble": ["score.json"], "eda": [], "check": []}
+           "stacking": ["oof.csv", "test.csv", "score.json"], "ensemble": ["score.json"], "eda": [], "check": [],
+           "refit": ["refit/best.pt"], "refit_test": ["test_refit.csv"]}
 
 
 def output_name(stage: str, fold: int | None = None) -> str:
@@ -541,6 +551,8 @@ def require(cfg: CFG, stage: str, fold: int | None, then: str) -> None:
 
 
 def _parse(name: str) -> tuple[str, int | None]:
+    if name in ("refit", "refit_test"):
+        return name, None
     stage, _, part = name.partition("_")
     return stage, (int(part[4:]) if part.startswith("fold") else None)
 
@@ -601,6 +613,11 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
         return {"keys": {**_keys(cfg, stage_keys(cfg, "train")), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
     if stage == "test":
         return {"keys": {}, "files": _test_files(cfg), "upstream": up(("train", fold))}
+    if stage == "refit":  # the folds' best epochs say how long it trains
+        return {"keys": {**_keys(cfg, stage_keys(cfg, "train")), "fold": REFIT}, "files": train_images,
+                "upstream": up(("folds", None), *[("train", k) for k in cfg.fold_ids])}
+    if stage == "refit_test":
+        return {"keys": {}, "files": _test_files(cfg), "upstream": up(("refit", None))}
     if stage == "cv":
         return {"keys": {}, "files": {}, "upstream": up(*[(s, k) for k in cfg.fold_ids for s in ("train", "test")])}
     if stage == "features":
@@ -615,7 +632,7 @@ def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
         return {"keys": {**_keys(cfg, stage_keys(cfg, "stacking")), "folds": cfg.fold_ids},
                 "files": {**train_csv, test_csv.name: file_digest(test_csv)}, "upstream": up(("folds", None), *sources)}
     if stage == "ensemble":
-        upstream = {f"experiment {d.name}": recorded_id(d) for d in experiment_dirs(cfg)}
+        upstream = {f"experiment {d.name}": recorded_id(d, refit=bool(cfg.refit)) for d in experiment_dirs(cfg)}
         files = {name: file_digest(cfg.path(name)) for name in (cfg.train_csv, cfg.sample_submission, cfg.solution_csv)}
         return {"keys": _keys(cfg, stage_keys(cfg, "ensemble")), "files": files, "upstream": upstream}
     if stage == "eda":
@@ -631,12 +648,15 @@ def digest(made_from: dict) -> str:
     return _sha(json.dumps(made_from, sort_keys=True, default=str))
 
 
-def recorded_id(folder: Path) -> str:
-    """The build id recorded for an experiment folder's final output (a CNN's cv, a stacker's)."""
+def recorded_id(folder: Path, refit: bool = False) -> str:
+    """The build id recorded for an experiment folder's final output (a CNN's cv, a stacker's),
+    with `refit`, followed by its refit's test predictions' id, when it has them."""
     for name in ("cv", "stacking"):
         path = folder / "stamps" / f"{name}.json"
         if path.exists():
-            return json.loads(path.read_text())["id"]
+            build = json.loads(path.read_text())["id"]
+            refit_stamp = folder / "stamps" / "refit_test.json"
+            return f"{build} {json.loads(refit_stamp.read_text())['id']}" if refit and refit_stamp.exists() else build
     return "unrecorded"
 
 

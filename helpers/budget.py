@@ -6,8 +6,10 @@ time like this:
 1. Before the first fold, `plan_run` times a few training and inference steps of each
    experiment's model (a probe of a few seconds) and checks that every fold can have at least
    MIN_EPOCHS epochs in the time left after the stages that follow training. When it cannot,
-   it halves the image size (down to 32 px) and then trains fewer folds (two at least), and
-   says so. The
+   it trains fewer folds (down to three), then halves the image size (down to 32 px), then
+   trains fewer folds again (two at least), and says so: each fold left gets more epochs,
+   and from scratch the epochs matter most (on the recipe benchmark's data a fold model at
+   32 px reached 0.94 after 25 epochs, 0.97 after 47). The
    decision is kept in the ledger, so a restarted run, or the next run with the same settings,
    keeps it (and what it already made stays up to date).
 2. Each fold times its first epoch, then `fold_epochs` gives it the epochs that fit its share
@@ -39,6 +41,12 @@ MIN_EPOCHS = {"pretrained": 6, "scratch": 20}
 MIN_IMG_SIZE = 32
 MAX_BATCH = 256  # halving the image size doubles the batch up to this
 MIN_FOLDS = 2  # the ensemble judges its weights on held-out folds: it needs two
+FEW_FOLDS = 3  # folds are dropped down to this before the image size is halved
+REFIT_MIN_SHARE = 0.75  # a refit the time left cuts below this share of the CV's epochs is skipped
+
+
+class NoTime(RuntimeError):
+    """The time left is too short for what was about to train (a refit)."""
 PIPELINE = 1.3  # a real training step over the probe's (data loading, augmentation, loss, scheduler)
 STACK_FOLD_S = 7.5  # a LightGBM head per fold (38 s for 5 folds of 10 classes on the 2-core CPU machine)
 NOTEBOOK_S = 9.0  # a notebook's kernel start and imports (measured on the 2-core CPU machine: 8-10 s)
@@ -104,6 +112,12 @@ def add(cfg: CFG, key: str, seconds: float) -> None:
     write_ledger(cfg, ledger)
 
 
+def spent_in(cfg: CFG, keys: list[str]) -> float:
+    """Seconds the ledger records for these keys together."""
+    ledger = read_ledger(cfg) or {"spent": {}}
+    return sum(float(ledger["spent"].get(k, 0.0)) for k in keys)
+
+
 def finish(cfg: CFG) -> dict | None:
     ledger = read_ledger(cfg)
     if ledger is None:
@@ -119,8 +133,20 @@ def spent_s(ledger: dict, but: str | None = None) -> float:
     return sum(v / (parallel if "/train_fold" in k else 1) for k, v in ledger["spent"].items() if k != but)
 
 
-def train_key(cfg: CFG, fold: int) -> str:
-    return f"{cfg.experiment}/train_fold{fold}"
+def train_key(cfg: CFG, fold: int | str) -> str:
+    """'exp/train_fold3', or 'exp/train_refit' for the model on all rows."""
+    return f"{cfg.experiment}/train_{artifacts.fold_name(fold)}"
+
+
+def refit_on(cfg: CFG) -> bool:
+    """Whether the experiment trains a refit: `refit` set, and its fold CNNs are ensemble members
+    (features_from: folds)."""
+    return bool(cfg.refit) and cfg.features_from == "folds"
+
+
+def refit_weight(cfg: CFG) -> float:
+    """What the refit costs in folds: as many epochs (about) on k/(k-1) times the rows."""
+    return cfg.n_folds / (cfg.n_folds - 1) if refit_on(cfg) else 0.0
 
 
 # --- what the stages after training cost ------------------------------------------------------
@@ -193,8 +219,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     """The run's plan, made once per settings and kept in the ledger: {'img_size': {exp: px},
     'folds': {exp: [...]}, 'notes': [...], 'expected_epochs': {exp: n}}, from a probe of each
     model. While some experiment's folds would get fewer than MIN_EPOCHS epochs, the worst
-    one's image size is halved (to MIN_IMG_SIZE at least), then it trains one fold fewer (to
-    MIN_FOLDS at least)."""
+    one trains one fold fewer (to FEW_FOLDS), then its image size is halved (to MIN_IMG_SIZE
+    at least), then it trains one fold fewer again (to MIN_FOLDS at least)."""
     from .models import model_problems
 
     logger = logger or logging.getLogger("kaggle")
@@ -204,16 +230,19 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
         write_ledger(cfgs[0], ledger)
         return ledger["plan"]
     left = ledger["limit_s"] - spent_s(ledger)
+    kernels = ledger.get("kernels", "per_job")
     trials = list(cfgs)
     rates = {c.experiment: probe(c, n_out) for c, n_out in zip(cfgs, n_outs)}
     notes = []
     while True:
-        fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment) for c in trials}
+        fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels) for c in trials}
         i = min(range(len(trials)), key=lambda j: fits[trials[j].experiment])
         worst = trials[i]
         if fits[worst.experiment] >= min_epochs(worst):
             break
-        if worst.img_size // 2 >= MIN_IMG_SIZE and not model_problems(dataclasses.replace(worst, img_size=worst.img_size // 2)):
+        if len(worst.fold_ids) > FEW_FOLDS:
+            trials, change = _one_fold_fewer(trials, worst)
+        elif worst.img_size // 2 >= MIN_IMG_SIZE and not model_problems(dataclasses.replace(worst, img_size=worst.img_size // 2)):
             # a quarter of the pixels: twice the batch (the same memory) keeps the device busy; on 2 CPU
             # threads resnet18 at 32 px runs 402 img/s in batches of 32, 656 in 64, 890 in 128
             batch = min(MAX_BATCH, worst.batch_size * 2) if worst.batch_size < MAX_BATCH else worst.batch_size
@@ -222,13 +251,12 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             change = f"img_size {worst.img_size} -> {trials[i].img_size} px" + (
                 f", batch_size {worst.batch_size} -> {batch}" if batch != worst.batch_size else "")
         elif len(worst.fold_ids) > MIN_FOLDS:
-            trials[i] = dataclasses.replace(worst, folds=worst.fold_ids[:-1])
-            change = f"folds {worst.fold_ids} -> {trials[i].fold_ids}"
+            trials, change = _one_fold_fewer(trials, worst)
         else:
             break
         notes.append(f"{worst.experiment}: {change} (about {fits[worst.experiment]:.1f} epochs per fold fit before)")
         logger.warning(f"time_limit: {notes[-1]}")
-    fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment) for c in trials}
+    fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels) for c in trials}
     plan = {"img_size": {c.experiment: c.img_size for c in trials}, "folds": {c.experiment: c.fold_ids for c in trials},
             "batch_size": {c.experiment: c.batch_size for c in trials},
             "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()}}
@@ -241,16 +269,26 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     return plan
 
 
+def _one_fold_fewer(trials: list[CFG], worst: CFG) -> tuple[list[CFG], str]:
+    """Every experiment drops the same fold: the ensemble weighs them on the OOF rows they share."""
+    keep = len(worst.fold_ids) - 1
+    trials = [dataclasses.replace(t, folds=t.fold_ids[:keep]) if len(t.fold_ids) > keep else t for t in trials]
+    return trials, f"folds {worst.fold_ids} -> {worst.fold_ids[:keep]}" + (" (every experiment)" if len(trials) > 1 else "")
+
+
 def min_epochs(cfg: CFG) -> int:
     return min(cfg.epochs, MIN_EPOCHS["pretrained" if cfg.pretrained or cfg.pretrained_path else "scratch"])
 
 
-def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str) -> float:
+def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str,
+                     kernels: str = "per_job") -> float:
     """Epochs per fold of experiment `name` when the time left, less the later stages, is split
-    evenly over every fold of every experiment."""
+    evenly over every fold of every experiment (kernels 'per_experiment': an experiment's folds
+    share one notebook run)."""
     n_train, n_test = rows
-    folds = sum(len(c.fold_ids) for c in cfgs)
-    per_fold = (left - after_training_s(cfgs, rates, rows) - sum(NOTEBOOK_S for _ in range(folds + 2))) / max(folds, 1)
+    folds = sum(len(c.fold_ids) + refit_weight(c) for c in cfgs)  # a refit counts as k/(k-1) folds
+    jobs = len(cfgs) if kernels == "per_experiment" else sum(len(c.fold_ids) + bool(refit_on(c)) for c in cfgs)
+    per_fold = (left - after_training_s(cfgs, rates, rows) - NOTEBOOK_S * (jobs + 2)) / max(folds, 1)
     c = next(c for c in cfgs if c.experiment == name)
     r = rates.get(name, {"train_img_s": 100.0, "infer_img_s": 300.0})
     k = c.n_folds
@@ -276,7 +314,7 @@ def apply_plan(cfg: CFG) -> CFG:
 
 
 # --- each fold's epochs ---------------------------------------------------------------------------
-def fold_epochs(cfg: CFG, fold: int, elapsed_s: float, epoch_s: float, test_s: float,
+def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, test_s: float,
                 logger: logging.Logger | None = None) -> int:
     """The epochs fold `fold` gets (at most cfg.epochs), after a first epoch of epoch_s that
     ends elapsed_s into the fold: its share of the time left, less the later stages, split
@@ -284,19 +322,26 @@ def fold_epochs(cfg: CFG, fold: int, elapsed_s: float, epoch_s: float, test_s: f
     logger = logger or logging.getLogger("kaggle")
     ledger = read_ledger(cfg)
     if ledger is None:  # a notebook run by hand, without the runner: this experiment alone
-        ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids])
+        ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids] + ([train_key(cfg, "refit")] if refit_on(cfg) else []))
     elif ledger.get("finished"):  # by hand after a finished run: new time, the same plan and estimates
         ledger.update(finished=False, spent={}, started=datetime.now().isoformat(timespec="seconds"))
         write_ledger(cfg, ledger)
     key = train_key(cfg, fold)
-    done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_fold") and k != key}
+    done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_") and k != key}
     waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
     later = ledger.get("after_s", 3 * NOTEBOOK_S)
-    rounds = math.ceil(len(waiting) / max(1, int(ledger.get("parallel", 1))))  # folds side by side, one per GPU
-    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (rounds - 1)
-    share = left / rounds
+    refits = [k for k in waiting if k.endswith("/train_refit")]  # they run alone, after their folds
+    weight = cfg.n_folds / (cfg.n_folds - 1)  # a refit: about as many epochs on k/(k-1) times the rows
+    fold_rounds = math.ceil((len(waiting) - len(refits)) / max(1, int(ledger.get("parallel", 1))))  # side by side, one per GPU
+    rounds = max(fold_rounds + weight * len(refits), 1e-9)
+    if ledger.get("kernels") == "per_experiment":  # folds one after another share their experiment's kernel
+        kernels = len({k.split("/")[0] for k in waiting})
+    else:
+        kernels = fold_rounds + len(refits)
+    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (kernels - 1)
+    share = left * (weight if key in refits else 1.0) / rounds
     epochs = 1 + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
     epochs = int(min(cfg.epochs, max(1, epochs)))
-    logger.info(f"time_limit: fold {fold} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
-                f"{left:.0f}s left for {len(waiting)} fold(s); at most epochs={cfg.epochs})")
+    logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
+                f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})")
     return epochs

@@ -118,6 +118,7 @@ class CFG:
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
     time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be the image size and folds, are planned to fit (helpers.budget)
+    refit: str = ""  # after the CV: one more model on all rows for the folds' mean best epoch, test predictions only (no CV score): 'blend' (half the experiment's test predictions, the folds' mean the other half) | 'alone' (it replaces the folds') | '' (off); the same for every experiment
     quality: str = ""  # a preset of defaults: 'fast' | 'medium' | 'best' (QUALITY in helpers/config.py; '' = none, 'medium' when time_limit is set); your keys win
     debug: bool = False  # tiny data, 1 epoch: check the whole path quickly
     debug_rows: int = 64  # rows kept in debug mode
@@ -176,8 +177,15 @@ def moved_message(key: str) -> str:
             f"(e.g. {parent}: {{{name or key}: ...}})")
 
 
+# keys for the whole run, not one experiment (the ensemble treats every member alike)
+RUN_LEVEL = {"refit": "config key 'refit' applies to every experiment of the run: set it at the top level of the YAML "
+                      "(or --set refit=...), not under experiments"}
+
+
 def check_value(key: str, value: Any) -> Any:
     """Coerce a value to the field's type, or raise naming the key."""
+    if key == "refit" and (isinstance(value, bool) or value is None):  # YAML: true/yes/on, false/no/off
+        value = "blend" if value else ""
     if key in MOVED:
         raise KeyError(moved_message(key))
     if key in RENAMED:
@@ -287,6 +295,8 @@ def resolve(path: str | Path | None = None, experiment: str = "", overrides: dic
             try:
                 values[key] = check_value(key, value)
                 origin[key] = prefix
+                if prefix and key in RUN_LEVEL:
+                    raise KeyError(RUN_LEVEL[key])
             except (KeyError, TypeError) as e:
                 problems.append(_qualify(str(e.args[0]), key, prefix))
     cfg = CFG(**with_quality(values))
@@ -365,6 +375,8 @@ def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: di
         for key, value in layer.items():
             try:
                 values[key] = check_value(key, value)
+                if prefix and key in RUN_LEVEL:
+                    raise KeyError(RUN_LEVEL[key])
             except (KeyError, TypeError) as e:
                 raise type(e)(_qualify(str(e.args[0]), key, prefix)) from None
             origin[key] = prefix
@@ -396,6 +408,7 @@ CHOICES = {
     "stacker": ("lgbm", "svr", "logistic"),
     "ensemble_method": ("hill", "mean", "rank"),
     "quality": ("", "fast", "medium", "best"),
+    "refit": ("", "blend", "alone"),
 }
 # every count, rate and size, as an interval: '[' and ']' include the end, '(' and ')' do not
 RANGES = {

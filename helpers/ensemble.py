@@ -11,6 +11,7 @@ import pandas as pd
 
 from . import artifacts
 from .config import CFG
+from .utils import read_table
 from .metrics import HIGHER_IS_BETTER, cross_fitted, fit_thresholds, get_score, label_weights
 
 
@@ -30,10 +31,21 @@ class Collection:
     test_ids: pd.Series  # test ids, in the order of every experiment's test arrays
 
 
-def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Collection:
+REFIT_SHARE = 0.5  # `refit: blend`: the refit's share of its experiment's test predictions
+
+
+def with_refit(folds_test: np.ndarray, refit_test: np.ndarray, mode: str) -> np.ndarray:
+    """An experiment's test predictions with its refit's: `blend` gives the refit (one model on
+    all rows) REFIT_SHARE and the folds' mean the rest; `alone` keeps the refit's only."""
+    return refit_test if mode == "alone" else (1 - REFIT_SHARE) * folds_test + REFIT_SHARE * refit_test
+
+
+def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: set[str] | None = None) -> Collection:
     """Every experiment under models/ of this competition (helpers.artifacts.experiment_dirs:
     CNNs and stackers made from the same data) with OOF and test predictions. Ids are aligned
-    to the first experiment; a mismatch is an error naming the experiment."""
+    to the first experiment; a mismatch is an error naming the experiment. The experiments
+    named in `refits` have their refit's test predictions in theirs (`cfg.refit`, with_refit);
+    their OOF rows, and so every score, are the folds' alone."""
     logger = logger or logging.getLogger("kaggle")
     found = artifacts.experiment_dirs(cfg)
     if not found:
@@ -49,11 +61,16 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None) -> Colle
         if cols != ref_cols:
             raise ValueError(f"experiment '{name}': prediction columns {cols} differ from {ref_cols}")
         oof, test = _align(oof, ref_oof[cfg.id_col], cfg.id_col, name, "oof.csv"), _align(test, ref_test[cfg.id_col], cfg.id_col, name, "test.csv")
+        test_pred = test[cols].to_numpy(float)
+        if name in (refits or set()):
+            refit = _align(read_table(d / "test_refit.csv", cfg.id_col), ref_test[cfg.id_col], cfg.id_col, name, "test_refit.csv")
+            test_pred = with_refit(test_pred, refit[cols].to_numpy(float), cfg.refit)
+            logger.info(f"experiment '{name}': test predictions {'from its refit alone' if cfg.refit == 'alone' else 'blended with its refit'}")
         if (oof["fold"].to_numpy() != ref_oof["fold"].to_numpy()).any():
             logger.warning(f"experiment '{name}' used other folds than '{found[0].name}': its held-out scores are optimistic")
         y_true, y_pred = artifacts.oof_targets(cfg, oof)
         weights = label_weights(cfg.label_weights, [c[len("prob_"):] for c in cols]) if cfg.task == "multilabel" else None
-        experiments.append(Experiment(name, y_pred.reshape(len(oof), -1), test[cols].to_numpy(float),
+        experiments.append(Experiment(name, y_pred.reshape(len(oof), -1), test_pred,
                                       get_score(cfg.metric, y_true, y_pred, weights=weights)))
         ref_y = y_true if ref_y is None else ref_y  # rows are aligned: every experiment's y_true is the same
     return Collection(experiments, ref_oof, ref_y, ref_test[cfg.id_col])
@@ -179,6 +196,11 @@ def unfinished(members: list[CFG]) -> list[str]:
             problems.append(f"experiment '{m.experiment}': folds {waiting} of {m.fold_ids} are not trained (or out of date); "
                             f"train them: python -m helpers.pipeline --config <config> --experiments {m.experiment} "
                             f"--stages 02_train --set folds={waiting} (or ensemble fewer folds with folds=[...])")
+        if m.refit and m.features_from == "folds" and not waiting and not m.time_limit and (
+                why := artifacts.stale(m, "refit") or artifacts.stale(m, "refit_test")):
+            problems.append(f"experiment '{m.experiment}': its refit (refit: {m.refit}) is not up to date ({why}); train it: "
+                            f"python -m helpers.pipeline --config <config> --experiments {m.experiment} --stages 02_train "
+                            f"(or set refit off)")
         stacker = artifacts.exp_dir(artifacts.stack_cfg(m))
         made = (stacker / "score.json").exists()
         if (made or m.features_from == "pretrained") and (why := artifacts.stale(m, "stacking")):
@@ -206,7 +228,16 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     if problems:
         raise RuntimeError("the ensemble needs every experiment of the config finished:\n  " + "\n  ".join(problems))
     made_from = artifacts.fingerprint(cfg, "ensemble")
-    collection = collect_experiments(cfg, logger)
+    refits = set()
+    for m in members or [cfg]:
+        if m.refit and m.features_from == "folds":
+            why = artifacts.stale(m, "refit") or artifacts.stale(m, "refit_test")
+            if why is None:
+                refits.add(artifacts.exp_dir(m).name)
+            else:  # time_limit only (unfinished() stops the others): the budget left it out
+                logger.warning(f"experiment '{m.experiment}': its refit is not in the blend ({why}): "
+                               f"the time limit left too little for it; its folds alone")
+    collection = collect_experiments(cfg, logger, refits)
     experiments = collection.experiments
     classes = classes_of(cfg, read_train(cfg))
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
@@ -222,6 +253,7 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     artifacts.write_ensemble_score(cfg, {"metric": cfg.metric, "method": result["method"], "in_sample": result["in_sample"],
                                          "held_out": result["held_out"], "local_lb": lb,
                                          "weights": dict(zip(weights["experiment"], weights["weight"])),
+                                         "refit": {name: cfg.refit for name in sorted(refits)},  # their test predictions
                                          **({"thresholds": dict(zip(map(str, classes), map(float, thresholds)))}
                                             if thresholds is not None else {}),
                                          "submission": str(paths[0])})

@@ -10,6 +10,7 @@ OUT/ is uploaded as a Kaggle dataset:
     package.json           the blend (method, members, weights), classes, the fallback prediction,
                            the competition's columns and files
     cnn/<exp>/fold{k}.safetensors + fold{k}.json      a CNN's weights and the config it was trained with
+    cnn/<exp>/refit.safetensors + refit.json          its refit on all rows (`refit`), when the blend used it
     stackers/<exp>/fold{k}.joblib                     fitted stackers (PCA, categories, model)
     backbones/<exp>/fold0.safetensors + fold0.json    a frozen pretrained backbone (features_from pretrained)
 
@@ -34,7 +35,7 @@ import pandas as pd
 from . import artifacts
 from .config import ROOT, CFG, cfg_from_dict, experiment_names, load_cfg, parse_set, to_dict
 from .data import get_classes, label_sets, locate_images, read_csv, read_train
-from .ensemble import blend, normalise_rows, rank_transform
+from .ensemble import blend, normalise_rows, rank_transform, with_refit
 from .utils import atomic_to_csv, atomic_write_text, get_logger
 
 TEMPLATE = ROOT / "notebooks" / "kaggle_inference.ipynb"
@@ -81,6 +82,13 @@ def _pack_cnn(folder: Path, out: Path, folds: list[int], fp16: bool) -> None:
         _save_weights(artifacts.load_checkpoint(path), out / "cnn" / folder.name, f"fold{k}", fp16)
 
 
+def _pack_refit(folder: Path, out: Path, fp16: bool) -> None:
+    path = folder / "refit" / "best.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the ensemble blended in this refit, the package needs it")
+    _save_weights(artifacts.load_checkpoint(path), out / "cnn" / folder.name, "refit", fp16)
+
+
 def _pack_backbone(source_cfg: CFG, out: Path, fp16: bool) -> None:
     """A frozen pretrained backbone, weights included (the kernel has no hub)."""
     from .models import TimmModel
@@ -111,8 +119,13 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
         folder = root / name
         manifest = artifacts.read_stacker_manifest(folder)
         if manifest is None:
-            members.append({"name": name, "kind": "cnn", "weight": weight, "folds": _trained_folds(folder)})
-            cnn_folds.setdefault(name, set()).update(_trained_folds(folder))
+            refit = score.get("refit", {}).get(name)  # blend / alone: the refit's test predictions were in its
+            folds = [] if refit == "alone" else _trained_folds(folder)  # alone: the fold models are not run
+            members.append({"name": name, "kind": "cnn", "weight": weight, "folds": folds, **({"refit": refit} if refit else {})})
+            if folds:
+                cnn_folds.setdefault(name, set()).update(folds)
+            if refit:
+                _pack_refit(folder, out, fp16)
             continue
         members.append({"name": name, "kind": "stacker", "weight": weight, **manifest})
         for k in manifest["folds"]:
@@ -188,18 +201,20 @@ def _finish(out: Path, spec: dict) -> Path:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     members = ", ".join(f"{m['name']} ({m['weight']:.3f})" for m in spec["blend"]["members"])
     print(f"packaged {len(spec['blend']['members'])} blended model(s), {spec['blend']['method']}: {members}; "
-          f"{sum(len(f) for f in spec['cnn'].values())} CNN fold model(s), {len(spec['backbones'])} backbone(s); "
+          f"{sum(len(f) for f in spec['cnn'].values())} CNN fold model(s), "
+          f"{sum(1 for m in spec['blend']['members'] if m.get('refit'))} refit(s), {len(spec['backbones'])} backbone(s); "
           f"{size:.1f} MiB in {out}. Upload it as a Kaggle dataset, add it and the competition to a notebook, "
           f"and run inference.ipynb")
     return out
 
 
 # --- running it offline -----------------------------------------------------------------------------
-def _predictor(folder: Path, folds: list[int], device: str):
+def _predictor(folder: Path, folds: list[int | str], device: str):
     from .predict import Predictor
 
-    ckpts = [_load_weights(folder, f"fold{k}") for k in folds]
-    return Predictor.from_checkpoints(ckpts, device, [str(folder / f"fold{k}") for k in folds])
+    names = [artifacts.fold_name(k) for k in folds]
+    ckpts = [_load_weights(folder, name) for name in names]
+    return Predictor.from_checkpoints(ckpts, device, [str(folder / name) for name in names])
 
 
 def read_test_rows(cfg: CFG, metadata_cols: list[str]) -> tuple[pd.DataFrame, Path]:
@@ -269,11 +284,18 @@ def predict_package(package_dir: str | Path, competition_dir: str | Path, device
     preds = []
     for m in members:
         if m["kind"] == "cnn":
-            source = outputs[m["name"]]
-            if m["folds"] == source["folds"]:
-                preds.append(source["preds"])
+            source = outputs.get(m["name"], {"folds": None})
+            if not m["folds"]:  # refit alone
+                pred = None
+            elif m["folds"] == source["folds"]:
+                pred = source["preds"]
             else:  # the CNN's own folds, not all those its stacker also read
-                preds.append(_predictor(package_dir / "cnn" / m["name"], m["folds"], device).run(items)["preds"])
+                pred = _predictor(package_dir / "cnn" / m["name"], m["folds"], device).run(items)["preds"]
+            if m.get("refit"):  # as 05_ensemble did: the refit on all rows with (or instead of) the folds
+                refit = _predictor(package_dir / "cnn" / m["name"], [artifacts.REFIT], device).run(items, progress=True, eta=logger)
+                failed |= set(refit["errors"])
+                pred = refit["preds"] if pred is None else with_refit(pred, refit["preds"], m["refit"])
+            preds.append(pred)
             continue
         source = outputs[m["source"]]
         fold_preds = []

@@ -3,8 +3,10 @@
     python -m helpers.pipeline --config configs/digits.yaml [--set key=value ...]
                                [--experiments NAME ...] [--stages 02_train 05_ensemble]
 
-00_eda runs once; 01_folds, 02_train (one run per fold), 03_features and 04_stacking run for
-every experiment of the config; 05_ensemble runs once at the end. Each executed notebook is
+00_eda runs once; 01_folds, 02_train (one run per fold, then the refit on all rows when
+`refit` is set), 03_features and 04_stacking run for every experiment of the config;
+05_ensemble runs once at the end. Folds that train one after another on one device share one
+02_train run (one kernel start for them all). Each executed notebook is
 saved under models/<experiment>/notebooks/. A stage runs only when its output is not up to
 date (helpers.artifacts.stale: a config key it depends on, an input file or an upstream output
 changed), and the runner says why; so a re-run after a kill redoes only what is missing (a
@@ -41,7 +43,13 @@ class Job:
     @property
     def label(self) -> str:
         fold = self.parameters.get("fold")
-        return f"{self.stage}{'' if fold is None else f' fold {fold}'} [{self.cfg.experiment}]"
+        if isinstance(fold, list):  # several folds (and the refit) in one kernel
+            folds = [k for k in fold if k != artifacts.REFIT]
+            part = (f" folds {', '.join(map(str, folds))}" if len(folds) > 1 else f" fold {folds[0]}" if folds else "") + (
+                f"{' +' if folds else ''} refit (all rows)" if artifacts.REFIT in fold else "")
+        else:
+            part = "" if fold is None else " refit (all rows)" if fold == artifacts.REFIT else f" fold {fold}"
+        return f"{self.stage}{part} [{self.cfg.experiment}]"
 
 
 class NotebookFailed(RuntimeError):
@@ -77,6 +85,8 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
         add("01_folds", cfg, "01_folds", name)
         for k in cfg.fold_ids:
             add("02_train", cfg, f"02_train_fold{k}", name, fold=k)
+        if cfg.refit and cfg.features_from == "folds":  # after every fold: it trains for their mean best epoch
+            add("02_train", cfg, "02_train_refit", name, fold=artifacts.REFIT)
         add("03_features", cfg, "03_features", name)
         add("04_stacking", cfg, "04_stacking", name)
     add("05_ensemble", cfgs[0], "05_ensemble", names[0], experiments=names)
@@ -95,6 +105,10 @@ def _stale(job: Job) -> str | None:
         return artifacts.stale(cfg, "eda")
     if job.stage == "01_folds":
         return artifacts.stale(cfg, "folds")
+    if job.stage == "02_train" and isinstance(fold, list):
+        return next((why for k in fold if (why := _stale(Job(job.stage, cfg, {**job.parameters, "fold": k}))) is not None), None)
+    if job.stage == "02_train" and fold == artifacts.REFIT:
+        return artifacts.stale(cfg, "refit") or artifacts.stale(cfg, "refit_test")
     if job.stage == "02_train":
         return artifacts.stale(cfg, "train", fold) or artifacts.stale(cfg, "test", fold)
     if job.stage == "03_features":
@@ -106,6 +120,36 @@ def _stale(job: Job) -> str | None:
     if job.stage == "04_stacking":
         return artifacts.stale(cfg, "stacking")
     return artifacts.stale(cfg, "ensemble")
+
+
+def one_kernel(jobs: list[Job], force: bool) -> list[Job]:
+    """The folds of an experiment that must be trained one after another on one device, run in
+    one notebook (one kernel start and its imports, about 8 s on a 2-core machine, instead of
+    one per fold): consecutive 02_train jobs of one experiment that are not up to date become
+    one job whose `fold` lists them (the refit last). Up-to-date folds stay single jobs (and
+    are skipped)."""
+    out: list[Job] = []
+    for job in jobs:
+        fold = job.parameters.get("fold")
+        if job.stage != "02_train" or fold is None or not (force or stale(job)):
+            out.append(job)
+            continue
+        prev = out[-1] if out else None
+        if prev is not None and prev.stage == "02_train" and prev.cfg.experiment == job.cfg.experiment \
+                and isinstance(prev.parameters.get("fold"), list):
+            parts = prev.parameters["fold"] + [fold]
+        else:
+            parts = [fold]
+            prev = None
+        name = "02_train_" + "_".join(artifacts.fold_name(k) for k in parts)
+        merged = Job(job.stage, job.cfg, {**job.parameters, "fold": parts}, artifacts.notebook_path(job.cfg, name))
+        if prev is not None:
+            out[-1] = merged
+        else:
+            out.append(merged)
+    return [Job(j.stage, j.cfg, {**j.parameters, "fold": j.parameters["fold"][0]},
+                artifacts.notebook_path(j.cfg, f"02_train_{artifacts.fold_name(j.parameters['fold'][0])}"))
+            if isinstance(j.parameters.get("fold"), list) and len(j.parameters["fold"]) == 1 else j for j in out]
 
 
 def execute(job: Job) -> float:
@@ -276,6 +320,12 @@ def summary(cfgs: list[CFG]) -> str:
             if s is not None and folder not in seen:
                 seen.add(folder)
                 lines.append(f"{s['experiment']:<34} {s['metric']:<9} {s['cv']:>9.5f} {s['cv_mean']:>11.5f} ± {s['cv_std']:.5f}")
+    for cfg in cfgs:
+        refit = artifacts.checkpoint_path(cfg, artifacts.REFIT)
+        if cfg.refit and refit.exists():
+            epochs = len(artifacts.read_metrics(cfg, artifacts.REFIT))
+            lines.append(f"{cfg.experiment + ' refit (all rows)':<34} {'-':<9} {'no CV':>9}   {epochs} epochs; "
+                         f"test predictions: {'alone' if cfg.refit == 'alone' else 'half of the experiment'}")
     s = artifacts.read_ensemble_score(cfgs[0])
     if s is not None:
         lines.append(f"{'ensemble (' + s['method'] + ', in-sample)':<34} {s['metric']:<9} {s['in_sample']:>9.5f}")
@@ -310,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["retrain"] = True
         jobs = plan(args.config, overrides, args.experiments, args.stages)
         if args.executor == "ray":  # every experiment's folds at once, then their later stages
-            jobs = sorted(jobs, key=lambda job: STAGES.index(job.stage))
+            jobs = sorted(jobs, key=lambda job: (STAGES.index(job.stage), job.parameters.get("fold") == artifacts.REFIT))
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
@@ -350,6 +400,8 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
         if cfgs[0].time_limit:
             jobs = plan_budget(args, cfgs, start, gpus)
             cfgs = list({job.cfg.experiment: job.cfg for job in jobs}.values())
+        if args.executor == "local" and len(gpus) <= 1:  # one fold after another: one kernel for them
+            jobs = one_kernel(jobs, args.force)
     ran = False  # a stage ran (or would run): the ensemble, made from every experiment, runs too
     pending: list[tuple[int, Job]] = []  # 02_train folds waiting to run side by side, one per GPU
 
@@ -371,7 +423,8 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
 
     try:
         for i, job in enumerate(jobs, 1):
-            if job.stage != "02_train":
+            refit = job.parameters.get("fold") == artifacts.REFIT
+            if job.stage != "02_train" or refit:
                 flush()  # the folds running side by side finish before anything made from them
             why = "--force" if args.force else stale(job)
             if why is None and job.stage == "05_ensemble" and ran and args.dry_run:
@@ -383,15 +436,23 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             if args.dry_run:
                 print(f"[{i}/{len(jobs)}] {job.label} ... would run ({why})", flush=True)
                 continue
-            if job.stage == "02_train" and (ray or len(gpus) > 1):
+            if job.stage == "02_train" and not refit and (ray or len(gpus) > 1):
                 where = "as a Ray task" if ray else f"on GPU {gpus[len(pending) % len(gpus)]}"
                 print(f"[{i}/{len(jobs)}] {job.label} ... {where} (parallel) ({why})", flush=True)
                 pending.append((i, job))
                 continue
             print(f"[{i}/{len(jobs)}] {job.label} ... ({why})", end=" ", flush=True)
+            merged = isinstance(job.parameters.get("fold"), list)
+            if job.cfg.time_limit and merged:
+                from . import budget
+
+                before = budget.spent_in(job.cfg, budget_keys(job))
             seconds = execute_on_ray([job], args.address)[0] if ray else execute(job)
             print(f"{seconds:.1f}s", flush=True)
-            if job.cfg.time_limit:
+            if job.cfg.time_limit and merged:  # the folds recorded their own time: the kernel's start is the rest
+                budget.add(job.cfg, f"{job.cfg.experiment}/02_train_kernel",
+                           max(0.0, seconds - (budget.spent_in(job.cfg, budget_keys(job)) - before)))
+            elif job.cfg.time_limit:
                 from . import budget
 
                 budget.spend(job.cfg, budget_key(job), seconds)
@@ -412,6 +473,13 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
               f"({100 * used / ledger['limit_s']:.0f}%); the plan and each stage's seconds: {budget.ledger_path(cfgs[0])}\n")
     print(summary(cfgs))
     return 0
+
+
+def budget_keys(job: Job) -> list[str]:
+    """The ledger's keys for what a job of several folds makes."""
+    from . import budget
+
+    return [budget.train_key(job.cfg, k) for k in job.parameters["fold"]]
 
 
 def budget_key(job: Job) -> str:
@@ -435,8 +503,10 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
     train = read_train(cfgs[0])
     rows = (len(train), len(read_test(cfgs[0])))
     n_outs = [num_outputs(c, None if c.task == "regression" else get_classes(train, c)) for c in cfgs]
-    ledger = budget.open_ledger(cfgs, [budget.train_key(c, k) for c in cfgs for k in c.fold_ids])
+    ledger = budget.open_ledger(cfgs, [budget.train_key(c, k) for c in cfgs
+                                       for k in c.fold_ids + ([artifacts.REFIT] if budget.refit_on(c) else [])])
     ledger["parallel"] = len(gpus) if len(gpus) > 1 and args.executor == "local" else 1
+    ledger["kernels"] = "per_experiment" if len(gpus) <= 1 and args.executor == "local" else "per_job"  # one_kernel
     budget.write_ledger(cfgs[0], ledger)
     budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
     plan = budget.plan_run(cfgs, rows, n_outs)  # logs each change it makes

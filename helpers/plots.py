@@ -111,18 +111,25 @@ def fold_distribution(folds: pd.DataFrame, target_col: str, task: str, path=None
     return _done(fig, path)
 
 
-def learning_curves(histories: dict[int, list[dict]], metric: str, path=None):
-    """Train/valid loss and the CV metric per epoch, one line per fold."""
+def learning_curves(histories: dict[int | str, list[dict]], metric: str, path=None):
+    """Train/valid loss and the CV metric per epoch, one line per fold (the refit, with no
+    validation rows: its training loss and learning rate)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for fold, history in histories.items():
+    for i, (fold, history) in enumerate(histories.items()):
         h = pd.DataFrame(history)
         if h.empty:
             continue
-        ax1.plot(h["epoch"], h["train_loss"], "--", color=f"C{fold}", label=f"fold {fold} train")
-        ax1.plot(h["epoch"], h["valid_loss"], "-", color=f"C{fold}", label=f"fold {fold} valid")
-        ax2.plot(h["epoch"], h["metric"], "-o", color=f"C{fold}", ms=3, label=f"fold {fold}")
+        name, color = (fold if isinstance(fold, str) else f"fold {fold}"), f"C{fold if isinstance(fold, int) else i}"
+        ax1.plot(h["epoch"], h["train_loss"], "--", color=color, label=f"{name} train")
+        if "valid_loss" in h:
+            ax1.plot(h["epoch"], h["valid_loss"], "-", color=color, label=f"{name} valid")
+        if "metric" in h:
+            ax2.plot(h["epoch"], h["metric"], "-o", color=color, ms=3, label=name)
+        else:
+            ax2.plot(h["epoch"], h["lr"], "-o", color=color, ms=3, label=f"{name} learning rate")
+            metric = "learning rate"
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    ax2.set(xlabel="epoch", ylabel=metric, title=metric if metric == "learning rate" else f"validation {metric}")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     return _done(fig, path)

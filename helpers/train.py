@@ -257,7 +257,7 @@ def _wandb_run(cfg: CFG, fold: int):
     except ImportError as e:
         raise ImportError("config key 'wandb' is on but wandb is not installed: pip install wandb") from e
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project=cfg.wandb_project, name=f"{cfg.experiment}_fold{fold}", config=to_dict(cfg),
+    return wandb.init(project=cfg.wandb_project, name=f"{cfg.experiment}_{artifacts.fold_name(fold)}", config=to_dict(cfg),
                       mode=mode, dir=str(artifacts.exp_dir(cfg)), reinit=True)
 
 
@@ -278,14 +278,7 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"], "skipped": True}
     logger.info(f"fold {fold}: training: {why}")
     made_from = artifacts.fingerprint(cfg, "train", fold)
-    n_test = 0 if test is None else len(test)
-    if cfg.ddp > 1:
-        logger.info(f"fold {fold}: {cfg.ddp} processes (DistributedDataParallel)")
-        distributed.launch(_ddp_worker, cfg.ddp, to_dict(cfg), folds, fold, made_from, str(artifacts.log_path(cfg)), n_test)
-    else:
-        device = get_device(cfg.device)
-        setup_device(device)
-        fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger, n_test)
+    _fit(cfg, folds, fold, made_from, logger, 0 if test is None else len(test))
     best = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, fold))
     artifacts.record(cfg, "train", fold, made_from)  # after every file of the fold: from now on it counts as done
     if test is not None:
@@ -297,7 +290,66 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"]}
 
 
-def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int, made_from: dict, log_file: str, n_test: int = 0) -> None:
+def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger: logging.Logger, n_test: int) -> None:
+    """fit_fold in this process, or in cfg.ddp processes (DistributedDataParallel)."""
+    if cfg.ddp > 1:
+        logger.info(f"{artifacts.fold_name(fold)}: {cfg.ddp} processes (DistributedDataParallel)")
+        distributed.launch(_ddp_worker, cfg.ddp, to_dict(cfg), folds, fold, made_from, str(artifacts.log_path(cfg)), n_test)
+    else:
+        device = get_device(cfg.device)
+        setup_device(device)
+        fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger, n_test)
+
+
+def refit_epochs(cfg: CFG) -> int:
+    """The epoch count the CV chose for the refit: the mean of the folds' best epochs, rounded."""
+    bests = [artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))["epoch"] for k in cfg.fold_ids]
+    return max(1, int(np.floor(np.mean(bests) + 0.5)))
+
+
+def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
+                logger: logging.Logger | None = None) -> dict | None:
+    """`refit`: one more model on every training row, for the epochs the CV chose (the folds'
+    mean best epoch), then its test predictions (test_refit.csv), kept apart from the folds':
+    it has no OOF rows, so no CV score. Up to date: kept, like a fold (its test predictions
+    redone if the test set changed); a killed refit resumes from last.pt. Returns {'epochs',
+    'history'}, or None when `refit` is off."""
+    logger = logger or logging.getLogger("kaggle")
+    if not budget.refit_on(cfg):  # off, or the experiment's fold CNNs are not blended (features_from: pretrained)
+        return None
+    for k in cfg.fold_ids:
+        artifacts.require(cfg, "train", k, "train every fold first: the refit trains for their mean best epoch")
+    why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "refit")
+    path = artifacts.checkpoint_path(cfg, artifacts.REFIT)
+    if why is None:
+        best = artifacts.load_checkpoint(path)
+        logger.info(f"refit: up to date ({best['epoch']} epochs on all rows); set retrain=True to train it again")
+        if test is not None and (test_why := artifacts.stale(cfg, "refit_test")):
+            logger.info(f"refit: predicting the test set again: {test_why}")
+            predict_test(cfg, best, test, artifacts.REFIT, logger)
+        return {"epochs": best["epoch"], "history": best["history"], "skipped": True}
+    made_from = artifacts.fingerprint(cfg, "refit")  # of the settings as written, before the epochs are set
+    epochs = refit_epochs(cfg)
+    logger.info(f"refit: training on all {len(folds)} rows for {epochs} epochs (the folds' mean best epoch): {why}")
+    run = dataclasses.replace(cfg, epochs=epochs, patience=max(cfg.patience, epochs))
+    try:
+        _fit(run, folds, artifacts.REFIT, made_from, logger, 0 if test is None else len(test))
+    except budget.NoTime as e:
+        logger.warning(f"refit: skipped, {e}; the ensemble uses the folds alone (a later run with time to spare trains it)")
+        return None
+    best = artifacts.load_checkpoint(path)
+    artifacts.record(cfg, "refit", made_from=made_from)
+    if test is not None:
+        start = time.perf_counter()
+        predict_test(cfg, best, test, artifacts.REFIT, logger)
+        if cfg.time_limit:
+            budget.add(cfg, budget.train_key(cfg, artifacts.REFIT), time.perf_counter() - start)
+    logger.info(f"refit: {best['epoch']} epochs on all rows; its test predictions: "
+                f"{artifacts.predictions_path(cfg, 'test', artifacts.REFIT)} (no CV score: it saw every row)")
+    return {"epochs": best["epoch"], "history": best["history"]}
+
+
+def _ddp_worker(cfg_dict: dict, folds: pd.DataFrame, fold: int | str, made_from: dict, log_file: str, n_test: int = 0) -> None:
     """One of the processes torchrun's launcher started for a fold."""
     import torch.distributed as dist
 
@@ -323,12 +375,13 @@ def validate(procs, model, loader, criterion, cfg: CFG, device, targets: np.ndar
     return loss, score, preds, logits
 
 
-def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: distributed.Processes,
+def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, procs: distributed.Processes,
              logger: logging.Logger, n_test: int = 0) -> None:
     """The training loop of one fold in this process (one of procs.world): the best and last
     checkpoints, metrics.jsonl, the OOF predictions and logits, written by rank 0. With
     time_limit, the fold's epochs are planned after its first (helpers.budget.fold_epochs;
-    `n_test`: the test rows it will predict after training)."""
+    `n_test`: the test rows it will predict after training). fold 'refit' (artifacts.REFIT):
+    every row, no validation; its "best" checkpoint holds the weights after the last epoch."""
     fold_start = time.perf_counter()
     device, world = procs.device, procs.world
     if cfg.batch_size % world:
@@ -338,14 +391,18 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     local = dataclasses.replace(cfg, batch_size=cfg.batch_size // world)  # each process's share of the global batch
     classes = None if cfg.task == "regression" else get_classes(folds, cfg)
     scale = TargetScale(folds["target"].min(), folds["target"].max()) if cfg.task == "regression" else None
+    refit = fold == artifacts.REFIT
+    seed_id = cfg.n_folds if refit else fold  # the refit's randomness: unlike any fold's
     train_df = folds[folds["fold"] != fold].reset_index(drop=True)
     if cfg.sampling_ratio < 1:
-        train_df = train_df.sample(frac=cfg.sampling_ratio, random_state=cfg.seed + fold).reset_index(drop=True)
+        train_df = train_df.sample(frac=cfg.sampling_ratio, random_state=cfg.seed + seed_id).reset_index(drop=True)
     valid_df = folds[folds["fold"] == fold].reset_index(drop=True)
     epochs = 1 if cfg.debug else cfg.epochs
     n_out = num_outputs(cfg, classes)
-    seed_everything((cfg.seed + fold) % 2**32)
+    seed_everything((cfg.seed + seed_id) % 2**32)
 
+    if cfg.compile:  # several folds in one process: each compiles afresh, none runs into dynamo's recompile limit
+        torch._dynamo.reset()
     model = create_model(cfg, n_out).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -363,7 +420,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
     procs.barrier()
     train_cache = create_cache(cfg, folds["path"].tolist(), logger)
     train_loader = create_loader(local, train_df, train=True, cache=train_cache, rank=procs.rank, world=world)  # once per fold
-    valid_loader = create_loader(local, valid_df, train=False, cache=train_cache, rank=procs.rank, world=world)
+    valid_loader = None if refit else create_loader(local, valid_df, train=False, cache=train_cache, rank=procs.rank, world=world)
     steps = epoch_updates(len(train_loader), cfg.grad_accum)
 
     def schedule(n_epochs: int):  # timm's schedulers are functions of the update count: one can replace another mid-run
@@ -383,6 +440,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
         mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
                       label_smoothing=cfg.label_smoothing, num_classes=n_out, multi_label=cfg.task == "multilabel")
 
+    name = "refit" if refit else f"fold {fold}"
     state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_preds": None,
              "best_logits": None}
     last_path, best_path = artifacts.checkpoint_path(cfg, fold, "last"), artifacts.checkpoint_path(cfg, fold)
@@ -401,13 +459,13 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
                 epochs = state["planned_epochs"]
                 scheduler = schedule(epochs)
                 scheduler.load_state_dict(last["scheduler"])
-            logger.info(f"fold {fold}: resuming from {last_path} after epoch {state['epoch']}")
+            logger.info(f"{name}: resuming from {last_path} after epoch {state['epoch']}")
         else:
-            logger.info(f"fold {fold}: {last_path} was made from other settings or data; starting over")
+            logger.info(f"{name}: {last_path} was made from other settings or data; starting over")
 
-    logger.info(f"fold {fold}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}"
+    logger.info(f"{name}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}"
                 + (f" x {world} processes" if world > 1 else ""))
-    valid_targets = np.stack(valid_df["target"].to_numpy()) if cfg.task == "multilabel" else valid_df["target"].to_numpy()
+    valid_targets = None if refit else np.stack(valid_df["target"].to_numpy()) if cfg.task == "multilabel" else valid_df["target"].to_numpy()
     weights = label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None
     wandb_run = _wandb_run(cfg, fold) if procs.main else None
     budgeted = bool(cfg.time_limit) and not cfg.debug
@@ -418,7 +476,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
         if state["bad_epochs"] >= cfg.patience or epoch >= epochs:
             break
         start = time.perf_counter()
-        epoch_seed = (cfg.seed * 1000 + fold * 100 + epoch) % 2**32
+        epoch_seed = (cfg.seed * 1000 + seed_id * 100 + epoch) % 2**32
         seed_everything(epoch_seed)  # every epoch's randomness from its own seed: a resumed run matches
         frozen = epoch < cfg.freeze_epochs
         set_backbone_trainable(model, not frozen)
@@ -430,13 +488,16 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
         train_loss = procs.mean(train_loss, len(train_loader.sampler))
         scheduler.step(epoch + 1)
         valid_start = time.perf_counter()
-        valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device, valid_targets,
-                                                     scale, norm, weights)
+        if refit:  # nothing held out: no score, the last epoch's weights are kept
+            valid_loss, score, preds, logits = float("nan"), None, None, None
+        else:
+            valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device,
+                                                         valid_targets, scale, norm, weights)
         valid_s = time.perf_counter() - valid_start
-        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_loss": round(valid_loss, 6),
-               "metric": round(score, 6), "lr": max(g["lr"] for g in optimizer.param_groups),
-               "time_s": 0.0, "mem_MiB": round(_memory_mib(device), 1)}
-        if ema is not None and not budgeted:  # the raw weights' score too: is the EMA helping? (not on a budget)
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
+               **({} if refit else {"valid_loss": round(valid_loss, 6), "metric": round(score, 6)}),
+               "lr": max(g["lr"] for g in optimizer.param_groups), "time_s": 0.0, "mem_MiB": round(_memory_mib(device), 1)}
+        if ema is not None and not budgeted and not refit:  # the raw weights' score too: is the EMA helping? (not on a budget)
             _, raw_score, _, _ = validate(procs, model, valid_loader, criterion, cfg, device, valid_targets, scale, norm, weights)
             row.update(metric_raw=round(raw_score, 6), metric_ema=round(score, 6), ema_decay=round(ema.get_decay(steps * (epoch + 1)), 6))
         row["time_s"] = round(time.perf_counter() - start, 2)
@@ -444,12 +505,17 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
         if budgeted and procs.main:
             budget.spend(cfg, fold_key, before + time.perf_counter() - process_start)
         if budgeted and not state.get("planned_epochs"):  # after the timed first epoch: the epochs that fit
-            test_s = n_test * valid_s / max(len(valid_df), 1)  # its test predictions, at the validation's pace
+            # its test predictions, at the validation's pace (the refit's: a third of a training step's)
+            test_s = n_test * row["time_s"] / max(len(train_df), 1) / 3 if refit else n_test * valid_s / max(len(valid_df), 1)
             planned = budget.fold_epochs(cfg, fold, before + time.perf_counter() - process_start, row["time_s"], test_s, logger) \
                 if procs.main else None
             state["planned_epochs"] = epochs = int(procs.broadcast(planned))
+            if refit and epochs < budget.REFIT_MIN_SHARE * cfg.epochs:  # a refit cut short has no score to catch it
+                artifacts.checkpoint_path(cfg, fold, "last").unlink(missing_ok=True)
+                raise budget.NoTime(f"the time left gives it {epochs} of the {cfg.epochs} epochs the CV chose "
+                                    f"(less than {budget.REFIT_MIN_SHARE:.0%})")
             scheduler = schedule(epochs)
-        improved = is_better(cfg.metric, score, state["best_score"])
+        improved = (epoch + 1 >= epochs) if refit else is_better(cfg.metric, score, state["best_score"])
         if improved:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_preds=preds, best_logits=logits)
             if procs.main:
@@ -457,7 +523,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
                                            "epoch": epoch + 1, "score": score, "history": state["history"],
                                            "num_features": model.num_features,
                                            "target_range": (scale.low, scale.high) if scale else None}, best_path)
-        else:
+        elif not refit:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         if procs.main:
@@ -468,11 +534,18 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int, made_from: dict, procs: d
             artifacts.write_metrics(cfg, fold, state["history"])
         if wandb_run is not None:
             wandb_run.log(row)
-        logger.info(f"fold {fold} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f} "
-                    f"{cfg.metric} {score:.5f}{' *' if improved else ''} ({row['time_s']:.1f}s)")
+        logger.info(f"{name} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} " + (
+            "" if refit else f"valid_loss {valid_loss:.4f} {cfg.metric} {score:.5f}{' *' if improved else ''} ")
+            + f"({row['time_s']:.1f}s)")
     if wandb_run is not None:
         wandb_run.finish()
-    if procs.main:
+    if procs.main and refit:
+        best = artifacts.load_checkpoint(best_path)
+        best["history"] = state["history"]
+        artifacts.save_checkpoint(best, best_path)
+        if not cfg.keep_last:
+            last_path.unlink(missing_ok=True)
+    elif procs.main:
         oof = artifacts.frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
         oof.insert(1, cfg.target_col, valid_df[cfg.target_col].to_numpy())
         oof.insert(2, "fold", fold)
@@ -499,16 +572,17 @@ def load_model(ckpt: dict, device, runtime: CFG | None = None) -> nn.Module:
     return torch.compile(model) if model_cfg.compile else model  # as in training: every path that runs the model
 
 
-def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int, logger: logging.Logger) -> None:
-    """Fold k's test predictions from its best checkpoint, recorded as made from it."""
-    made_from = artifacts.fingerprint(cfg, "test", fold)
+def predict_test(cfg: CFG, best: dict, test: pd.DataFrame, fold: int | str, logger: logging.Logger) -> None:
+    """Fold k's (or the refit's) test predictions from its checkpoint, recorded as made from it."""
+    stage, part = ("refit_test", None) if fold == artifacts.REFIT else ("test", fold)
+    made_from = artifacts.fingerprint(cfg, stage, part)
     device = get_device(cfg.device)
     model = load_model(best, device, cfg)
     scale = TargetScale(*best["target_range"]) if best.get("target_range") else None
     loader = create_loader(cfg, test, train=False, cache=create_cache(cfg, test["path"].tolist(), logger))
     preds = predict(model, loader, cfg, device, scale=scale)
     artifacts.write_predictions(cfg, "test", artifacts.frame_predictions(test[cfg.id_col], preds, cfg, best["classes"]), fold)
-    artifacts.record(cfg, "test", fold, made_from)
+    artifacts.record(cfg, stage, part, made_from)
 
 
 def finalize_experiment(cfg: CFG, logger: logging.Logger | None = None) -> dict | None:

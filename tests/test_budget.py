@@ -97,7 +97,7 @@ def test_a_restarted_run_continues_its_ledger_a_finished_one_does_not(tmp_path):
     assert budget.open_ledger([changed], [])["plan"] is None  # other settings: planned again
 
 
-def test_the_plan_shrinks_images_then_folds_when_the_budget_is_short(tmp_path, monkeypatch):
+def test_the_plan_drops_folds_then_shrinks_images_when_the_budget_is_short(tmp_path, monkeypatch):
     calls = []
 
     def fake_probe(cfg, n_out, steps=3):  # 4x faster per halving of the side
@@ -110,6 +110,8 @@ def test_the_plan_shrinks_images_then_folds_when_the_budget_is_short(tmp_path, m
     budget.open_ledger([cfg], [budget.train_key(cfg, k) for k in range(5)])
     plan = budget.plan_run([cfg], (2000, 500), [10])
     assert calls[0] == 256 and plan["img_size"]["e"] < 256 and plan["notes"]
+    assert plan["notes"][0].startswith("e: folds [0, 1, 2, 3, 4] -> [0, 1, 2, 3]") and "folds [0, 1, 2, 3] -> [0, 1, 2]" in plan["notes"][1]
+    assert plan["folds"]["e"][:3] == [0, 1, 2]  # three folds before the first halving
     assert plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
     halvings = (256 // plan["img_size"]["e"]).bit_length() - 1
     assert plan["batch_size"]["e"] == min(budget.MAX_BATCH, 32 * 2 ** halvings)  # a quarter of the pixels, twice the batch
@@ -127,7 +129,7 @@ def timed_run(tmp_path_factory):
     comp = write_digits(tmp / "comp", size=24, n=240, string_labels=True)
     config = {"competition_dir": str(comp), "models_dir": str(tmp / "models"), "submissions_dir": str(tmp / "subs"),
               "n_folds": 2, "time_limit": "80s", "quality": "fast", "img_size": 32, "batch_size": 32,
-              "num_workers": 0, "experiments": {"timed": {}}}
+              "num_workers": 0, "refit": "blend", "experiments": {"timed": {}}}
     path = tmp / "timed.yaml"
     path.write_text(yaml.safe_dump(config))
     rc = pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"])  # the stages a budget plans
@@ -140,7 +142,7 @@ def test_a_time_limited_run_plans_each_fold_from_the_time_left(timed_run, capsys
     ledger = json.loads((tmp / "models" / "ensemble" / "budget.json").read_text())
     assert not ledger["finished"]  # some stages only: the next run goes on with the time left
     assert ledger["limit_s"] == 80 and ledger["plan"]["folds"] == {"timed": [0, 1]}
-    assert set(ledger["spent"]) >= {"timed/01_folds", "timed/train_fold0", "timed/train_fold1"}
+    assert set(ledger["spent"]) >= {"timed/01_folds", "timed/train_fold0", "timed/train_fold1", "timed/train_refit"}
     assert ledger["after_s"] > 0  # time kept for the stages after training (the recipe benchmark measures the landing)
     log = (tmp / "models" / "timed" / "train.log").read_text()
     for k in (0, 1):
@@ -148,5 +150,7 @@ def test_a_time_limited_run_plans_each_fold_from_the_time_left(timed_run, capsys
         lines = (tmp / "models" / "timed" / f"fold{k}" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == planned >= 1  # no early stop on a budget: the schedule runs to its planned end
         assert "metric_raw" not in lines[0]  # no second validation of the raw weights on a budget
+    refit = int(log.split("time_limit: the refit gets ")[1].split(" ")[0])  # the time left, at most the CV's choice
+    assert 1 <= refit == len((tmp / "models" / "timed" / "refit" / "metrics.jsonl").read_text().splitlines())
     assert pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"]) == 0  # again: nothing to redo
     assert "02_train fold 0 [timed] ... up to date" in capsys.readouterr().out

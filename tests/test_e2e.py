@@ -45,8 +45,8 @@ def test_runner_runs_every_notebook(tiny_run):
     assert rc == 0
     models = tmp / "models"
     executed = sorted(p.name for p in (models / "tiny_cnn" / "notebooks").glob("*.ipynb"))
-    assert executed == ["00_eda.ipynb", "01_folds.ipynb", "02_train_fold0.ipynb", "02_train_fold1.ipynb",
-                        "03_features.ipynb", "04_stacking.ipynb"]
+    # the folds, one after another on one device, in one kernel
+    assert executed == ["00_eda.ipynb", "01_folds.ipynb", "02_train_fold0_fold1.ipynb", "03_features.ipynb", "04_stacking.ipynb"]
     assert (models / "ensemble" / "notebooks" / "05_ensemble.ipynb").exists()
     for exp in ("tiny_cnn", "tiny_hybrid"):
         d = models / exp
@@ -331,7 +331,7 @@ def test_error_analysis_in_the_executed_notebook(tiny_run):
     assert list(wrong.columns) == ["id", "path", "true", "pred", "confidence"]
     assert (wrong["true"] != wrong["pred"]).all() and wrong["confidence"].is_monotonic_decreasing
     assert (analysis / "confusion_matrix.png").exists() and (analysis / "classification_report.csv").exists()
-    nb = nbformat.read(tmp / "models" / "tiny_cnn" / "notebooks" / "02_train_fold1.ipynb", as_version=4)
+    nb = nbformat.read(tmp / "models" / "tiny_cnn" / "notebooks" / "02_train_fold0_fold1.ipynb", as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # learning curves + confusion matrix
     assert any("precision" in str(o.get("data", {}).get("text/html", "")) for o in outputs)  # the report

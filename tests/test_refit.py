@@ -1,0 +1,178 @@
+"""`refit`: one more model on all rows for the folds' mean best epoch, its test predictions kept
+apart from the OOF-scored folds and blended in (or alone) by the ensemble and the package."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers import artifacts, budget, pipeline
+from helpers.config import CFG, load_cfg
+from helpers.data import read_test, read_train
+from helpers.demo import write_digits
+from helpers.ensemble import REFIT_SHARE, run_ensemble, with_refit
+from helpers.folds import get_folds
+from helpers.train import train_fold, train_refit
+
+
+def test_refit_values_and_where_it_may_be_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"competition_dir": str(tmp_path), "refit": True, "experiments": {"a": {}}}))
+    assert load_cfg(path).refit == "blend"  # refit: true (YAML's on/yes too) blends
+    assert load_cfg(path, overrides={"refit": False}).refit == ""
+    assert load_cfg(path, overrides={"refit": "alone"}).refit == "alone"
+    with pytest.raises(ValueError, match="config key 'refit' must be one of"):
+        load_cfg(path, overrides={"refit": "sometimes"})
+    path.write_text(yaml.safe_dump({"competition_dir": str(tmp_path), "experiments": {"a": {"refit": "alone"}}}))
+    with pytest.raises(KeyError, match="'experiments.a.refit' applies to every experiment of the run"):
+        load_cfg(path)
+    cfg = CFG(competition_dir=str(tmp_path))
+    assert "refit" not in artifacts.stage_keys(cfg, "train")  # turning it on retrains no fold
+    assert "refit" in artifacts.stage_keys(cfg, "ensemble")  # but re-blends
+
+
+def test_with_refit_blends_half_or_replaces():
+    folds, refit = np.array([[0.8, 0.2], [0.4, 0.6]]), np.array([[0.2, 0.8], [0.0, 1.0]])
+    assert np.allclose(with_refit(folds, refit, "blend"), (1 - REFIT_SHARE) * folds + REFIT_SHARE * refit)
+    assert np.allclose(with_refit(folds, refit, "alone"), refit)
+
+
+def test_a_budget_keeps_time_for_the_refit(tmp_path):
+    cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="e", time_limit="100s",
+              epochs=50, n_folds=2, refit="blend")
+    budget.open_ledger([cfg], ["e/train_fold0", "e/train_fold1", "e/train_refit"])
+    ledger = budget.read_ledger(cfg)
+    ledger.update(after_s=10.0)
+    budget.write_ledger(cfg, ledger)
+    # 100 - 10 later - 2 more kernels (18) = 72 s for 2 folds and a refit worth 2 folds (twice the rows): 18 s
+    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 1 + 8
+    budget.spend(cfg, "e/train_fold0", 20.0)
+    budget.spend(cfg, "e/train_fold1", 20.0)
+    # the refit alone: 100 - 40 - 10 = 50 s, but no more than the epochs the CV chose (cfg.epochs)
+    assert budget.fold_epochs(cfg, "refit", elapsed_s=4.0, epoch_s=4.0, test_s=2.0) == 1 + 11
+    assert budget.fold_epochs(CFG(**{**cfg.__dict__, "epochs": 6}), "refit", elapsed_s=4.0, epoch_s=4.0, test_s=2.0) == 6
+
+
+def test_a_refit_waiting_with_another_experiments_folds_gets_its_weighted_share(tmp_path):
+    cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="a", time_limit="100s",
+              epochs=50, n_folds=2, refit="blend")
+    budget.open_ledger([cfg], ["a/train_fold0", "a/train_fold1", "a/train_refit", "b/train_fold0", "b/train_fold1"])
+    ledger = budget.read_ledger(cfg)
+    ledger.update(after_s=0.0, kernels="per_experiment")  # folds one after another: one kernel per experiment
+    ledger["spent"].update({"a/train_fold0": 10.0, "a/train_fold1": 10.0})
+    budget.write_ledger(cfg, ledger)
+    # 100 - 20 - one more kernel (b's, 9 s) = 71 s over b's 2 folds and a refit worth 2: the refit gets 2 x 17.75 s
+    assert budget.fold_epochs(cfg, "refit", elapsed_s=1.0, epoch_s=1.0, test_s=0.0) == 1 + 34
+
+
+def test_the_planner_drops_the_same_fold_from_every_experiment(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "probe", lambda cfg, n_out, steps=3: {"train_img_s": 2000.0 / cfg.img_size * (
+        0.5 if cfg.experiment == "slow" else 1.0), "infer_img_s": 5000.0, "img_size": cfg.img_size})
+    cfgs = [CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment=name, time_limit="4min",
+                n_folds=5, img_size=64) for name in ("fast", "slow")]
+    budget.open_ledger(cfgs, [])
+    plan = budget.plan_run(cfgs, (2000, 500), [10, 10])
+    assert plan["folds"]["fast"] == plan["folds"]["slow"] and len(plan["folds"]["slow"]) < 5  # the ensemble needs shared OOF rows
+    assert "(every experiment)" in plan["notes"][0]
+
+
+@pytest.fixture(scope="module")
+def refitted(tmp_path_factory, one_torch_thread):
+    tmp = tmp_path_factory.mktemp("refit")
+    comp = write_digits(tmp / "comp", size=16, n=90, string_labels=True)
+    cfg = CFG(competition_dir=str(comp), models_dir=str(tmp / "models"), submissions_dir=str(tmp / "subs"),
+              experiment="r", n_folds=2, img_size=16, batch_size=16, epochs=3, patience=3, num_workers=0,
+              model_name="resnet18", refit="blend", ensemble_method="mean", cache=False)
+    folds, test = get_folds(cfg, read_train(cfg)), read_test(cfg)
+    results = [train_fold(cfg, folds, k, test) for k in cfg.fold_ids]
+    refit = train_refit(cfg, folds, test)
+    return cfg, folds, test, results, refit
+
+
+def test_the_refit_trains_on_every_row_for_the_folds_mean_best_epoch(refitted):
+    cfg, folds, test, results, refit = refitted
+    mean_best = int(np.floor(np.mean([r["best_epoch"] for r in results]) + 0.5))
+    assert refit["epochs"] == mean_best == len(artifacts.read_metrics(cfg, "refit"))
+    history = artifacts.read_metrics(cfg, "refit")
+    assert "metric" not in history[0] and "valid_loss" not in history[0]  # nothing held out: no score
+    best = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, "refit"))
+    assert best["score"] is None and best["epoch"] == mean_best
+    preds = artifacts.read_predictions(cfg, "test", "refit")
+    assert preds[cfg.id_col].tolist() == test[cfg.id_col].tolist()
+    assert artifacts.stale(cfg, "refit") is None and artifacts.stale(cfg, "refit_test") is None
+    assert train_refit(cfg, folds, test).get("skipped")  # up to date: kept
+    assert artifacts.stale(CFG(**{**cfg.__dict__, "lr": 1e-4}), "refit").startswith("lr 0.001 -> 0.0001")  # retrained
+
+
+def test_the_ensemble_blends_the_refit_and_the_package_does_the_same(refitted, tmp_path):
+    cfg, folds, test, results, refit = refitted
+    out = run_ensemble(cfg)
+    score = json.loads((artifacts.ensemble_dir(cfg) / "score.json").read_text())
+    assert score["refit"] == {"r": "blend"}
+    folds_test, refit_test = artifacts.read_predictions(cfg, "test"), artifacts.read_predictions(cfg, "test", "refit")
+    cols = [c for c in folds_test.columns if c.startswith("prob_")]
+    expected = with_refit(folds_test[cols].to_numpy(), refit_test[cols].to_numpy(), "blend")
+    labels = np.array([c[len("prob_"):] for c in cols])[expected.argmax(1)]
+    assert out["submission"][cfg.target_col].astype(str).tolist() == labels.tolist()
+    assert out["result"]["in_sample"] == pytest.approx(json.loads((artifacts.exp_dir(cfg) / "score.json").read_text())["cv"])  # OOF only
+
+    from helpers.package import package_ensemble, run_package
+
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in cfg.__dict__.items() if k in (
+        "competition_dir", "models_dir", "submissions_dir", "n_folds", "img_size", "batch_size", "epochs", "patience",
+        "num_workers", "model_name", "refit", "ensemble_method", "cache")} | {"experiments": {"r": {}}}))
+    pkg = package_ensemble(str(config), tmp_path / "pkg")
+    assert (pkg / "cnn" / "r" / "refit.safetensors").exists()
+    assert json.loads((pkg / "package.json").read_text())["blend"]["members"][0]["refit"] == "blend"
+    again = run_package(pkg, cfg.competition_dir)
+    assert again[cfg.target_col].astype(str).tolist() == labels.tolist()
+
+    alone = CFG(**{**cfg.__dict__, "refit": "alone"})
+    assert "refit" in artifacts.stale(alone, "ensemble")  # blend -> alone: the ensemble again, no training
+    assert artifacts.stale(alone, "refit") is None and artifacts.stale(alone, "train", 0) is None
+    out = run_ensemble(alone)
+    alone_labels = np.array([c[len("prob_"):] for c in cols])[refit_test[cols].to_numpy().argmax(1)]
+    assert out["submission"][cfg.target_col].astype(str).tolist() == alone_labels.tolist()
+
+
+def test_the_runner_trains_the_refit_after_the_folds(tmp_path):
+    comp = write_digits(tmp_path / "comp", size=16, n=60, string_labels=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"competition_dir": str(comp), "models_dir": str(tmp_path / "models"), "n_folds": 3,
+                                    "refit": "alone", "experiments": {"a": {}, "b": {"img_size": 32}}}))
+    jobs = pipeline.plan(str(path), {})
+    train = [(j.cfg.experiment, j.parameters["fold"]) for j in jobs if j.stage == "02_train"]
+    assert train == [("a", 0), ("a", 1), ("a", 2), ("a", "refit"), ("b", 0), ("b", 1), ("b", 2), ("b", "refit")]
+    refit_job = next(j for j in jobs if j.parameters.get("fold") == "refit")
+    assert refit_job.label == "02_train refit (all rows) [a]" and refit_job.output.name == "02_train_refit.ipynb"
+    assert "refit/best.pt not made yet" in pipeline.stale(refit_job)
+    assert [j.stage for j in pipeline.plan(str(path), {"refit": False})].count("02_train") == 6
+    merged = pipeline.one_kernel(jobs, force=True)  # one after another on one device: one kernel per experiment
+    train = [j for j in merged if j.stage == "02_train"]
+    assert [j.label for j in train] == ["02_train folds 0, 1, 2 + refit (all rows) [a]", "02_train folds 0, 1, 2 + refit (all rows) [b]"]
+    assert train[0].parameters["fold"] == [0, 1, 2, "refit"] and train[0].output.name == "02_train_fold0_fold1_fold2_refit.ipynb"
+    assert [j.stage for j in merged] == [j.stage for j in jobs if j.stage != "02_train" or j.parameters["fold"] == 0
+                                         ] and "would" not in str(pipeline.stale(train[1]))
+
+
+def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(refitted, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from helpers import train
+
+    cfg, folds, test, results, refit = refitted
+    timed = CFG(**{**cfg.__dict__, "models_dir": str(tmp_path / "models"), "time_limit": "100s"})
+    shutil.copytree(artifacts.exp_dir(cfg), artifacts.exp_dir(timed))  # the folds, trained; no refit yet
+    shutil.rmtree(artifacts.exp_dir(timed) / "refit")
+    budget.open_ledger([timed], ["r/train_refit"])
+    budget.spend(timed, "r/earlier", 80.0)  # 20 s left, less the later stages: not enough
+    monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
+    assert train_refit(timed, folds, test) is None
+    assert "refit: skipped, the time left gives it 1 of the 4 epochs the CV chose" in caplog.text
+    assert not artifacts.checkpoint_path(timed, "refit").exists() and artifacts.stale(timed, "refit")
+    out = run_ensemble(timed)  # with time_limit a missing refit is no error: the folds alone
+    assert json.loads((artifacts.ensemble_dir(timed) / "score.json").read_text())["refit"] == {}
+    assert "its refit is not in the blend" in caplog.text and len(out["submission"]) == len(test)
