@@ -145,8 +145,15 @@ def refit_on(cfg: CFG) -> bool:
 
 
 def refit_weight(cfg: CFG) -> float:
-    """What the refit costs in folds: as many epochs (about) on k/(k-1) times the rows."""
-    return cfg.n_folds / (cfg.n_folds - 1) if refit_on(cfg) else 0.0
+    """What the refit costs in folds (when on): about as many epochs, each training on all rows
+    where a fold's trains on (k-1)/k of them and predicts the other 1/k (inference: about a
+    third of a training step's time), so 3k/(3k-2): 1.29 folds with 3 folds, 1.15 with 5
+    (measured on the recipe benchmark, 3 folds at 32 px: 4.0 s against 3.5-3.9 s per epoch)."""
+    return refit_cost(cfg.n_folds) if refit_on(cfg) else 0.0
+
+
+def refit_cost(n_folds: int) -> float:
+    return 3 * n_folds / (3 * n_folds - 2)
 
 
 # --- what the stages after training cost ------------------------------------------------------
@@ -286,7 +293,7 @@ def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: 
     evenly over every fold of every experiment (kernels 'per_experiment': an experiment's folds
     share one notebook run)."""
     n_train, n_test = rows
-    folds = sum(len(c.fold_ids) + refit_weight(c) for c in cfgs)  # a refit counts as k/(k-1) folds
+    folds = sum(len(c.fold_ids) + refit_weight(c) for c in cfgs)  # a refit counts as 3k/(3k-2) folds
     jobs = len(cfgs) if kernels == "per_experiment" else sum(len(c.fold_ids) + bool(refit_on(c)) for c in cfgs)
     per_fold = (left - after_training_s(cfgs, rates, rows) - NOTEBOOK_S * (jobs + 2)) / max(folds, 1)
     c = next(c for c in cfgs if c.experiment == name)
@@ -331,7 +338,7 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
     later = ledger.get("after_s", 3 * NOTEBOOK_S)
     refits = [k for k in waiting if k.endswith("/train_refit")]  # they run alone, after their folds
-    weight = cfg.n_folds / (cfg.n_folds - 1)  # a refit: about as many epochs on k/(k-1) times the rows
+    weight = refit_cost(cfg.n_folds)  # a refit, in folds
     fold_rounds = math.ceil((len(waiting) - len(refits)) / max(1, int(ledger.get("parallel", 1))))  # side by side, one per GPU
     rounds = max(fold_rounds + weight * len(refits), 1e-9)
     if ledger.get("kernels") == "per_experiment":  # folds one after another share their experiment's kernel

@@ -302,9 +302,14 @@ def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger
 
 
 def refit_epochs(cfg: CFG) -> int:
-    """The epoch count the CV chose for the refit: the mean of the folds' best epochs, rounded."""
-    bests = [artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))["epoch"] for k in cfg.fold_ids]
-    return max(1, int(np.floor(np.mean(bests) + 0.5)))
+    """The epoch count the CV chose for the refit: the mean of the folds' best epochs, rounded;
+    with time_limit (no early stop: each fold's schedule was planned and run to its end), the
+    mean of the epochs the folds ran."""
+    if cfg.time_limit:
+        counts = [len(artifacts.read_metrics(cfg, k)) for k in cfg.fold_ids]
+    else:
+        counts = [artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))["epoch"] for k in cfg.fold_ids]
+    return max(1, int(np.floor(np.mean(counts) + 0.5)))
 
 
 def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
@@ -330,7 +335,8 @@ def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
         return {"epochs": best["epoch"], "history": best["history"], "skipped": True}
     made_from = artifacts.fingerprint(cfg, "refit")  # of the settings as written, before the epochs are set
     epochs = refit_epochs(cfg)
-    logger.info(f"refit: training on all {len(folds)} rows for {epochs} epochs (the folds' mean best epoch): {why}")
+    logger.info(f"refit: training on all {len(folds)} rows for {epochs} epochs (the folds' mean "
+                f"{'planned epochs' if cfg.time_limit else 'best epoch'}): {why}")
     run = dataclasses.replace(cfg, epochs=epochs, patience=max(cfg.patience, epochs))
     try:
         _fit(run, folds, artifacts.REFIT, made_from, logger, 0 if test is None else len(test))

@@ -151,6 +151,9 @@ def test_a_time_limited_run_plans_each_fold_from_the_time_left(timed_run, capsys
         assert len(lines) == planned >= 1  # no early stop on a budget: the schedule runs to its planned end
         assert "metric_raw" not in lines[0]  # no second validation of the raw weights on a budget
     refit = int(log.split("time_limit: the refit gets ")[1].split(" ")[0])  # the time left, at most the CV's choice
-    assert 1 <= refit == len((tmp / "models" / "timed" / "refit" / "metrics.jsonl").read_text().splitlines())
+    if "refit: skipped, the time left gives it" in log:  # folds that ran long left it under 75% of its epochs
+        assert not (tmp / "models" / "timed" / "refit" / "best.pt").exists()
+    else:
+        assert 1 <= refit == len((tmp / "models" / "timed" / "refit" / "metrics.jsonl").read_text().splitlines())
     assert pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"]) == 0  # again: nothing to redo
     assert "02_train fold 0 [timed] ... up to date" in capsys.readouterr().out

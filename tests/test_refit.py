@@ -46,8 +46,9 @@ def test_a_budget_keeps_time_for_the_refit(tmp_path):
     ledger = budget.read_ledger(cfg)
     ledger.update(after_s=10.0)
     budget.write_ledger(cfg, ledger)
-    # 100 - 10 later - 2 more kernels (18) = 72 s for 2 folds and a refit worth 2 folds (twice the rows): 18 s
-    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 1 + 8
+    # 100 - 10 later - 2 more kernels (18) = 72 s for 2 folds and a refit worth 1.5 (twice the rows to train,
+    # none to validate): 20.6 s
+    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 1 + 9
     budget.spend(cfg, "e/train_fold0", 20.0)
     budget.spend(cfg, "e/train_fold1", 20.0)
     # the refit alone: 100 - 40 - 10 = 50 s, but no more than the epochs the CV chose (cfg.epochs)
@@ -63,8 +64,8 @@ def test_a_refit_waiting_with_another_experiments_folds_gets_its_weighted_share(
     ledger.update(after_s=0.0, kernels="per_experiment")  # folds one after another: one kernel per experiment
     ledger["spent"].update({"a/train_fold0": 10.0, "a/train_fold1": 10.0})
     budget.write_ledger(cfg, ledger)
-    # 100 - 20 - one more kernel (b's, 9 s) = 71 s over b's 2 folds and a refit worth 2: the refit gets 2 x 17.75 s
-    assert budget.fold_epochs(cfg, "refit", elapsed_s=1.0, epoch_s=1.0, test_s=0.0) == 1 + 34
+    # 100 - 20 - one more kernel (b's, 9 s) = 71 s over b's 2 folds and a refit worth 1.5: the refit gets 30.4 s
+    assert budget.fold_epochs(cfg, "refit", elapsed_s=1.0, epoch_s=1.0, test_s=0.0) == 1 + 29
 
 
 def test_the_planner_drops_the_same_fold_from_every_experiment(tmp_path, monkeypatch):
