@@ -115,6 +115,12 @@ def unwritable(cfg: CFG) -> list[str]:
 REFIT = "refit"  # the "fold" of the model trained on all rows (`refit`): no validation rows, no OOF
 
 
+def refit_on(cfg: CFG) -> bool:
+    """Whether the experiment trains a refit: `refit` set, and its fold CNNs are ensemble members
+    (features_from: folds)."""
+    return bool(cfg.refit) and cfg.features_from == "folds"
+
+
 def fold_name(fold: int | str) -> str:
     """'fold3', or 'refit' for the model on all rows."""
     return REFIT if fold == REFIT else f"fold{fold}"

@@ -138,18 +138,12 @@ def train_key(cfg: CFG, fold: int | str) -> str:
     return f"{cfg.experiment}/train_{artifacts.fold_name(fold)}"
 
 
-def refit_on(cfg: CFG) -> bool:
-    """Whether the experiment trains a refit: `refit` set, and its fold CNNs are ensemble members
-    (features_from: folds)."""
-    return bool(cfg.refit) and cfg.features_from == "folds"
-
-
 def refit_weight(cfg: CFG) -> float:
     """What the refit costs in folds (when on): about as many epochs, each training on all rows
     where a fold's trains on (k-1)/k of them and predicts the other 1/k (inference: about a
     third of a training step's time), so 3k/(3k-2): 1.29 folds with 3 folds, 1.15 with 5
     (measured on the recipe benchmark, 3 folds at 32 px: 4.0 s against 3.5-3.9 s per epoch)."""
-    return refit_cost(cfg.n_folds) if refit_on(cfg) else 0.0
+    return refit_cost(cfg.n_folds) if artifacts.refit_on(cfg) else 0.0
 
 
 def refit_cost(n_folds: int) -> float:
@@ -294,7 +288,7 @@ def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: 
     share one notebook run)."""
     n_train, n_test = rows
     folds = sum(len(c.fold_ids) + refit_weight(c) for c in cfgs)  # a refit counts as 3k/(3k-2) folds
-    jobs = len(cfgs) if kernels == "per_experiment" else sum(len(c.fold_ids) + bool(refit_on(c)) for c in cfgs)
+    jobs = len(cfgs) if kernels == "per_experiment" else sum(len(c.fold_ids) + artifacts.refit_on(c) for c in cfgs)
     per_fold = (left - after_training_s(cfgs, rates, rows) - NOTEBOOK_S * (jobs + 2)) / max(folds, 1)
     c = next(c for c in cfgs if c.experiment == name)
     r = rates.get(name, {"train_img_s": 100.0, "infer_img_s": 300.0})
@@ -329,7 +323,7 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     logger = logger or logging.getLogger("kaggle")
     ledger = read_ledger(cfg)
     if ledger is None:  # a notebook run by hand, without the runner: this experiment alone
-        ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids] + ([train_key(cfg, "refit")] if refit_on(cfg) else []))
+        ledger = open_ledger([cfg], [train_key(cfg, k) for k in cfg.fold_ids] + ([train_key(cfg, "refit")] if artifacts.refit_on(cfg) else []))
     elif ledger.get("finished"):  # by hand after a finished run: new time, the same plan and estimates
         ledger.update(finished=False, spent={}, started=datetime.now().isoformat(timespec="seconds"))
         write_ledger(cfg, ledger)

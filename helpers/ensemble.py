@@ -196,7 +196,7 @@ def unfinished(members: list[CFG]) -> list[str]:
             problems.append(f"experiment '{m.experiment}': folds {waiting} of {m.fold_ids} are not trained (or out of date); "
                             f"train them: python -m helpers.pipeline --config <config> --experiments {m.experiment} "
                             f"--stages 02_train --set folds={waiting} (or ensemble fewer folds with folds=[...])")
-        if m.refit and m.features_from == "folds" and not waiting and not m.time_limit and (
+        if artifacts.refit_on(m) and not waiting and not m.time_limit and (
                 why := artifacts.stale(m, "refit") or artifacts.stale(m, "refit_test")):
             problems.append(f"experiment '{m.experiment}': its refit (refit: {m.refit}) is not up to date ({why}); train it: "
                             f"python -m helpers.pipeline --config <config> --experiments {m.experiment} --stages 02_train "
@@ -230,7 +230,7 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     made_from = artifacts.fingerprint(cfg, "ensemble")
     refits = set()
     for m in members or [cfg]:
-        if m.refit and m.features_from == "folds":
+        if artifacts.refit_on(m):
             why = artifacts.stale(m, "refit") or artifacts.stale(m, "refit_test")
             if why is None:
                 refits.add(artifacts.exp_dir(m).name)

@@ -74,19 +74,13 @@ def _trained_folds(folder: Path) -> list[int]:
     return sorted(int(p.parent.name[4:]) for p in folder.glob("fold*/best.pt"))
 
 
-def _pack_cnn(folder: Path, out: Path, folds: list[int], fp16: bool) -> None:
-    for k in folds:
-        path = folder / f"fold{k}" / "best.pt"
+def _pack_cnn(folder: Path, out: Path, folds: list[int | str], fp16: bool) -> None:
+    """The fold models (and 'refit', the model on all rows) the ensemble used."""
+    for name in map(artifacts.fold_name, folds):
+        path = folder / name / "best.pt"
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the package needs every fold the ensemble used")
-        _save_weights(artifacts.load_checkpoint(path), out / "cnn" / folder.name, f"fold{k}", fp16)
-
-
-def _pack_refit(folder: Path, out: Path, fp16: bool) -> None:
-    path = folder / "refit" / "best.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the ensemble blended in this refit, the package needs it")
-    _save_weights(artifacts.load_checkpoint(path), out / "cnn" / folder.name, "refit", fp16)
+            raise FileNotFoundError(f"{path} is missing: the package needs every model the ensemble used")
+        _save_weights(artifacts.load_checkpoint(path), out / "cnn" / folder.name, name, fp16)
 
 
 def _pack_backbone(source_cfg: CFG, out: Path, fp16: bool) -> None:
@@ -125,7 +119,7 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
             if folds:
                 cnn_folds.setdefault(name, set()).update(folds)
             if refit:
-                _pack_refit(folder, out, fp16)
+                _pack_cnn(folder, out, [artifacts.REFIT], fp16)
             continue
         members.append({"name": name, "kind": "stacker", "weight": weight, **manifest})
         for k in manifest["folds"]:

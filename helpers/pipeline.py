@@ -85,7 +85,7 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
         add("01_folds", cfg, "01_folds", name)
         for k in cfg.fold_ids:
             add("02_train", cfg, f"02_train_fold{k}", name, fold=k)
-        if cfg.refit and cfg.features_from == "folds":  # after every fold: it trains for their mean best epoch
+        if artifacts.refit_on(cfg):  # after every fold: it trains for their mean best epoch
             add("02_train", cfg, "02_train_refit", name, fold=artifacts.REFIT)
         add("03_features", cfg, "03_features", name)
         add("04_stacking", cfg, "04_stacking", name)
@@ -128,28 +128,21 @@ def one_kernel(jobs: list[Job], force: bool) -> list[Job]:
     one per fold): consecutive 02_train jobs of one experiment that are not up to date become
     one job whose `fold` lists them (the refit last). Up-to-date folds stay single jobs (and
     are skipped)."""
-    out: list[Job] = []
+    out: list[Job | list[Job]] = []  # a list: a run of folds to merge
     for job in jobs:
-        fold = job.parameters.get("fold")
-        if job.stage != "02_train" or fold is None or not (force or stale(job)):
+        if job.stage != "02_train" or job.parameters.get("fold") is None or not (force or stale(job)):
             out.append(job)
-            continue
-        prev = out[-1] if out else None
-        if prev is not None and prev.stage == "02_train" and prev.cfg.experiment == job.cfg.experiment \
-                and isinstance(prev.parameters.get("fold"), list):
-            parts = prev.parameters["fold"] + [fold]
+        elif out and isinstance(out[-1], list) and out[-1][0].cfg.experiment == job.cfg.experiment:
+            out[-1].append(job)
         else:
-            parts = [fold]
-            prev = None
+            out.append([job])
+
+    def merge(group: list[Job]) -> Job:
+        parts = [j.parameters["fold"] for j in group]
         name = "02_train_" + "_".join(artifacts.fold_name(k) for k in parts)
-        merged = Job(job.stage, job.cfg, {**job.parameters, "fold": parts}, artifacts.notebook_path(job.cfg, name))
-        if prev is not None:
-            out[-1] = merged
-        else:
-            out.append(merged)
-    return [Job(j.stage, j.cfg, {**j.parameters, "fold": j.parameters["fold"][0]},
-                artifacts.notebook_path(j.cfg, f"02_train_{artifacts.fold_name(j.parameters['fold'][0])}"))
-            if isinstance(j.parameters.get("fold"), list) and len(j.parameters["fold"]) == 1 else j for j in out]
+        return Job(group[0].stage, group[0].cfg, {**group[0].parameters, "fold": parts}, artifacts.notebook_path(group[0].cfg, name))
+
+    return [j if isinstance(j, Job) else j[0] if len(j) == 1 else merge(j) for j in out]
 
 
 def execute(job: Job) -> float:
@@ -320,13 +313,13 @@ def summary(cfgs: list[CFG]) -> str:
             if s is not None and folder not in seen:
                 seen.add(folder)
                 lines.append(f"{s['experiment']:<34} {s['metric']:<9} {s['cv']:>9.5f} {s['cv_mean']:>11.5f} ± {s['cv_std']:.5f}")
-    for cfg in cfgs:
-        refit = artifacts.checkpoint_path(cfg, artifacts.REFIT)
-        if cfg.refit and refit.exists():
+    s = artifacts.read_ensemble_score(cfgs[0])
+    for cfg in cfgs:  # the refits the ensemble blended in
+        mode = (s or {}).get("refit", {}).get(artifacts.exp_dir(cfg).name)
+        if mode:
             epochs = len(artifacts.read_metrics(cfg, artifacts.REFIT))
             lines.append(f"{cfg.experiment + ' refit (all rows)':<34} {'-':<9} {'no CV':>9}   {epochs} epochs; "
-                         f"test predictions: {'alone' if cfg.refit == 'alone' else 'half of the experiment'}")
-    s = artifacts.read_ensemble_score(cfgs[0])
+                         f"test predictions: {'alone' if mode == 'alone' else 'half of the experiment'}")
     if s is not None:
         lines.append(f"{'ensemble (' + s['method'] + ', in-sample)':<34} {s['metric']:<9} {s['in_sample']:>9.5f}")
         lines.append(f"{'ensemble (' + s['method'] + ', held-out)':<34} {s['metric']:<9} {s['held_out']:>9.5f}")
@@ -443,18 +436,16 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
                 continue
             print(f"[{i}/{len(jobs)}] {job.label} ... ({why})", end=" ", flush=True)
             merged = isinstance(job.parameters.get("fold"), list)
-            if job.cfg.time_limit and merged:
+            if job.cfg.time_limit:
                 from . import budget
 
-                before = budget.spent_in(job.cfg, budget_keys(job))
+                before = budget.spent_in(job.cfg, budget_keys(job)) if merged else 0.0
             seconds = execute_on_ray([job], args.address)[0] if ray else execute(job)
             print(f"{seconds:.1f}s", flush=True)
             if job.cfg.time_limit and merged:  # the folds recorded their own time: the kernel's start is the rest
                 budget.add(job.cfg, f"{job.cfg.experiment}/02_train_kernel",
                            max(0.0, seconds - (budget.spent_in(job.cfg, budget_keys(job)) - before)))
             elif job.cfg.time_limit:
-                from . import budget
-
                 budget.spend(job.cfg, budget_key(job), seconds)
         flush()
     except NotebookFailed as e:
@@ -504,7 +495,7 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
     rows = (len(train), len(read_test(cfgs[0])))
     n_outs = [num_outputs(c, None if c.task == "regression" else get_classes(train, c)) for c in cfgs]
     ledger = budget.open_ledger(cfgs, [budget.train_key(c, k) for c in cfgs
-                                       for k in c.fold_ids + ([artifacts.REFIT] if budget.refit_on(c) else [])])
+                                       for k in c.fold_ids + ([artifacts.REFIT] if artifacts.refit_on(c) else [])])
     ledger["parallel"] = len(gpus) if len(gpus) > 1 and args.executor == "local" else 1
     ledger["kernels"] = "per_experiment" if len(gpus) <= 1 and args.executor == "local" else "per_job"  # one_kernel
     budget.write_ledger(cfgs[0], ledger)

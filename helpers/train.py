@@ -320,7 +320,7 @@ def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
     redone if the test set changed); a killed refit resumes from last.pt. Returns {'epochs',
     'history'}, or None when `refit` is off."""
     logger = logger or logging.getLogger("kaggle")
-    if not budget.refit_on(cfg):  # off, or the experiment's fold CNNs are not blended (features_from: pretrained)
+    if not artifacts.refit_on(cfg):  # off, or the experiment's fold CNNs are not blended (features_from: pretrained)
         return None
     for k in cfg.fold_ids:
         artifacts.require(cfg, "train", k, "train every fold first: the refit trains for their mean best epoch")
@@ -545,21 +545,16 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
             + f"({row['time_s']:.1f}s)")
     if wandb_run is not None:
         wandb_run.finish()
-    if procs.main and refit:
-        best = artifacts.load_checkpoint(best_path)
-        best["history"] = state["history"]
-        artifacts.save_checkpoint(best, best_path)
-        if not cfg.keep_last:
-            last_path.unlink(missing_ok=True)
-    elif procs.main:
-        oof = artifacts.frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
-        oof.insert(1, cfg.target_col, valid_df[cfg.target_col].to_numpy())
-        oof.insert(2, "fold", fold)
+    if procs.main:
         best = artifacts.load_checkpoint(best_path)
         best["history"] = state["history"]
         artifacts.save_checkpoint(best, best_path)
         if not cfg.keep_last:  # a finished fold keeps its best weights only: optimizer and EMA state are many MB
             last_path.unlink(missing_ok=True)
+    if procs.main and not refit:  # the refit has no OOF rows
+        oof = artifacts.frame_predictions(valid_df[cfg.id_col], state["best_preds"], cfg, classes)
+        oof.insert(1, cfg.target_col, valid_df[cfg.target_col].to_numpy())
+        oof.insert(2, "fold", fold)
         artifacts.save_logits(cfg, state.get("best_logits"), fold)  # None (resumed from a last.pt without them): no stale file
         artifacts.write_predictions(cfg, "oof", oof, fold)
     procs.barrier()
