@@ -5,6 +5,12 @@ Every notebook starts with `cfg, logger = setup(config_path, experiment, overrid
 from __future__ import annotations
 
 import logging
+import os
+
+# albumentations asks PyPI for a newer version on every import, in every DataLoader worker too:
+# offline (a Kaggle kernel with internet off, the GPU machine here) the name lookup can stall
+# each import for seconds. Set NO_ALBUMENTATIONS_UPDATE=0 to have the check.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from .config import CFG, ROOT, load_cfg
 

@@ -12,6 +12,7 @@ recipe means the same with 1 or N processes, and a checkpoint resumes with any n
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import socket
 import uuid
@@ -112,7 +113,12 @@ def launch(worker, processes: int, *args) -> None:
 
 def start() -> DDPProcesses:
     """In a process torchrun's launcher started: join the group (NCCL on GPUs, gloo on the
-    CPU), take this process's GPU and its share of the CPU threads."""
+    CPU), take this process's GPU and its share of the CPU threads. The launcher starts its
+    processes with spawn, and a spawned process inherits spawn as its default start method:
+    its DataLoader workers would then each import torch, timm and albumentations afresh (30 s
+    and more before the first batch; on the H200 machine the first epoch had not ended after
+    70 s). The platform's default again (fork on Linux, as under the torchrun command)."""
+    multiprocessing.set_start_method(None, force=True)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

@@ -41,7 +41,7 @@ from .data import InputNorm, create_transforms, input_stats, read_image
 from .losses import TargetScale
 from .submission import multilabel_decisions
 from .train import autocast, load_model, predict_batch
-from .utils import atomic_to_csv, atomic_write_text, get_device, get_logger
+from .utils import atomic_to_csv, atomic_write_text, channels_last, get_device, get_logger
 
 
 def _as_image(item, in_chans: int) -> np.ndarray:
@@ -68,7 +68,7 @@ class Predictor:
         self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
         self.thresholds = thresholds  # multilabel: one per class (None: 0.5)
         self.transform = create_transforms(cfg, train=False)  # the model's own preprocessing, from its checkpoint's config
-        self.norm = InputNorm(input_stats(cfg), device, cfg.channels_last)
+        self.norm = InputNorm(input_stats(cfg), device, channels_last(cfg, device))
         self.logger = logger or get_logger("kaggle.predict")
 
     @classmethod

@@ -36,7 +36,7 @@ from .data import EpochSampler, ImageDataset, InputNorm, create_transforms, devi
 from .losses import TargetScale, create_criterion, loss_kind
 from .metrics import cross_fitted, get_score, is_better, label_weights
 from .models import create_model
-from .utils import get_device, precision, seed_everything, setup_device
+from .utils import channels_last, get_device, precision, seed_everything, setup_device
 
 HEAD_PREFIXES = ("head.", "classifier.")  # parameters of the head; the rest is the backbone
 
@@ -154,7 +154,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
     model.train()
     if frozen:
         freeze_batchnorm(model)
-    norm = norm or InputNorm(input_stats(cfg), device, cfg.channels_last)
+    norm = norm or InputNorm(input_stats(cfg), device, channels_last(cfg, device))
     total = torch.zeros((), device=device)
     count, accum = 0, cfg.grad_accum
     steps = epoch_updates(len(loader), accum)
@@ -222,7 +222,7 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
     features=True. With a criterion, also the mean loss and the raw outputs (logits) of the
     unflipped images: (preds, loss, logits). Results stay on the device until the end."""
     model.eval()
-    norm = norm or InputNorm(input_stats(cfg), device, cfg.channels_last)
+    norm = norm or InputNorm(input_stats(cfg), device, channels_last(cfg, device))
     outs, logits, total, count = [], [], torch.zeros((), device=device), 0
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
         images = norm(images)
@@ -410,14 +410,15 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
     if cfg.compile:  # several folds in one process: each compiles afresh, none runs into dynamo's recompile limit
         torch._dynamo.reset()
     model = create_model(cfg, n_out).to(device)
-    if cfg.channels_last:
+    nhwc = channels_last(cfg, device)
+    if nhwc:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     step_model = procs.wrap(model)  # DistributedDataParallel with several processes
     step_model = torch.compile(step_model) if cfg.compile else step_model
-    norm = InputNorm(input_stats(cfg), device, cfg.channels_last)  # built once, constants on the device
-    train_norm = InputNorm(input_stats(cfg), device, cfg.channels_last, augment=device_augment(cfg))
+    norm = InputNorm(input_stats(cfg), device, nhwc)  # built once, constants on the device
+    train_norm = InputNorm(input_stats(cfg), device, nhwc, augment=device_augment(cfg))
     criterion = create_criterion(cfg, train_df["target"].to_numpy(), n_out, classes).to(device)
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **optimizer_kwargs(cfg, device))
@@ -469,8 +470,11 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         else:
             logger.info(f"{name}: {last_path} was made from other settings or data; starting over")
 
+    amp, needs_scaler = precision(cfg.amp_dtype, device)
     logger.info(f"{name}: {len(train_df)} train / {len(valid_df)} valid rows, {epochs} epochs on {device}"
-                + (f" x {world} processes" if world > 1 else ""))
+                + (f" x {world} processes" if world > 1 else "")
+                + ("" if amp is None else f", {str(amp).removeprefix('torch.')} autocast" + (" + GradScaler" if needs_scaler else ""))
+                + (", channels_last" if nhwc else ""))
     valid_targets = None if refit else np.stack(valid_df["target"].to_numpy()) if cfg.task == "multilabel" else valid_df["target"].to_numpy()
     weights = label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None
     wandb_run = _wandb_run(cfg, fold) if procs.main else None
@@ -567,7 +571,7 @@ def load_model(ckpt: dict, device, runtime: CFG | None = None) -> nn.Module:
     no_download = dataclasses.replace(model_cfg, pretrained=False, pretrained_path="")  # the weights are in ckpt
     model = create_model(no_download, num_outputs(model_cfg, ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
-    if model_cfg.channels_last:
+    if channels_last(model_cfg, device):
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device).eval()
     return torch.compile(model) if model_cfg.compile else model  # as in training: every path that runs the model

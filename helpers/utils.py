@@ -169,6 +169,16 @@ def precision(amp_dtype: str, device) -> tuple[object, bool]:
     return torch.float16, True
 
 
+def channels_last(cfg, device) -> bool:
+    """Whether the model and its batches are channels_last: as `channels_last` says, or, left
+    unset, wherever autocast runs on CUDA (the tensor cores' convolutions want NHWC: on an H200,
+    efficientnet_b0 at 224 px trains at 1,922 img/s in bf16 NCHW, below fp32's 2,051, and at
+    3,555 img/s in bf16 channels_last)."""
+    if cfg.channels_last is not None:
+        return cfg.channels_last
+    return precision(cfg.amp_dtype, device)[0] is not None
+
+
 def setup_device(device) -> None:
     """Fast defaults for a CUDA card: cuDNN picks the fastest kernels for the fixed input
     size, and matmuls/convolutions use TF32 on Ampere and later (float32 ones only)."""

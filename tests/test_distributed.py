@@ -4,12 +4,14 @@ number of processes, and the launcher from a notebook run by the runner."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import artifacts, pipeline
+from helpers import artifacts, distributed, pipeline
 from helpers.config import CFG
 from helpers.data import EpochSampler, read_train
 from helpers.demo import write_digits
@@ -129,3 +131,21 @@ def test_the_runner_runs_its_notebooks_as_ray_tasks(comp, tmp_path, capsys):
         import ray
 
         ray.shutdown()
+
+
+def _start_method(path: str) -> None:
+    import torch.distributed as dist
+
+    distributed.start()
+    try:
+        Path(path).write_text(multiprocessing.get_start_method())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_fold_process_starts_its_dataloader_workers_the_platform_way(tmp_path):
+    """The launcher spawns its processes; their DataLoader workers must not be spawned too (each
+    would import torch, timm and albumentations again: 30 s before a fold's first batch here)."""
+    out = tmp_path / "method.txt"
+    distributed.launch(_start_method, 1, str(out))
+    assert out.read_text() == multiprocessing.get_context().get_start_method()  # fork on Linux, as under torchrun

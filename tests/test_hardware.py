@@ -18,7 +18,7 @@ from helpers.demo import write_digits
 from helpers.folds import get_folds
 from helpers.models import create_model
 from helpers.train import (autocast, create_loader, create_scaler, param_groups, train_fold, train_one_epoch)
-from helpers.utils import precision, version_problems
+from helpers.utils import channels_last, precision, version_problems
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,6 +49,16 @@ def test_auto_precision_follows_the_card(monkeypatch, capability, name, dtype, s
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device_type, enabled: made.update(enabled=enabled))
     create_scaler(CFG(amp_dtype="auto"), device)
     assert made["enabled"] is scaler  # fp16 always with a GradScaler, bf16 never
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (9, 0)])
+def test_channels_last_by_default_wherever_autocast_runs_on_cuda(monkeypatch, capability):
+    device = card(monkeypatch, capability, "GPU")
+    assert channels_last(CFG(), device)  # fp16 (T4) or bf16 (H100): NHWC for the tensor cores
+    assert not channels_last(CFG(amp_dtype="fp32"), device)  # fp32: as PyTorch has it
+    assert not channels_last(CFG(channels_last=False), device)  # as set
+    assert not channels_last(CFG(), torch.device("cpu"))
+    assert channels_last(CFG(channels_last=True), torch.device("cpu"))
 
 
 def test_adam_is_fused_on_cuda_so_the_scaler_never_reads_back():
