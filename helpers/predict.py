@@ -17,6 +17,9 @@ time per image, successes/failures and the predicted class distribution, and wri
     python -m helpers.predict models/<exp> --csv items.csv --out preds.csv
     python -m helpers.predict models/<exp> --csv items.csv --save      # predictions/<exp>_<time>/
     python -m helpers.predict models/<exp> --bench                     # latency and throughput
+
+With a refit (`refit` in the config: one more model on all rows), the predictions use it as
+the ensemble did (blend: half the prediction; alone: the refit only); --refit chooses.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from tqdm import tqdm
 from . import artifacts
 from .config import CFG
 from .data import InputNorm, create_transforms, input_stats, read_image
+from .ensemble import REFIT_SHARE
 from .losses import TargetScale
 from .submission import multilabel_decisions
 from .train import autocast, load_model, predict_batch
@@ -60,21 +64,35 @@ def _as_image(item, in_chans: int) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[:, :, :3]
 
 
+def used_refit(exp_dir: Path) -> str:
+    """How the ensemble beside an experiment folder used its refit: 'blend', 'alone', or ''
+    (no refit, or no ensemble run yet)."""
+    score = artifacts.read_score(exp_dir.parent / "ensemble", missing_ok=True) or {}
+    return (score.get("refit") or {}).get(exp_dir.name, "")
+
+
 class Predictor:
     """Every fold's best model of one experiment; `predict(items)` averages them."""
 
     def __init__(self, cfg: CFG, models: list[torch.nn.Module], classes: list | None, scale: TargetScale | None,
-                 device: torch.device, logger: logging.Logger | None = None, thresholds: list[float] | None = None):
+                 device: torch.device, logger: logging.Logger | None = None, thresholds: list[float] | None = None,
+                 weights: list[float] | None = None):
         self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
+        self.weights = weights or [1 / len(models)] * len(models)  # each model's share of the prediction
         self.thresholds = thresholds  # multilabel: one per class (None: 0.5)
         self.transform = create_transforms(cfg, train=False)  # the model's own preprocessing, from its checkpoint's config
         self.norm = InputNorm(input_stats(cfg), device, channels_last(cfg, device))
         self.logger = logger or get_logger("kaggle.predict")
 
     @classmethod
-    def from_experiment(cls, exp_dir: str | Path, device: str = "auto", folds: list[int] | None = None) -> "Predictor":
+    def from_experiment(cls, exp_dir: str | Path, device: str = "auto", folds: list[int] | None = None,
+                        refit: str | None = None) -> "Predictor":
         """Every fold{k}/best.pt of an experiment folder, each model rebuilt from the config
-        stored in its checkpoint (no download: the weights are in the checkpoints)."""
+        stored in its checkpoint (no download: the weights are in the checkpoints), with its
+        refit (refit/best.pt, the model on all rows) as the ensemble used it: `refit` None
+        reads that from the ensemble's score.json beside the experiment (blend: half the
+        prediction, the folds' mean the other half; alone: the refit only); 'blend', 'alone'
+        or '' (the folds only) choose. `folds`: these folds only, and no refit."""
         exp_dir = Path(exp_dir)
         if not exp_dir.is_absolute() and not exp_dir.exists():
             exp_dir = artifacts.under_root(str(exp_dir))
@@ -83,7 +101,23 @@ class Predictor:
             paths = [p for p in paths if int(p.parent.name[4:]) in folds]
         if not paths:
             raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
+        mode = "" if folds is not None else refit if refit is not None else used_refit(exp_dir)
+        refit_path = exp_dir / artifacts.REFIT / "best.pt"
+        if mode not in ("", "blend", "alone"):
+            raise ValueError(f"refit must be 'blend', 'alone' or '' (the folds only), got {mode!r}")
+        if mode and not refit_path.exists():
+            raise FileNotFoundError(f"{refit_path} not found: the experiment has no refit (train it with refit set)")
+        weights = None
+        if mode == "alone":
+            paths, weights = [refit_path], [1.0]
+        elif mode == "blend":
+            weights = [(1 - REFIT_SHARE) / len(paths)] * len(paths) + [REFIT_SHARE]
+            paths = paths + [refit_path]
         predictor = cls.from_checkpoints([artifacts.load_checkpoint(p) for p in paths], device, [str(p) for p in paths])
+        predictor.weights = weights or predictor.weights
+        if mode:
+            predictor.logger.info(f"{exp_dir.name}: the refit on all rows " + (
+                "alone" if mode == "alone" else f"with the {len(paths) - 1} fold model(s), {REFIT_SHARE:.0%} of the prediction"))
         if predictor.cfg.task == "multilabel":
             predictor.thresholds = artifacts.score_thresholds(artifacts.read_score(exp_dir, missing_ok=True), predictor.classes)
             if predictor.thresholds is None:
@@ -133,12 +167,12 @@ class Predictor:
             if len(index):
                 images = self.norm(images)
                 total = 0
-                for k, model in enumerate(self.models):
-                    total = total + predict_batch(model, images, self.cfg, self.device, self.scale)[0].float()
+                for k, (model, weight) in enumerate(zip(self.models, self.weights)):
+                    total = total + weight * predict_batch(model, images, self.cfg, self.device, self.scale)[0].float()
                     if embeddings:
                         with torch.no_grad(), autocast(self.cfg, self.device):
                             embs[k][index] = model.features(images).float().cpu().numpy().astype(np.float16)
-                preds[index] = (total / len(self.models)).cpu().numpy().reshape(len(index), width)
+                preds[index] = total.cpu().numpy().reshape(len(index), width)
             if eta is not None and batch == max(1, min(5, len(loader) - 1)) and done < len(items):  # after the first batches
                 seconds = (time.perf_counter() - start) / done * len(items)
                 eta.info(f"about {seconds / 60:.1f} min for {len(items)} images with {len(self.models)} fold model(s) "
@@ -241,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", action="store_true", help="save results in predictions/<exp>_<timestamp>/")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bench", action="store_true", help="measure single-image latency and batched throughput")
+    parser.add_argument("--refit", choices=["blend", "alone", "off"],
+                        help="the refit on all rows with the folds, alone, or not (default: as the ensemble used it)")
     args = parser.parse_args(argv)
-    predictor = Predictor.from_experiment(args.experiment, device=args.device)
+    refit = None if args.refit is None else "" if args.refit == "off" else args.refit
+    predictor = Predictor.from_experiment(args.experiment, device=args.device, refit=refit)
     if args.bench:
         print(json.dumps(latency(predictor), indent=1))
         return 0

@@ -177,3 +177,19 @@ def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(r
     out = run_ensemble(timed)  # with time_limit a missing refit is no error: the folds alone
     assert json.loads((artifacts.ensemble_dir(timed) / "score.json").read_text())["refit"] == {}
     assert "its refit is not in the blend" in caplog.text and len(out["submission"]) == len(test)
+
+
+def test_the_predictor_uses_the_refit_as_the_ensemble_did(refitted):
+    from helpers.predict import Predictor
+
+    cfg, folds, test, results, refit = refitted
+    run_ensemble(cfg)  # refit: blend, in the ensemble's score.json
+    folds_test, refit_test = artifacts.read_predictions(cfg, "test"), artifacts.read_predictions(cfg, "test", "refit")
+    cols = [c for c in folds_test.columns if c.startswith("prob_")]
+    folds_p, refit_p = folds_test[cols].to_numpy(), refit_test[cols].to_numpy()
+    paths = test["path"].tolist()
+    for mode, expected in ((None, with_refit(folds_p, refit_p, "blend")), ("alone", refit_p), ("", folds_p)):
+        predictor = Predictor.from_experiment(artifacts.exp_dir(cfg), device="cpu", refit=mode)
+        preds, errors = predictor.predict_array(paths)
+        assert not errors and len(predictor.models) == {None: 3, "alone": 1, "": 2}[mode]
+        np.testing.assert_allclose(preds, expected, atol=1e-3)
