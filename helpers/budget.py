@@ -12,7 +12,8 @@ time like this:
    32 px reached 0.94 after 25 epochs, 0.97 after 47). The
    decision is kept in the ledger, so a restarted run, or the next run with the same settings,
    keeps it (and what it already made stays up to date).
-2. Each fold times its first epoch, then `fold_epochs` gives it the epochs that fit its share
+2. Each fold times its first epoch (and its second, when the first paid for start-up: on a
+   GPU, CUDA and cuDNN's autotuning made it 20 times longer), then `fold_epochs` gives it the epochs that fit its share
    of what is left (the time left, less the estimated cost of the remaining stages, split over
    the folds not trained yet; `epochs` is the most it gets). So every fold is re-planned from
    the time the earlier ones really took.
@@ -43,6 +44,10 @@ MAX_BATCH = 256  # halving the image size doubles the batch up to this
 MIN_FOLDS = 2  # the ensemble judges its weights on held-out folds: it needs two
 FEW_FOLDS = 3  # folds are dropped down to this before the image size is halved
 REFIT_MIN_SHARE = 0.75  # a refit the time left cuts below this share of the CV's epochs is skipped
+# a second epoch faster than this share of the first: the first paid for start-up (CUDA, cuDNN's
+# autotuning, DataLoader workers: 7-12 s on an H200 against 0.3-0.5 s for the epochs after it),
+# and the epochs are planned again from the second
+WARM_UP = 0.8
 
 
 class NoTime(RuntimeError):
@@ -316,10 +321,10 @@ def apply_plan(cfg: CFG) -> CFG:
 
 # --- each fold's epochs ---------------------------------------------------------------------------
 def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, test_s: float,
-                logger: logging.Logger | None = None) -> int:
-    """The epochs fold `fold` gets (at most cfg.epochs), after a first epoch of epoch_s that
-    ends elapsed_s into the fold: its share of the time left, less the later stages, split
-    over the folds not trained yet (this one included), less its test predictions."""
+                logger: logging.Logger | None = None, epochs_done: int = 1) -> int:
+    """The epochs fold `fold` gets (at most cfg.epochs), after `epochs_done` epochs, the last of
+    epoch_s, that end elapsed_s into the fold: its share of the time left, less the later
+    stages, split over the folds not trained yet (this one included), less its test predictions."""
     logger = logger or logging.getLogger("kaggle")
     ledger = read_ledger(cfg)
     if ledger is None:  # a notebook run by hand, without the runner: this experiment alone
@@ -341,8 +346,9 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
         kernels = fold_rounds + len(refits)
     left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
-    epochs = 1 + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
-    epochs = int(min(cfg.epochs, max(1, epochs)))
+    epochs = epochs_done + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
+    epochs = int(min(cfg.epochs, max(epochs_done, epochs)))
     logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
-                f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})")
+                f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})"
+                + (f"; planned again after epoch {epochs_done}: the first was slower (start-up)" if epochs_done > 1 else ""))
     return epochs

@@ -514,12 +514,15 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         state["history"].append(row)
         if budgeted and procs.main:
             budget.spend(cfg, fold_key, before + time.perf_counter() - process_start)
-        if budgeted and not state.get("planned_epochs"):  # after the timed first epoch: the epochs that fit
+        again = budgeted and state.get("planned_after") == 1 and epoch + 1 == 2 and bool(procs.broadcast(
+            row["time_s"] < budget.WARM_UP * state["history"][0]["time_s"] if procs.main else None))  # the first epoch paid for start-up
+        if budgeted and (not state.get("planned_epochs") or again):  # after the timed first epoch: the epochs that fit
             # its test predictions, at the validation's pace (the refit's: a third of a training step's)
             test_s = n_test * row["time_s"] / max(len(train_df), 1) / 3 if refit else n_test * valid_s / max(len(valid_df), 1)
-            planned = budget.fold_epochs(cfg, fold, before + time.perf_counter() - process_start, row["time_s"], test_s, logger) \
-                if procs.main else None
+            planned = budget.fold_epochs(cfg, fold, before + time.perf_counter() - process_start, row["time_s"], test_s, logger,
+                                         epochs_done=epoch + 1) if procs.main else None
             state["planned_epochs"] = epochs = int(procs.broadcast(planned))
+            state["planned_after"] = epoch + 1
             if refit and epochs < budget.REFIT_MIN_SHARE * cfg.epochs:  # a refit cut short has no score to catch it
                 artifacts.checkpoint_path(cfg, fold, "last").unlink(missing_ok=True)
                 raise budget.NoTime(f"the time left gives it {epochs} of the {cfg.epochs} epochs the CV chose "
