@@ -240,8 +240,13 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     collection = collect_experiments(cfg, logger, refits)
     experiments = collection.experiments
     classes = classes_of(cfg, read_train(cfg))
+    method, trained = cfg.ensemble_method, np.unique(collection.oof["fold"]).tolist()
+    if method == "hill" and len(trained) < 2:  # `folds: [0]`, a quick first run: a submission all the same
+        logger.warning(f"ensemble: the OOF rows come from fold {trained} only, and hill climbing judges its weights on "
+                       f"held-out folds: equal weights instead (ensemble_method 'mean'); train two folds or more to hill-climb")
+        method = "mean"
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
-                          cfg.ensemble_method, cfg.ensemble_iters,
+                          method, cfg.ensemble_iters,
                           label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None)
     weights = pd.DataFrame({"experiment": [e.name for e in experiments], "cv": [e.score for e in experiments],
                             "weight": result["weights"]})

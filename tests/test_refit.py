@@ -193,3 +193,14 @@ def test_the_predictor_uses_the_refit_as_the_ensemble_did(refitted):
         preds, errors = predictor.predict_array(paths)
         assert not errors and len(predictor.models) == {None: 3, "alone": 1, "": 2}[mode]
         np.testing.assert_allclose(preds, expected, atol=1e-3)
+
+
+def test_one_trained_fold_still_makes_a_submission_with_equal_weights(refitted, caplog):
+    """`folds: [0]` (a quick first run, Kaggle's trn_fold): hill climbing has no held-out fold
+    to judge weights on; the ensemble says so and blends with equal weights, not fail at the end."""
+    cfg, folds, test, results, refit = refitted
+    one = CFG(**{**cfg.__dict__, "folds": [0], "ensemble_method": "hill", "refit": ""})
+    with caplog.at_level("WARNING", logger="kaggle"):
+        out = run_ensemble(one)
+    assert "equal weights instead" in caplog.text and out["result"]["method"] == "mean"
+    assert len(out["submission"]) == len(test)
