@@ -103,7 +103,7 @@ class CFG:
     freeze_epochs: int = 0  # backbone frozen for this many epochs, then trained at backbone_lr_scale
     backbone_lr_scale: float = 1.0  # backbone LR relative to the head
     drop_path: float = 0.0  # stochastic depth rate (timm drop_path_rate)
-    channels_last: bool | None = None  # channels_last memory format; unset: on wherever AMP runs on CUDA (faster convs)
+    channels_last: bool | None = None  # channels_last memory format; unset: on wherever AMP runs on a CUDA card with tensor cores (7.0+)
     compile: bool = False  # torch.compile the model
     sampling_ratio: float = 1.0  # train on this share of each fold's training rows
     cache: bool = True  # decoded-image cache: images resized once to img_size, memory-mapped uint8

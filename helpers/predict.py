@@ -113,8 +113,7 @@ class Predictor:
         elif mode == "blend":
             weights = [(1 - REFIT_SHARE) / len(paths)] * len(paths) + [REFIT_SHARE]
             paths = paths + [refit_path]
-        predictor = cls.from_checkpoints([artifacts.load_checkpoint(p) for p in paths], device, [str(p) for p in paths])
-        predictor.weights = weights or predictor.weights
+        predictor = cls.from_checkpoints([artifacts.load_checkpoint(p) for p in paths], device, [str(p) for p in paths], weights)
         if mode:
             predictor.logger.info(f"{exp_dir.name}: the refit on all rows " + (
                 "alone" if mode == "alone" else f"with the {len(paths) - 1} fold model(s), {REFIT_SHARE:.0%} of the prediction"))
@@ -125,9 +124,10 @@ class Predictor:
         return predictor
 
     @classmethod
-    def from_checkpoints(cls, ckpts: list[dict], device: str = "auto", names: list[str] | None = None) -> "Predictor":
+    def from_checkpoints(cls, ckpts: list[dict], device: str = "auto", names: list[str] | None = None,
+                         weights: list[float] | None = None) -> "Predictor":
         """Fold models from checkpoint dicts ({'model', 'cfg', 'classes', 'target_range'}), all
-        made for the same inputs and classes."""
+        made for the same inputs and classes; `weights`: each one's share (equal by default)."""
         names = names or [f"fold model {i}" for i in range(len(ckpts))]
         cfg = artifacts.checkpoint_config(ckpts[0])
         for name, ckpt in zip(names, ckpts):
@@ -137,7 +137,7 @@ class Predictor:
                                  f"its folds cannot be averaged (train them again together)")
         dev = get_device(device if device != "auto" else cfg.device)
         scale = TargetScale(*ckpts[0]["target_range"]) if ckpts[0].get("target_range") else None
-        return cls(cfg, [load_model(ckpt, dev) for ckpt in ckpts], ckpts[0]["classes"], scale, dev)
+        return cls(cfg, [load_model(ckpt, dev) for ckpt in ckpts], ckpts[0]["classes"], scale, dev, weights=weights)
 
     def predict_array(self, items: list, progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
         """Fold-averaged predictions [n, classes] (or [n, 1]) for the readable items; NaN rows
@@ -175,7 +175,7 @@ class Predictor:
                 preds[index] = total.cpu().numpy().reshape(len(index), width)
             if eta is not None and batch == max(1, min(5, len(loader) - 1)) and done < len(items):  # after the first batches
                 seconds = (time.perf_counter() - start) / done * len(items)
-                eta.info(f"about {seconds / 60:.1f} min for {len(items)} images with {len(self.models)} fold model(s) "
+                eta.info(f"about {seconds / 60:.1f} min for {len(items)} images with {len(self.models)} model(s) "
                          f"on {self.device} (Kaggle re-runs stop at 9 h)")
         return {"preds": preds, "embeddings": embs, "errors": errors, "seconds": time.perf_counter() - start}
 
@@ -209,7 +209,7 @@ class Predictor:
         if self.cfg.task == "multilabel":
             dist = Counter(str(label) for r in results for label in r.get("labels", []))
             dist.update({"(none)": sum(1 for r in results if r["label"] == "")} if any(r["label"] == "" for r in results) else {})
-        self.logger.info(f"predicted {len(items)} item(s) with {len(self.models)} fold model(s) in {seconds:.2f}s "
+        self.logger.info(f"predicted {len(items)} item(s) with {len(self.models)} model(s) in {seconds:.2f}s "
                          f"({1000 * seconds / max(len(items), 1):.1f} ms/image): {ok} ok, {len(errors)} failed"
                          + (f"; {'labels' if self.cfg.task == 'multilabel' else 'classes'} {dict(dist.most_common())}" if dist else ""))
         return results

@@ -171,12 +171,17 @@ def precision(amp_dtype: str, device) -> tuple[object, bool]:
 
 def channels_last(cfg, device) -> bool:
     """Whether the model and its batches are channels_last: as `channels_last` says, or, left
-    unset, wherever autocast runs on CUDA (the tensor cores' convolutions want NHWC: on an H200,
-    efficientnet_b0 at 224 px trains at 1,922 img/s in bf16 NCHW, below fp32's 2,051, and at
-    3,555 img/s in bf16 channels_last)."""
+    unset, wherever autocast runs on a CUDA card with tensor cores (compute capability 7.0+:
+    V100, T4, A100, H100; their convolutions want NHWC: on an H200, efficientnet_b0 at 224 px
+    trains at 1,922 img/s in bf16 NCHW, below fp32's 2,051, and at 3,555 img/s in bf16
+    channels_last). A P100 has none and stays NCHW."""
+    import torch
+
     if cfg.channels_last is not None:
         return cfg.channels_last
-    return precision(cfg.amp_dtype, device)[0] is not None
+    if precision(cfg.amp_dtype, device)[0] is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 7
 
 
 def setup_device(device) -> None:

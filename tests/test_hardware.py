@@ -61,6 +61,12 @@ def test_channels_last_by_default_wherever_autocast_runs_on_cuda(monkeypatch, ca
     assert channels_last(CFG(channels_last=True), torch.device("cpu"))
 
 
+def test_a_p100_has_no_tensor_cores_and_keeps_nchw(monkeypatch):
+    device = card(monkeypatch, (6, 0), "Tesla P100")
+    assert precision("auto", device) == (torch.float16, True) and not channels_last(CFG(), device)
+    assert channels_last(CFG(channels_last=True), device)
+
+
 def test_adam_is_fused_on_cuda_so_the_scaler_never_reads_back():
     from helpers.train import optimizer_kwargs
 
