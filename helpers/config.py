@@ -103,7 +103,7 @@ class CFG:
     freeze_epochs: int = 0  # backbone frozen for this many epochs, then trained at backbone_lr_scale
     backbone_lr_scale: float = 1.0  # backbone LR relative to the head
     drop_path: float = 0.0  # stochastic depth rate (timm drop_path_rate)
-    channels_last: bool | None = None  # channels_last memory format; unset: on wherever AMP runs on a CUDA card with tensor cores (7.0+)
+    channels_last: bool | None = None  # channels_last memory format; unset: on wherever AMP runs on a CUDA card with tensor cores (7.0+) or on a CPU
     compile: bool = False  # torch.compile the model
     sampling_ratio: float = 1.0  # train on this share of each fold's training rows
     cache: bool = True  # decoded-image cache: images resized once to img_size, memory-mapped uint8
@@ -114,7 +114,7 @@ class CFG:
     num_workers: int = 2  # DataLoader worker processes
     ddp: int = 1  # processes that train one fold together (DistributedDataParallel, one per GPU; gloo on CPU); batch_size stays the global batch
     sync_bn: bool = False  # with ddp: BatchNorm statistics over every process's batch (SyncBatchNorm, GPUs only)
-    amp_dtype: str = "auto"  # mixed precision on CUDA: 'auto' (bf16 on compute capability >= 8.0, else fp16 + GradScaler) | 'bf16' | 'fp16' | 'fp32' (off)
+    amp_dtype: str = "auto"  # mixed precision: 'auto' (CUDA: bf16 on compute capability >= 8.0, else fp16 + GradScaler; CPU: bf16 where it computes it natively, AVX512-BF16/AMX, else off) | 'bf16' | 'fp16' | 'fp32' (off)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
     time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be the image size and folds, are planned to fit (helpers.budget)

@@ -122,12 +122,33 @@ def normalise_rows(pred: np.ndarray) -> np.ndarray:
     return pred / np.clip(pred.sum(1, keepdims=True), 1e-12, None) if pred.shape[1] > 1 else pred
 
 
+HOLDOUT_PARTS = 5
+
+
+def holdout_parts(y_true: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Where the OOF rows come from one fold (a holdout: `folds: [0]`, or time_limit's holdout
+    plan), hill climbing's weights are judged on HOLDOUT_PARTS parts of its rows instead
+    (stratified by class where each class has that many rows), each scored by weights fitted
+    on the others."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    y = np.asarray(y_true)
+    parts = np.zeros(n, dtype=int)
+    counts = np.unique(y, return_counts=True)[1] if y.ndim == 1 else np.array([0])
+    stratify = y.ndim == 1 and len(counts) < n / 2 and counts.min() >= HOLDOUT_PARTS  # classes, not a regression target
+    splitter = (StratifiedKFold if stratify else KFold)(HOLDOUT_PARTS, shuffle=True, random_state=seed)
+    for k, (_, val) in enumerate(splitter.split(np.zeros(n), y if stratify else None)):
+        parts[val] = k
+    return parts
+
+
 def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.ndarray, metric: str,
                  method: str = "hill", iters: int = 50, label_weights: np.ndarray | None = None) -> dict:
     """Blend the experiments' OOF and test predictions.
 
     'hill': weights by hill climbing on all OOF rows (the in-sample score), and judged honestly:
-    for each fold, weights fitted on the other folds score that fold (the held-out score).
+    for each fold, weights fitted on the other folds score that fold (the held-out score; rows
+    of one fold only: parts of it, holdout_parts).
     'mean': equal weights. 'rank': equal-weight average of per-column ranks.
     Multi-label: the held-out score also uses thresholds tuned on the other folds, and the
     thresholds tuned on every OOF row come back for the test set ('thresholds').
@@ -135,8 +156,7 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
     multilabel = np.asarray(y_true).ndim == 2
     oofs, tests = [e.oof for e in experiments], [e.test for e in experiments]
     if method == "hill" and len(np.unique(folds)) < 2:
-        raise ValueError(f"hill climbing judges its weights on held-out folds, and the OOF rows come from fold "
-                         f"{np.unique(folds).tolist()} only: train at least two folds, or use ensemble_method 'mean'")
+        folds = holdout_parts(y_true, len(folds))
     if method == "rank":
         oofs = [rank_transform(p) for p in oofs]
         tests = [rank_transform(p) for p in tests]
@@ -241,10 +261,9 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     experiments = collection.experiments
     classes = classes_of(cfg, read_train(cfg))
     method, trained = cfg.ensemble_method, np.unique(collection.oof["fold"]).tolist()
-    if method == "hill" and len(trained) < 2:  # `folds: [0]`, a quick first run: a submission all the same
-        logger.warning(f"ensemble: the OOF rows come from fold {trained} only, and hill climbing judges its weights on "
-                       f"held-out folds: equal weights instead (ensemble_method 'mean'); train two folds or more to hill-climb")
-        method = "mean"
+    if method == "hill" and len(trained) < 2:  # `folds: [0]`, or time_limit's holdout
+        logger.info(f"ensemble: the OOF rows come from fold {trained} only: hill climbing's weights are judged on "
+                    f"{HOLDOUT_PARTS} parts of its {len(collection.oof)} rows")
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
                           method, cfg.ensemble_iters,
                           label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None)

@@ -127,30 +127,58 @@ def test_a_restarted_run_continues_its_ledger_a_finished_one_does_not(tmp_path):
     assert budget.open_ledger([changed], [])["plan"] is None  # other settings: planned again
 
 
-def test_the_plan_drops_folds_then_shrinks_images_when_the_budget_is_short(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_probe(cfg, n_out, steps=3):  # 4x faster per halving of the side
+def fake_probe(calls):
+    def probe(cfg, n_out, steps=3):  # 4x faster per halving of the side
         calls.append(cfg.img_size)
         return {"train_img_s": 10.0 * (256 / cfg.img_size) ** 2, "infer_img_s": 30.0 * (256 / cfg.img_size) ** 2,
                 "img_size": cfg.img_size}
+    return probe
 
-    monkeypatch.setattr(budget, "probe", fake_probe)
+
+def test_the_plan_drops_folds_then_holds_out_one_then_shrinks_images_when_the_budget_is_short(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(budget, "probe", fake_probe(calls))
     cfg = ledger_cfg(tmp_path, img_size=256, n_folds=5, time_limit="10min")
     budget.open_ledger([cfg], [budget.train_key(cfg, k) for k in range(5)])
     plan = budget.plan_run([cfg], (2000, 500), [10])
     assert calls[0] == 256 and plan["img_size"]["e"] < 256 and plan["notes"]
     assert plan["notes"][0].startswith("e: folds [0, 1, 2, 3, 4] -> [0, 1, 2, 3]") and "folds [0, 1, 2, 3] -> [0, 1, 2]" in plan["notes"][1]
-    assert plan["folds"]["e"][:3] == [0, 1, 2]  # three folds before the first halving
+    assert "folds -> [0] (a holdout of 1/5 of the rows" in plan["notes"][2] and "img_size 256 -> 128" in plan["notes"][3]
+    assert plan["folds"]["e"] == [0] and plan["refit"]["e"] == "alone"  # one fold for the CV, a refit on all rows
     assert plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
     halvings = (256 // plan["img_size"]["e"]).bit_length() - 1
     assert plan["batch_size"]["e"] == min(budget.MAX_BATCH, 32 * 2 ** halvings)  # a quarter of the pixels, twice the batch
-    assert budget.apply_plan(cfg).batch_size == plan["batch_size"]["e"]
+    planned = budget.apply_plan(cfg)
+    assert planned.batch_size == plan["batch_size"]["e"] and planned.fold_ids == [0] and planned.refit == "alone"
     tiny = ledger_cfg(tmp_path / "b", img_size=64, n_folds=5, time_limit="90s")
     budget.open_ledger([tiny], [])
     plan = budget.plan_run([tiny], (2000, 500), [10])
-    assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0, 1]  # 32 px is the floor, then fewer folds, two at least
-    assert any("folds" in n for n in plan["notes"])
+    assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0]  # 32 px is the floor
+
+
+def test_folds_the_user_chose_are_never_replaced_by_a_holdout(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    tiny = ledger_cfg(tmp_path, img_size=64, n_folds=5, folds=[0, 1, 2, 3, 4], time_limit="90s")
+    budget.open_ledger([tiny], [])
+    plan = budget.plan_run([tiny], (2000, 500), [10])
+    assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0, 1]  # then fewer folds, two at least
+    assert plan["refit"]["e"] == "" and not any("holdout" in n for n in plan["notes"])
+
+
+def test_folds_that_fit_but_stay_undertrained_become_a_holdout_and_a_refit(tmp_path, monkeypatch):
+    """Every fold would get its MIN_EPOCHS but not WELL_TRAINED's: one model on every row (the
+    refit) with the epochs instead; a `refit` the user set is kept."""
+    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    for refit, limit, expected in (("", "75min", "alone"), ("blend", "75min", "blend"), ("", "3h", "")):
+        cfg = ledger_cfg(tmp_path / (refit + limit), img_size=128, n_folds=3, time_limit=limit, refit=refit)
+        budget.open_ledger([cfg], [])
+        plan = budget.plan_run([cfg], (2000, 500), [10])
+        if expected:
+            assert plan["folds"]["e"] == [0] and plan["refit"]["e"] == expected and plan["img_size"]["e"] == 128
+            assert "under the 40 a model from scratch wants" in plan["notes"][0]
+            assert budget.well_trained(cfg) > plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
+        else:  # time for well-trained folds: the fold ensemble
+            assert plan["folds"]["e"] == [0, 1, 2] and not plan["notes"] and plan["expected_epochs"]["e"] >= 40
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +187,7 @@ def timed_run(tmp_path_factory):
     comp = write_digits(tmp / "comp", size=24, n=240, string_labels=True)
     config = {"competition_dir": str(comp), "models_dir": str(tmp / "models"), "submissions_dir": str(tmp / "subs"),
               "n_folds": 2, "time_limit": "80s", "quality": "fast", "img_size": 32, "batch_size": 32,
-              "num_workers": 0, "refit": "blend", "experiments": {"timed": {}}}
+              "num_workers": 0, "refit": "blend", "folds": [0, 1], "experiments": {"timed": {}}}  # folds: a fold ensemble, no holdout
     path = tmp / "timed.yaml"
     path.write_text(yaml.safe_dump(config))
     rc = pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"])  # the stages a budget plans

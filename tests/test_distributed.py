@@ -47,11 +47,12 @@ def test_a_sampler_deals_each_process_its_own_rows():
 def two_runs(comp, tmp_path_factory):
     """The same fold in one process and in two. The model has no BatchNorm (a ViT) and no
     dropout or augmentation: the two processes' batches together are the one process's batch,
-    DDP averages their gradients, so the runs must agree to float precision."""
+    DDP averages their gradients, so the runs must agree to float precision (fp32: bf16 rounds
+    sums over half the batch otherwise than over all of it)."""
     runs = {}
     for ddp in (1, 2):
         cfg = fold_cfg(comp, tmp_path_factory.mktemp(f"ddp{ddp}"), ddp=ddp, model_name="vit_tiny_patch16_224",
-                       drop_rate=0.0, epochs=2, lr=1e-3, grad_clip=0.0)
+                       drop_rate=0.0, epochs=2, lr=1e-3, grad_clip=0.0, amp_dtype="fp32")
         result = train_fold(cfg, get_folds(cfg, read_train(cfg)), 0, None)
         runs[ddp] = (cfg, result)
     return runs

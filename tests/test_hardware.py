@@ -57,8 +57,8 @@ def test_channels_last_by_default_wherever_autocast_runs_on_cuda(monkeypatch, ca
     assert channels_last(CFG(), device)  # fp16 (T4) or bf16 (H100): NHWC for the tensor cores
     assert not channels_last(CFG(amp_dtype="fp32"), device)  # fp32: as PyTorch has it
     assert not channels_last(CFG(channels_last=False), device)  # as set
-    assert not channels_last(CFG(), torch.device("cpu"))
-    assert channels_last(CFG(channels_last=True), torch.device("cpu"))
+    assert not channels_last(CFG(amp_dtype="fp32"), torch.device("cpu"))
+    assert channels_last(CFG(channels_last=True, amp_dtype="fp32"), torch.device("cpu"))
 
 
 def test_a_p100_has_no_tensor_cores_and_keeps_nchw(monkeypatch):
@@ -83,7 +83,23 @@ def test_explicit_precision(monkeypatch):
     assert precision("fp32", t4) == (None, False)
     a100 = card(monkeypatch, (8, 0), "A100")
     assert precision("fp16", a100) == (torch.float16, True) and precision("bf16", a100) == (torch.bfloat16, False)
-    assert precision("auto", torch.device("cpu")) == (None, False)
+    assert precision("fp32", torch.device("cpu")) == (None, False)
+    assert precision("fp16", torch.device("cpu")) == (None, False)  # no fp16 autocast on a CPU: fp32
+    assert precision("bf16", torch.device("cpu")) == (torch.bfloat16, False)  # asked for: even where emulated
+    assert precision("auto", torch.device("mps")) == (None, False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cpu_uses_bf16_only_where_it_computes_it_natively(monkeypatch, native):
+    """AVX512-BF16 or AMX (Zen 4, Sapphire Rapids): bf16 autocast and channels_last; an older
+    CPU (Kaggle's Xeons: AVX-512 without BF16) only emulates bf16 and stays fp32, NCHW."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert precision("auto", cpu) == ((torch.bfloat16, False) if native else (None, False))
+    assert channels_last(CFG(), cpu) is native
+    assert create_scaler(CFG(), cpu).is_enabled() is False
+    assert (autocast(CFG(), cpu).fast_dtype == torch.bfloat16) if native else not hasattr(autocast(CFG(), cpu), "fast_dtype")
 
 
 # --- 2. no synchronisation in a step, loaders built once --------------------------------------------

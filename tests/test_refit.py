@@ -12,7 +12,7 @@ from helpers import artifacts, budget, pipeline
 from helpers.config import CFG, load_cfg
 from helpers.data import read_test, read_train
 from helpers.demo import write_digits
-from helpers.ensemble import REFIT_SHARE, run_ensemble, with_refit
+from helpers.ensemble import REFIT_SHARE, Experiment, run_ensemble, with_refit
 from helpers.folds import get_folds
 from helpers.train import train_fold, train_refit
 
@@ -195,12 +195,30 @@ def test_the_predictor_uses_the_refit_as_the_ensemble_did(refitted):
         np.testing.assert_allclose(preds, expected, atol=1e-3)
 
 
-def test_one_trained_fold_still_makes_a_submission_with_equal_weights(refitted, caplog):
-    """`folds: [0]` (a quick first run, Kaggle's trn_fold): hill climbing has no held-out fold
-    to judge weights on; the ensemble says so and blends with equal weights, not fail at the end."""
+def test_one_trained_fold_hill_climbs_on_parts_of_it(refitted, caplog):
+    """`folds: [0]` (a quick first run, Kaggle's trn_fold, or time_limit's holdout plan): there is
+    no other fold to judge the weights on; hill climbing judges them on parts of the fold's rows."""
     cfg, folds, test, results, refit = refitted
     one = CFG(**{**cfg.__dict__, "folds": [0], "ensemble_method": "hill", "refit": ""})
-    with caplog.at_level("WARNING", logger="kaggle"):
+    with caplog.at_level("INFO", logger="kaggle"):
         out = run_ensemble(one)
-    assert "equal weights instead" in caplog.text and out["result"]["method"] == "mean"
-    assert len(out["submission"]) == len(test)
+    assert "judged on 5 parts" in caplog.text and out["result"]["method"] == "hill"
+    assert len(out["submission"]) == len(test) and out["result"]["held_out"] <= out["result"]["in_sample"] + 1e-9
+
+
+def test_holdout_parts_are_stratified_and_judge_honestly():
+    from helpers.ensemble import fit_ensemble, holdout_parts
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    parts = holdout_parts(y, len(y))
+    assert sorted(np.unique(parts)) == list(range(5))
+    for c in range(3):  # every part holds about a fifth of each class
+        share = np.bincount(parts[y == c], minlength=5) / (y == c).sum()
+        assert np.all(np.abs(share - 0.2) < 0.03)
+    assert len(np.unique(holdout_parts(rng.normal(size=50), 50))) == 5  # a regression target: plain KFold
+    good = np.eye(3)[y] * 0.6 + 0.4 / 3
+    noise = rng.dirichlet(np.ones(3), len(y))
+    models = [Experiment("good", good, good[:10], 0.0), Experiment("noise", noise, noise[:10], 0.0)]
+    result = fit_ensemble(models, y, np.zeros(len(y), dtype=int), "accuracy", "hill", 20)
+    assert result["held_out"] == pytest.approx(1.0) and result["weights"][0] > 0.5
