@@ -47,7 +47,8 @@ LGBM_DEFAULTS = {"n_estimators": 2000, "learning_rate": 0.05, "num_leaves": 15, 
 def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger | None = None) -> None:
     """Embeddings (float16) of every train row (folds.csv order) and the test set: from fold
     k's best model (its own config from its checkpoint), or from a frozen pretrained backbone
-    (features_from 'pretrained'). Embeddings that are up to date are kept."""
+    (features_from 'pretrained'). Embeddings that are up to date are kept. Where training runs
+    in bf16 they are computed in fp32 (train.features_autocast)."""
     logger = logger or logging.getLogger("kaggle")
     device = get_device(cfg.device)
     parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids

@@ -288,3 +288,32 @@ def test_frozen_pretrained_backbone_features(tmp_path):
     assert not artifacts.feature_path(cfg, "train", 0).exists()
     result = run_stacking(cfg, folds, test)  # every fold's stacker reads the one frozen set
     assert 0 <= result["cv"] <= 1
+
+
+def test_embeddings_are_never_computed_in_bf16(tmp_path, monkeypatch):
+    """They are stored as float16; bf16 would keep 8 bits of their mantissa, not 11. Where
+    training runs in bf16 (here a CPU said to compute it natively), 03_features and the
+    Predictor embed in fp32; fp16 autocast (a T4) stays."""
+    import torch
+
+    import helpers.train as train
+    from helpers.data import read_test, read_train
+    from helpers.demo import write_digits
+    from helpers.folds import get_folds
+    from helpers.stacking import extract_features
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    cpu = torch.device("cpu")
+    assert train.autocast(CFG(), cpu).fast_dtype == torch.bfloat16  # what training runs in
+    assert not isinstance(train.features_autocast(CFG(), cpu), torch.autocast)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert train.features_autocast(CFG(), torch.device("cuda")).fast_dtype == torch.float16
+    seen = []
+    real = train.features_autocast
+    monkeypatch.setattr(train, "features_autocast", lambda cfg, device: seen.append(1) or real(cfg, device))
+    monkeypatch.setattr(train, "autocast", lambda *a: pytest.fail("embeddings under training's autocast"))
+    comp = write_digits(tmp_path / "comp", size=16, n=120)
+    cfg = make_cfg(tmp_path, competition_dir=str(comp), features_from="pretrained", pretrained=False, arch="timm",
+                   model_name="resnet18", img_size=32, num_workers=0, cache_dir=str(tmp_path / "cache"), n_folds=2)
+    extract_features(cfg, get_folds(cfg, read_train(cfg)), read_test(cfg))
+    assert seen and np.isfinite(np.load(artifacts.feature_path(cfg, "train", None))).all()
