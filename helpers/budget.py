@@ -40,23 +40,25 @@ from . import artifacts
 from .config import CFG, parse_duration, to_dict
 from .utils import atomic_write_text
 
-# fewer epochs per fold than this: a smaller image size, then fewer folds (a model trained from
-# scratch needs many more epochs than a pretrained one)
+# fewer epochs per fold than this: fewer folds, then a holdout, then a smaller image size (a model
+# trained from scratch needs many more epochs than a pretrained one)
 MIN_EPOCHS = {"pretrained": 6, "scratch": 20}
 # fewer epochs per fold than this: one holdout fold and a refit on all rows instead of a fold
 # ensemble (on the recipe benchmark, 3 folds of 23 epochs scored 0.963 on its test set, one
 # model of 31 epochs on every row 0.978: a model from scratch gains from rows and epochs up to
-# 40-50 epochs, more than from an ensemble of undertrained folds)
-WELL_TRAINED = {"pretrained": 10, "scratch": 40}
+# 40-50 epochs, more than from an ensemble of undertrained folds). Fine-tuning pretrained weights
+# is not measured here: its folds are kept whenever they get MIN_EPOCHS
+WELL_TRAINED = {"pretrained": MIN_EPOCHS["pretrained"], "scratch": 40}
 MIN_IMG_SIZE = 32
 MAX_BATCH = 256  # halving the image size doubles the batch up to this
-MIN_FOLDS = 2  # the ensemble judges its weights on held-out folds: it needs two
+MIN_FOLDS = 2  # with `folds` set (no holdout), folds are dropped down to this after the image size
 FEW_FOLDS = 3  # folds are dropped down to this before the image size is halved
 REFIT_MIN_SHARE = 0.75  # a refit the time left cuts below this share of the CV's epochs is skipped
 # a second epoch faster than this share of the first: the first paid for start-up (CUDA, cuDNN's
-# autotuning, DataLoader workers: 7-12 s on an H200 against 0.3-0.5 s for the epochs after it),
-# and the epochs are planned again from the second
-WARM_UP = 0.8
+# autotuning, DataLoader workers: 7-12 s on an H200 against 0.3-0.5 s for the epochs after it;
+# on the 2-core CPU the recipe's refit took 9.4 s, then 7.3-9.1 s: planned from the first, it
+# ended 30 s early), and the epochs are planned again from the second
+WARM_UP = 0.9
 
 
 class NoTime(RuntimeError):
@@ -99,7 +101,9 @@ def open_ledger(cfgs: list[CFG], train_jobs: list[str]) -> dict:
         old.update(limit_s=limit, train_jobs=train_jobs)
         write_ledger(cfg, old)
         return old
-    same = old is not None and old.get("digest") == digest  # the same settings: the same plan and estimates
+    # the same settings and time: the same plan and estimates (another time_limit plans again: a
+    # 10-minute holdout plan is no plan for 9 hours; what is made and still fits stays up to date)
+    same = old is not None and old.get("digest") == digest and float(old.get("limit_s", -1)) == limit
     ledger = {"limit_s": limit, "digest": digest, "started": datetime.now().isoformat(timespec="seconds"),
               "finished": False, "spent": {}, "train_jobs": train_jobs,
               **({k: old[k] for k in ("plan", "rates", "after_s", "rows") if k in old} if same else {"plan": None, "rates": {}})}
@@ -258,13 +262,16 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     may_holdout = all(not c.folds and c.features_from == "folds" and len(c.fold_ids) > 1 for c in cfgs)
     while True:
         fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels) for c in trials}
-        i = min(range(len(trials)), key=lambda j: fits[trials[j].experiment])
+        # the worst: the furthest below its own need (from scratch needs more epochs than pretrained)
+        i = min(range(len(trials)), key=lambda j: fits[trials[j].experiment] / min_epochs(trials[j]))
         worst = trials[i]
         if fits[worst.experiment] >= min_epochs(worst):
-            if may_holdout and len(worst.fold_ids) > 1 and fits[worst.experiment] < well_trained(worst):
+            under = [c for c in trials if fits[c.experiment] < well_trained(c)]
+            if may_holdout and len(worst.fold_ids) > 1 and under:
                 trials, change = _holdout(trials)
-                notes.append(f"{change} (about {fits[worst.experiment]:.1f} epochs per fold fit, under the "
-                             f"{well_trained(worst)} a model from {'pretrained weights' if _pretrained(worst) else 'scratch'} wants)")
+                c = under[0]
+                notes.append(f"{change} ({c.experiment}: about {fits[c.experiment]:.1f} epochs per fold fit, under the "
+                             f"{well_trained(c)} a model from {'pretrained weights' if _pretrained(c) else 'scratch'} wants)")
                 logger.warning(f"time_limit: {notes[-1]}")
                 continue
             break

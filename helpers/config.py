@@ -117,7 +117,7 @@ class CFG:
     amp_dtype: str = "auto"  # mixed precision: 'auto' (CUDA: bf16 on compute capability >= 8.0, else fp16 + GradScaler; CPU: bf16 where it computes it natively, AVX512-BF16/AMX, else off) | 'bf16' | 'fp16' | 'fp32' (off)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
-    time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be the image size and folds, are planned to fit (helpers.budget)
+    time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be fewer folds, one holdout fold + a refit on all rows, a smaller image size, are planned to fit (helpers.budget)
     refit: str = ""  # after the CV: one more model on all rows for the folds' mean best epoch, test predictions only (no CV score): 'blend' (half the experiment's test predictions, the folds' mean the other half) | 'alone' (it replaces the folds') | '' (off); the same for every experiment
     quality: str = ""  # a preset of defaults: 'fast' | 'medium' | 'best' (QUALITY in helpers/config.py; '' = none, 'medium' when time_limit is set); your keys win
     debug: bool = False  # tiny data, 1 epoch: check the whole path quickly

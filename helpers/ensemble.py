@@ -127,18 +127,18 @@ HOLDOUT_PARTS = 5
 
 def holdout_parts(y_true: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Where the OOF rows come from one fold (a holdout: `folds: [0]`, or time_limit's holdout
-    plan), hill climbing's weights are judged on HOLDOUT_PARTS parts of its rows instead
-    (stratified by class where each class has that many rows), each scored by weights fitted
-    on the others."""
+    plan), hill climbing's weights are judged on HOLDOUT_PARTS parts of its rows instead, each
+    scored by weights fitted on the others: stratified by class where the targets are class
+    indices with that many rows each, else plain (regression values, multi-label rows)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     y = np.asarray(y_true)
+    k = max(2, min(HOLDOUT_PARTS, n))
+    stratify = y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and np.unique(y, return_counts=True)[1].min() >= k
+    splitter = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed)
     parts = np.zeros(n, dtype=int)
-    counts = np.unique(y, return_counts=True)[1] if y.ndim == 1 else np.array([0])
-    stratify = y.ndim == 1 and len(counts) < n / 2 and counts.min() >= HOLDOUT_PARTS  # classes, not a regression target
-    splitter = (StratifiedKFold if stratify else KFold)(HOLDOUT_PARTS, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(np.zeros(n), y if stratify else None)):
-        parts[val] = k
+    for i, (_, val) in enumerate(splitter.split(np.zeros((n, 1)), y if stratify else None)):
+        parts[val] = i
     return parts
 
 
@@ -263,7 +263,7 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     method, trained = cfg.ensemble_method, np.unique(collection.oof["fold"]).tolist()
     if method == "hill" and len(trained) < 2:  # `folds: [0]`, or time_limit's holdout
         logger.info(f"ensemble: the OOF rows come from fold {trained} only: hill climbing's weights are judged on "
-                    f"{HOLDOUT_PARTS} parts of its {len(collection.oof)} rows")
+                    f"{min(HOLDOUT_PARTS, len(collection.oof))} parts of its {len(collection.oof)} rows")
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
                           method, cfg.ensemble_iters,
                           label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None)
@@ -276,6 +276,8 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     lb = local_lb(cfg, submission, classes)
     artifacts.write_ensemble_score(cfg, {"metric": cfg.metric, "method": result["method"], "in_sample": result["in_sample"],
                                          "held_out": result["held_out"], "local_lb": lb,
+                                         **({"held_out_on": f"{HOLDOUT_PARTS} parts of fold {trained[0]}"}
+                                            if method == "hill" and len(trained) < 2 else {}),
                                          "weights": dict(zip(weights["experiment"], weights["weight"])),
                                          "refit": {name: cfg.refit for name in sorted(refits)},  # their test predictions
                                          **({"thresholds": dict(zip(map(str, classes), map(float, thresholds)))}

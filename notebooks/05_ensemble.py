@@ -19,7 +19,8 @@
 # the correlation of their OOF predictions (diverse models blend best). Weights come from hill
 # climbing on OOF (Caruana: forward selection with replacement; `ensemble_method` also offers
 # `mean` and `rank`). To judge them honestly they are also fitted on all folds but one and
-# scored on the held-out fold; both scores are shown. Writes `submissions/submission.csv`.
+# scored on the held-out fold (with one fold, as in time_limit's holdout plan, on parts of it);
+# both scores are shown. Writes `submissions/submission.csv`.
 
 # %% tags=["parameters"]
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)

@@ -156,6 +156,21 @@ def test_the_plan_drops_folds_then_holds_out_one_then_shrinks_images_when_the_bu
     assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0]  # 32 px is the floor
 
 
+def test_another_time_limit_plans_again(tmp_path, monkeypatch):
+    """A 10-minute holdout plan is no plan for 9 hours: a finished run's plan is kept for the
+    same settings and time_limit only."""
+    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    cfg = ledger_cfg(tmp_path, img_size=64, n_folds=5, time_limit="90s")
+    budget.open_ledger([cfg], [])
+    assert budget.plan_run([cfg], (2000, 500), [10])["folds"]["e"] == [0]
+    budget.finish(cfg)
+    assert budget.open_ledger([cfg], [])["plan"]["folds"]["e"] == [0]  # the same time: the same plan
+    budget.finish(cfg)
+    longer = ledger_cfg(tmp_path, img_size=64, n_folds=5, time_limit="9h")
+    assert budget.open_ledger([longer], [])["plan"] is None
+    assert budget.plan_run([longer], (2000, 500), [10])["folds"]["e"] == [0, 1, 2, 3, 4]
+
+
 def test_folds_the_user_chose_are_never_replaced_by_a_holdout(tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "probe", fake_probe([]))
     tiny = ledger_cfg(tmp_path, img_size=64, n_folds=5, folds=[0, 1, 2, 3, 4], time_limit="90s")

@@ -217,6 +217,9 @@ def test_holdout_parts_are_stratified_and_judge_honestly():
         share = np.bincount(parts[y == c], minlength=5) / (y == c).sum()
         assert np.all(np.abs(share - 0.2) < 0.03)
     assert len(np.unique(holdout_parts(rng.normal(size=50), 50))) == 5  # a regression target: plain KFold
+    assert len(np.unique(holdout_parts(rng.integers(0, 5, 40) / 4.0, 40))) == 5  # scores 0, 0.25, ..., 1: values, not classes
+    assert len(np.unique(holdout_parts(rng.integers(0, 2, (30, 4)), 30))) == 5  # multi-label rows
+    assert sorted(np.unique(holdout_parts(np.array([0, 1, 1]), 3))) == [0, 1, 2]  # fewer rows than parts
     good = np.eye(3)[y] * 0.6 + 0.4 / 3
     noise = rng.dirichlet(np.ones(3), len(y))
     models = [Experiment("good", good, good[:10], 0.0), Experiment("noise", noise, noise[:10], 0.0)]
