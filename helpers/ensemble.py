@@ -261,9 +261,11 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     experiments = collection.experiments
     classes = classes_of(cfg, read_train(cfg))
     method, trained = cfg.ensemble_method, np.unique(collection.oof["fold"]).tolist()
-    if method == "hill" and len(trained) < 2:  # `folds: [0]`, or time_limit's holdout
+    one_fold = method == "hill" and len(trained) < 2  # `folds: [0]`, or time_limit's holdout
+    if one_fold:
+        parts = len(np.unique(holdout_parts(collection.y_true, len(collection.oof))))
         logger.info(f"ensemble: the OOF rows come from fold {trained} only: hill climbing's weights are judged on "
-                    f"{min(HOLDOUT_PARTS, len(collection.oof))} parts of its {len(collection.oof)} rows")
+                    f"{parts} parts of its {len(collection.oof)} rows")
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
                           method, cfg.ensemble_iters,
                           label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None)
@@ -276,8 +278,7 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     lb = local_lb(cfg, submission, classes)
     artifacts.write_ensemble_score(cfg, {"metric": cfg.metric, "method": result["method"], "in_sample": result["in_sample"],
                                          "held_out": result["held_out"], "local_lb": lb,
-                                         **({"held_out_on": f"{HOLDOUT_PARTS} parts of fold {trained[0]}"}
-                                            if method == "hill" and len(trained) < 2 else {}),
+                                         **({"held_out_on": f"{parts} parts of fold {trained[0]}"} if one_fold else {}),
                                          "weights": dict(zip(weights["experiment"], weights["weight"])),
                                          "refit": {name: cfg.refit for name in sorted(refits)},  # their test predictions
                                          **({"thresholds": dict(zip(map(str, classes), map(float, thresholds)))}

@@ -44,7 +44,7 @@ from .data import InputNorm, create_transforms, input_stats, read_image
 from .ensemble import REFIT_SHARE
 from .losses import TargetScale
 from .submission import multilabel_decisions
-from .train import features_autocast, load_model, predict_batch
+from .train import autocast, load_model, predict_batch
 from .utils import atomic_to_csv, atomic_write_text, channels_last, get_device, get_logger
 
 
@@ -170,7 +170,7 @@ class Predictor:
                 for k, (model, weight) in enumerate(zip(self.models, self.weights)):
                     total = total + weight * predict_batch(model, images, self.cfg, self.device, self.scale)[0].float()
                     if embeddings:
-                        with torch.no_grad(), features_autocast(self.cfg, self.device):
+                        with torch.no_grad(), autocast(self.cfg, self.device, bf16=False):
                             embs[k][index] = model.features(images).float().cpu().numpy().astype(np.float16)
                 preds[index] = total.cpu().numpy().reshape(len(index), width)
             if eta is not None and batch == max(1, min(5, len(loader) - 1)) and done < len(items):  # after the first batches

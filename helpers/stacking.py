@@ -48,7 +48,7 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
     """Embeddings (float16) of every train row (folds.csv order) and the test set: from fold
     k's best model (its own config from its checkpoint), or from a frozen pretrained backbone
     (features_from 'pretrained'). Embeddings that are up to date are kept. Where training runs
-    in bf16 they are computed in fp32 (train.features_autocast)."""
+    in bf16 they are computed in fp32 (train.autocast's bf16=False)."""
     logger = logger or logging.getLogger("kaggle")
     device = get_device(cfg.device)
     parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids

@@ -66,21 +66,14 @@ def create_loader(cfg: CFG, df: pd.DataFrame, train: bool, seed: int = 0, cache=
     )
 
 
-def autocast(cfg: CFG, device: torch.device):
-    """Autocast in the dtype helpers.utils.precision decides (none on CPU/MPS or with fp32)."""
-    dtype, _ = precision(cfg.amp_dtype, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def features_autocast(cfg: CFG, device: torch.device):
-    """Autocast for embeddings (the stackers' inputs): as training's, but never bf16, which keeps
+def autocast(cfg: CFG, device: torch.device, bf16: bool = True):
+    """Autocast in the dtype helpers.utils.precision decides (none on MPS or with fp32).
+    bf16=False, for embeddings (the stackers' inputs): fp32 where that dtype is bf16, which keeps
     8 bits of mantissa where the float16 they are stored in keeps 11 (LightGBM splits on them:
     the demo's resnet18 stacker scored 0.976 on bf16 embeddings, 0.980 on fp32 ones of the same
-    models); fp32 instead (TF32 on a GPU). 03_features and the Predictor both use it."""
+    models); fp16 autocast (a T4) stays. 03_features and the Predictor both embed so."""
     dtype, _ = precision(cfg.amp_dtype, device)
-    if dtype is None or dtype is torch.bfloat16:
+    if dtype is None or (dtype is torch.bfloat16 and not bf16):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -238,7 +231,7 @@ def predict(model, loader, cfg: CFG, device, criterion=None, features: bool = Fa
     for images, targets in tqdm(loader, desc="embed" if features else "predict", leave=False, mininterval=1.0):
         images = norm(images)
         if features:  # kept on the device (half precision: they are saved as float16), copied once at the end
-            with features_autocast(cfg, device):
+            with autocast(cfg, device, bf16=False):
                 outs.append(model.features(images).half())
             continue
         preds, out = predict_batch(model, images, cfg, device, scale)

@@ -305,13 +305,18 @@ def test_embeddings_are_never_computed_in_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     cpu = torch.device("cpu")
     assert train.autocast(CFG(), cpu).fast_dtype == torch.bfloat16  # what training runs in
-    assert not isinstance(train.features_autocast(CFG(), cpu), torch.autocast)
+    assert not isinstance(train.autocast(CFG(), cpu, bf16=False), torch.autocast)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert train.features_autocast(CFG(), torch.device("cuda")).fast_dtype == torch.float16
+    assert train.autocast(CFG(), torch.device("cuda"), bf16=False).fast_dtype == torch.float16
     seen = []
-    real = train.features_autocast
-    monkeypatch.setattr(train, "features_autocast", lambda cfg, device: seen.append(1) or real(cfg, device))
-    monkeypatch.setattr(train, "autocast", lambda *a: pytest.fail("embeddings under training's autocast"))
+    real = train.autocast
+
+    def spy(cfg, device, bf16=True):
+        if bf16:
+            pytest.fail("embeddings under training's autocast")
+        seen.append(1)
+        return real(cfg, device, bf16)
+    monkeypatch.setattr(train, "autocast", spy)
     comp = write_digits(tmp_path / "comp", size=16, n=120)
     cfg = make_cfg(tmp_path, competition_dir=str(comp), features_from="pretrained", pretrained=False, arch="timm",
                    model_name="resnet18", img_size=32, num_workers=0, cache_dir=str(tmp_path / "cache"), n_folds=2)
