@@ -15,12 +15,15 @@ time like this:
    score and the ensemble's OOF rows; the refit, `refit: alone` unless `refit` is set, the test
    predictions. Folds you set (`folds`) are never replaced by a holdout. The
    decision is kept in the ledger, so a restarted run, or the next run with the same settings,
-   keeps it (and what it already made stays up to date).
+   keeps it (and what it already made stays up to date). A notebook's start is timed on this
+   machine (time_imports, then the notebooks run so far: notebook_s): 13-15 s on an H100
+   machine against 7-9 s on the 2-core CPU. A budget too short after every cut says so, with
+   the time that would do.
 2. Each fold times its first epoch (and its second, when the first paid for start-up: on a
    GPU, CUDA and cuDNN's autotuning made it 20 times longer), then `fold_epochs` gives it the epochs that fit its share
    of what is left (the time left, less the estimated cost of the remaining stages, split over
-   the folds not trained yet; `epochs` is the most it gets). So every fold is re-planned from
-   the time the earlier ones really took.
+   the folds not trained yet; `epochs` is the most it gets, two the least). So every fold is
+   re-planned from the time the earlier ones really took.
 3. The ledger (`budget.json` beside the ensemble) records the seconds each stage took, under
    one key per output: a killed run, restarted, goes on with the time it has left.
 
@@ -65,7 +68,11 @@ class NoTime(RuntimeError):
     """The time left is too short for what was about to train (a refit)."""
 PIPELINE = 1.3  # a real training step over the probe's (data loading, augmentation, loss, scheduler)
 STACK_FOLD_S = 7.5  # a LightGBM head per fold (38 s for 5 folds of 10 classes on the 2-core CPU machine)
-NOTEBOOK_S = 9.0  # a notebook's kernel start and imports (measured on the 2-core CPU machine: 8-10 s)
+NOTEBOOK_S = 9.0  # a notebook's kernel start and imports, until measured (on the 2-core CPU machine: 8-10 s)
+# a kernel's start and papermill's bookkeeping, beyond the first cell's imports: on an H100 machine a
+# notebook ran 3.1-4.0 s longer than its cells, whose first (the imports) took 11-12 s there
+KERNEL_S = 3.5
+QUICK_NOTEBOOKS = ("00_eda", "01_folds")  # little work beyond their start: they measure it
 
 
 # --- the ledger ------------------------------------------------------------------------------
@@ -106,7 +113,7 @@ def open_ledger(cfgs: list[CFG], train_jobs: list[str]) -> dict:
     same = old is not None and old.get("digest") == digest and float(old.get("limit_s", -1)) == limit
     ledger = {"limit_s": limit, "digest": digest, "started": datetime.now().isoformat(timespec="seconds"),
               "finished": False, "spent": {}, "train_jobs": train_jobs,
-              **({k: old[k] for k in ("plan", "rates", "after_s", "rows") if k in old} if same else {"plan": None, "rates": {}})}
+              **({k: old[k] for k in ("plan", "rates", "after_s", "after_notebooks", "after_notebook_s", "rows") if k in old} if same else {"plan": None, "rates": {}})}
     write_ledger(cfg, ledger)
     return ledger
 
@@ -168,16 +175,48 @@ def refit_cost(n_folds: int) -> float:
     return 3 * n_folds / (3 * n_folds - 2)
 
 
-# --- what the stages after training cost ------------------------------------------------------
-def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int]) -> float:
-    """Estimated seconds of 03_features, 04_stacking and 05_ensemble (kernels included): each
-    fold model embeds its OOF rows and the test set, a LightGBM head per fold, the blend."""
+# --- what a notebook's start and the stages after training cost --------------------------------
+def time_imports() -> float | None:
+    """Seconds this process takes to import what the notebooks import (torch, timm,
+    albumentations, matplotlib, seaborn, the helpers): with KERNEL_S, a notebook's start on this
+    machine (11-12 s on an H100 machine, 6 s on the 2-core CPU). None when they are imported
+    already (the runner called from Python)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return None
+    start = time.perf_counter()
+    import timm  # noqa: F401  (the notebooks that train or embed import it)
+
+    from . import data, models, plots, train  # noqa: F401
+    return time.perf_counter() - start
+
+
+def notebook_s(ledger: dict | None) -> float:
+    """A notebook's kernel start and imports on this machine: the mean of the notebooks this run
+    has timed that do little else (QUICK_NOTEBOOKS: 6-10 s on the 2-core CPU, where 05_ensemble
+    took 8-9 s; 13-15 s on an H100 machine), else what the runner measured before the run, else
+    NOTEBOOK_S."""
+    ledger = ledger or {}
+    seen = [float(s) for k, s in ledger.get("spent", {}).items() if k.rsplit("/", 1)[-1] in QUICK_NOTEBOOKS and s > 0]
+    return sum(seen) / len(seen) if seen else float(ledger.get("notebook_s") or NOTEBOOK_S)
+
+
+def after_notebooks(cfgs: list[CFG]) -> int:
+    """Notebooks after training: 03_features and 04_stacking per experiment, 05_ensemble."""
+    return 1 + 2 * len(cfgs)
+
+
+def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int], notebook: float = NOTEBOOK_S) -> float:
+    """Estimated seconds of 03_features, 04_stacking and 05_ensemble (kernels included, `notebook`
+    seconds each): each fold model embeds its OOF rows and the test set, a LightGBM head per
+    fold, the blend."""
     n_train, n_test = rows
-    total = NOTEBOOK_S  # 05_ensemble
+    total = notebook * after_notebooks(cfgs)
     for cfg in cfgs:
         infer = rates.get(cfg.experiment, {}).get("infer_img_s", 500.0)
         folds = len(cfg.fold_ids)
-        total += 2 * NOTEBOOK_S + (n_train + folds * n_test) / infer + STACK_FOLD_S * folds
+        total += (n_train + folds * n_test) / infer + STACK_FOLD_S * folds
     return total
 
 
@@ -204,6 +243,7 @@ def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
     from .train import autocast
     from .utils import channels_last
 
+    begin = time.perf_counter()  # the start a training process pays once: CUDA's context, cuDNN's autotuning
     model = create_model(dataclasses.replace(cfg, pretrained=False, pretrained_path=""), n_out).to(device)
     x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     if channels_last(cfg, device):  # the memory format training uses (on an H200, bf16 NCHW ran at half its speed)
@@ -221,6 +261,7 @@ def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
     step()  # warm-up
     sync()
     start = time.perf_counter()
+    start_s = start - begin
     for _ in range(steps):
         step()
     sync()
@@ -234,7 +275,7 @@ def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
             model(x)
         sync()
     infer = steps * cfg.batch_size / (time.perf_counter() - start) / max(1, 1 + len(cfg.tta))
-    return {"train_img_s": train, "infer_img_s": infer, "img_size": cfg.img_size}
+    return {"train_img_s": train, "infer_img_s": infer, "img_size": cfg.img_size, "start_s": round(start_s, 2)}
 
 
 def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: logging.Logger | None = None) -> dict:
@@ -256,12 +297,17 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
         return ledger["plan"]
     left = ledger["limit_s"] - spent_s(ledger)
     kernels = ledger.get("kernels", "per_job")
+    notebook = notebook_s(ledger)
     trials = list(cfgs)
     rates = {c.experiment: probe(c, n_out) for c, n_out in zip(cfgs, n_outs)}
     notes = []
     may_holdout = all(not c.folds and c.features_from == "folds" and len(c.fold_ids) > 1 for c in cfgs)
+
+    def fit(trials: list[CFG], left: float = left) -> dict:
+        return {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels, notebook) for c in trials}
+
     while True:
-        fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels) for c in trials}
+        fits = fit(trials)
         # the worst: the furthest below its own need (from scratch needs more epochs than pretrained)
         i = min(range(len(trials)), key=lambda j: fits[trials[j].experiment] / min_epochs(trials[j]))
         worst = trials[i]
@@ -293,17 +339,34 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             break
         notes.append(f"{worst.experiment}: {change} (about {fits[worst.experiment]:.1f} epochs per fold fit before)")
         logger.warning(f"time_limit: {notes[-1]}")
-    fits = {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels) for c in trials}
+    fits = fit(trials)
+    short = [c for c in trials if fits[c.experiment] < min_epochs(c)]
+    if short:  # nothing left to cut: say what it costs and what would do
+        c = short[0]
+        more = _time_for(lambda extra: fit(trials, left + extra)[c.experiment], min_epochs(c))
+        notes.append(f"too short: {c.experiment} gets about {fits[c.experiment]:.1f} epochs per model, under the "
+                     f"{min_epochs(c)} it needs; expect weak predictions (about {ledger['limit_s'] + more:.0f}s would give it "
+                     f"{min_epochs(c)}; a notebook's start here takes about {notebook:.0f}s)")
+        logger.warning(f"time_limit {cfgs[0].time_limit} is {notes[-1]}")
     plan = {"img_size": {c.experiment: c.img_size for c in trials}, "folds": {c.experiment: c.fold_ids for c in trials},
             "batch_size": {c.experiment: c.batch_size for c in trials}, "refit": {c.experiment: c.refit for c in trials},
             "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()}}
-    ledger.update(plan=plan, rates=rates, after_s=round(after_training_s(trials, rates, rows), 1))
+    ledger.update(plan=plan, rates=rates, after_s=round(after_training_s(trials, rates, rows, notebook), 1),
+                  after_notebooks=after_notebooks(trials), after_notebook_s=round(notebook, 2))
     write_ledger(cfgs[0], ledger)
     logger.info(f"time_limit {cfgs[0].time_limit} ({ledger['limit_s']:.0f}s, {left:.0f}s left): "
                 + "; ".join(f"{c.experiment}: {c.img_size} px, folds {c.fold_ids}, about "
                             f"{min(fits[c.experiment], c.epochs):.1f} epochs per fold" for c in trials)
                 + f"; {ledger['after_s']:.0f}s kept for features, stacking and the ensemble")
     return plan
+
+
+def _time_for(epochs_with, needed: float) -> float:
+    """The extra seconds that give `needed` epochs, where epochs_with(extra) grows linearly with
+    the extra time once it is above zero."""
+    lo, hi = 1e6, 2e6  # far above zero: on the line
+    slope = (epochs_with(hi) - epochs_with(lo)) / (hi - lo)
+    return max(0.0, lo + (needed - epochs_with(lo)) / slope) if slope > 0 else float("inf")
 
 
 def _one_fold_fewer(trials: list[CFG], worst: CFG) -> tuple[list[CFG], str]:
@@ -335,14 +398,17 @@ def well_trained(cfg: CFG) -> int:
 
 
 def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str,
-                     kernels: str = "per_job") -> float:
-    """Epochs per fold of experiment `name` when the time left, less the later stages, is split
-    evenly over every fold of every experiment (kernels 'per_experiment': an experiment's folds
-    share one notebook run)."""
+                     kernels: str = "per_job", notebook: float = NOTEBOOK_S) -> float:
+    """Epochs per fold of experiment `name` when the time left, less the notebooks' starts
+    (`notebook` seconds each: 00_eda, 01_folds, the training kernels and the later stages), the
+    training processes' start-up and the later stages' work, is split evenly over every fold of
+    every experiment (kernels 'per_experiment': an experiment's folds share one notebook run)."""
     n_train, n_test = rows
     folds = sum(len(c.fold_ids) + refit_weight(c) for c in cfgs)  # a refit counts as 3k/(3k-2) folds
     jobs = len(cfgs) if kernels == "per_experiment" else sum(len(c.fold_ids) + artifacts.refit_on(c) for c in cfgs)
-    per_fold = (left - after_training_s(cfgs, rates, rows) - NOTEBOOK_S * (jobs + 2)) / max(folds, 1)
+    start_up = max([float(rates.get(c.experiment, {}).get("start_s", 0.0)) for c in cfgs] or [0.0])
+    per_fold = (left - after_training_s(cfgs, rates, rows, notebook) - notebook * (1 + len(cfgs))
+                - (notebook + start_up) * jobs) / max(folds, 1)
     c = next(c for c in cfgs if c.experiment == name)
     r = rates.get(name, {"train_img_s": 100.0, "infer_img_s": 300.0})
     k = c.n_folds
@@ -385,7 +451,8 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     key = train_key(cfg, fold)
     done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_") and k != key}
     waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
-    later = ledger.get("after_s", 3 * NOTEBOOK_S)
+    notebook = notebook_s(ledger)  # measured by the notebooks run so far, once there are some
+    later = ledger.get("after_s", 3 * notebook) + ledger.get("after_notebooks", 0) * (notebook - ledger.get("after_notebook_s", notebook))
     refits = [k for k in waiting if k.endswith("/train_refit")]  # they run alone, after their folds
     weight = refit_cost(cfg.n_folds)  # a refit, in folds
     fold_rounds = math.ceil((len(waiting) - len(refits)) / max(1, int(ledger.get("parallel", 1))))  # side by side, one per GPU
@@ -394,11 +461,17 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
         kernels = len({k.split("/")[0] for k in waiting})
     else:
         kernels = fold_rounds + len(refits)
-    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - NOTEBOOK_S * (kernels - 1)
+    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - notebook * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
     epochs = epochs_done + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
-    epochs = int(min(cfg.epochs, max(epochs_done, epochs)))
+    # one epoch says nothing of the pace (the first pays for start-up: 6.4 s against 0.5 s after it
+    # on an H100): a second, then planned again from it, rather than a model of one epoch
+    epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if epochs_done == 1 else 0)))
     logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
                 f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})"
                 + (f"; planned again after epoch {epochs_done}: the first was slower (start-up)" if epochs_done > 1 else ""))
+    if epochs < min_epochs(cfg) and key not in refits:  # a refit cut short is skipped (train.train_refit)
+        logger.warning(f"time_limit: fold {fold} gets {epochs} epoch(s), under the "
+                       f"{min_epochs(cfg)} a model from {'pretrained weights' if _pretrained(cfg) else 'scratch'} needs: "
+                       f"its predictions will be weak (the run is short of time: a notebook's start here takes about {notebook:.0f}s)")
     return epochs

@@ -51,10 +51,13 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: 
     if not found:
         raise FileNotFoundError(f"no experiment with oof.csv and test.csv for {cfg.competition_dir} under "
                                 f"{artifacts.models_root(cfg)}")
+    read = {d: artifacts.read_experiment(d, cfg) for d in found}
+    shared = _shared_folds(cfg, {d.name: oof for d, (oof, _) in read.items()}, logger)
     experiments, ref_oof, ref_test, ref_y = [], None, None, None
-    for d in found:
+    for d, (oof, test) in read.items():
         name = d.name
-        oof, test = artifacts.read_experiment(d, cfg)
+        if shared is not None:
+            oof = oof[oof["fold"].isin(shared)].reset_index(drop=True)
         cols = [c for c in oof.columns if c.startswith("prob_")] or ["pred"]
         if ref_oof is None:
             ref_oof, ref_test, ref_cols = oof[[cfg.id_col, cfg.target_col, "fold"]].copy(), test[[cfg.id_col]].copy(), cols
@@ -74,6 +77,24 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: 
                                       get_score(cfg.metric, y_true, y_pred, weights=weights)))
         ref_y = y_true if ref_y is None else ref_y  # rows are aligned: every experiment's y_true is the same
     return Collection(experiments, ref_oof, ref_y, ref_test[cfg.id_col])
+
+
+def _shared_folds(cfg: CFG, oofs: dict[str, pd.DataFrame], logger: logging.Logger) -> list | None:
+    """The folds every experiment has OOF rows of, when their folds differ (an earlier run's 5
+    folds beside a time_limit run's holdout fold): the blend is weighed on those folds' rows,
+    and the log says which experiment has which folds. None when every experiment has the same
+    folds; no fold shared is an error naming them."""
+    folds = {name: sorted(pd.unique(oof["fold"]).tolist()) for name, oof in oofs.items()}
+    shared = sorted(set.intersection(*(set(f) for f in folds.values())))
+    if all(f == shared for f in folds.values()):
+        return None
+    told = "; ".join(f"'{name}': folds {f}" for name, f in folds.items())
+    if not shared:
+        raise ValueError(f"the experiments' OOF predictions share no fold, so no blend can be judged ({told}): "
+                         f"train them on the same folds, or move the others out of {artifacts.models_root(cfg)}")
+    logger.warning(f"the experiments' OOF predictions cover different folds ({told}): the blend is weighed on "
+                   f"the rows of folds {shared}, which they all have")
+    return shared
 
 
 def _align(df: pd.DataFrame, ids: pd.Series, id_col: str, name: str, what: str) -> pd.DataFrame:

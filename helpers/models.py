@@ -14,13 +14,20 @@ import math
 import warnings
 from pathlib import Path
 
-import timm
 import torch
-from timm.data import resolve_data_config
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ARCHS, CFG
+
+
+def _timm():
+    """timm, imported when a model is built or checked: importing it takes 1 s on the 2-core CPU
+    and 4.5 s on an H100 machine (torchvision's models, torch._dynamo), which the notebooks that
+    build no model (00_eda, 01_folds, 04_stacking, 05_ensemble) need not pay at every start."""
+    import timm
+
+    return timm
 
 
 class TimmModel(nn.Module):
@@ -29,7 +36,7 @@ class TimmModel(nn.Module):
     def __init__(self, cfg: CFG, num_outputs: int):
         super().__init__()
         kwargs = dict(cfg.model_kwargs, pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans)
-        if timm.is_model(cfg.model_name) and takes_img_size(cfg.model_name):
+        if _timm().is_model(cfg.model_name) and takes_img_size(cfg.model_name):
             kwargs.setdefault("img_size", cfg.img_size)  # timm resizes the position embeddings to it
         if cfg.drop_path:
             kwargs["drop_path_rate"] = cfg.drop_path
@@ -40,7 +47,7 @@ class TimmModel(nn.Module):
                 raise FileNotFoundError(f"config key 'pretrained_path': weights file not found: {path}")
             kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
         try:
-            self.backbone = timm.create_model(cfg.model_name, **kwargs)
+            self.backbone = _timm().create_model(cfg.model_name, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ValueError(unknown_model(cfg.model_name)) from e
@@ -233,15 +240,17 @@ def _timm_pretrained_cfg(name: str) -> dict:
     on the meta device: no weights, no download, deprecated names resolved as timm does."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dict(timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
+        return dict(_timm().create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
 
 
 def pretrained_data_config(cfg: CFG) -> dict | None:
     """The preprocessing a pretrained timm model was trained with (timm.data.resolve_data_config
     of its pretrained_cfg: mean, std, interpolation), or None for the hybrid model and for
     pretrained: false (those use the documented default, ImageNet's statistics, bilinear)."""
-    if cfg.arch != "timm" or not cfg.pretrained or not timm.is_model(cfg.model_name):
+    if cfg.arch != "timm" or not cfg.pretrained or not _timm().is_model(cfg.model_name):
         return None
+    from timm.data import resolve_data_config
+
     return resolve_data_config(pretrained_cfg=_timm_pretrained_cfg(cfg.model_name))
 
 
@@ -252,7 +261,7 @@ def takes_img_size(name: str) -> bool:
 
 def unknown_model(name: str) -> str:
     """The error for a timm model name timm does not have, with the closest names it has."""
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    close = difflib.get_close_matches(name, _timm().list_models(), n=5, cutoff=0.6)
     return f"config key 'model_name': unknown timm model '{name}'" + (f" (close: {', '.join(close)})" if close else "")
 
 
@@ -260,7 +269,7 @@ def model_problems(cfg: CFG) -> list[str]:
     """The model settings' problems, each naming its key: an unknown timm name, a missing
     pretrained_path, the hybrid's model_kwargs."""
     problems = []
-    if cfg.arch == "timm" and not timm.is_model(cfg.model_name):
+    if cfg.arch == "timm" and not _timm().is_model(cfg.model_name):
         problems.append(unknown_model(cfg.model_name))
     if cfg.pretrained and cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
         problems.append(f"config key 'pretrained_path': weights file not found: {cfg.pretrained_path}")

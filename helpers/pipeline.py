@@ -329,6 +329,9 @@ def summary(cfgs: list[CFG]) -> str:
     return "\n".join(lines)
 
 
+IMPORTS_S: float | None = None  # seconds this runner took to import what the notebooks import
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config in configs/")
@@ -342,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="local: this machine (folds in parallel, one per GPU); ray: every notebook as a Ray task")
     parser.add_argument("--address", help="with --executor ray: the cluster to join ('auto', or host:port); default a local Ray")
     args = parser.parse_args(argv)
+    from .budget import time_imports
     from .utils import version_problems
+
+    global IMPORTS_S
+    IMPORTS_S = time_imports()  # before anything imports them: most of a notebook's start here (time_limit plans with it)
 
     if version_problems():
         print("\n".join(version_problems()), file=sys.stderr)
@@ -498,6 +505,8 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
                                        for k in c.fold_ids + ([artifacts.REFIT] if artifacts.refit_on(c) else [])])
     ledger["parallel"] = len(gpus) if len(gpus) > 1 and args.executor == "local" else 1
     ledger["kernels"] = "per_experiment" if len(gpus) <= 1 and args.executor == "local" else "per_job"  # one_kernel
+    if IMPORTS_S is not None:  # a notebook's start on this machine, until the run's first notebooks measure it
+        ledger["notebook_s"] = round(IMPORTS_S + budget.KERNEL_S, 2)
     budget.write_ledger(cfgs[0], ledger)
     budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
     plan = budget.plan_run(cfgs, rows, n_outs)  # logs each change it makes

@@ -17,14 +17,11 @@ import logging
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from timm.data import Mixup
-from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -37,6 +34,10 @@ from .losses import TargetScale, create_criterion, loss_kind
 from .metrics import cross_fitted, get_score, is_better, label_weights
 from .models import create_model
 from .utils import channels_last, get_device, precision, seed_everything, setup_device
+
+if TYPE_CHECKING:  # timm is imported where a fold trains: 04_stacking and 05_ensemble need not pay for it at start
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
 
 HEAD_PREFIXES = ("head.", "classifier.")  # parameters of the head; the rest is the backbone
 
@@ -92,6 +93,8 @@ def create_scaler(cfg: CFG, device: torch.device) -> torch.amp.GradScaler:
 def param_groups(model: nn.Module, cfg: CFG) -> list[dict]:
     """Weight-decay groups; the backbone's at backbone_lr_scale (times the layer-wise decay of
     timm's param_groups_layer_decay when cfg.layer_decay), the head's at the full LR."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
     backbone = getattr(model, "backbone", None)
     if cfg.layer_decay and backbone is None:
         raise ValueError(f"config key 'layer_decay' needs a timm backbone (arch 'timm'), not arch '{cfg.arch}'")
@@ -392,6 +395,11 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
     time_limit, the fold's epochs are planned after its first (helpers.budget.fold_epochs;
     `n_test`: the test rows it will predict after training). fold 'refit' (artifacts.REFIT):
     every row, no validation; its "best" checkpoint holds the weights after the last epoch."""
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
     fold_start = time.perf_counter()
     device, world = procs.device, procs.world
     if cfg.batch_size % world:

@@ -189,6 +189,25 @@ def test_collect_experiments_ids_differ_names_experiment(two_experiments):
     assert "oof.csv" in str(e.value)
 
 
+def test_experiments_of_other_folds_are_weighed_on_the_folds_they_share(two_experiments, caplog):
+    """An earlier run's experiment of 3 folds beside a time_limit run's holdout fold (fold 0):
+    the blend is judged on fold 0's rows, and the log says so; an experiment that shares no
+    fold is an error naming the folds."""
+    cfg, d = two_experiments
+    holdout = d["oof_b"][d["oof_b"]["fold"] == 0]
+    holdout.to_csv(artifacts.exp_dir(cfg).parent / "exp_b" / "oof.csv", index=False)
+    col = collect_experiments(cfg)
+    rows = np.arange(len(d["ids"])) % 3 == 0
+    assert list(col.oof["id"]) == [i for i, r in zip(d["ids"], rows) if r] and set(col.oof["fold"]) == {0}
+    np.testing.assert_allclose(col.experiments[0].oof, d["p_a"][rows])
+    np.testing.assert_allclose(col.experiments[1].oof, d["p_b"][rows])
+    assert "'exp_a': folds [0, 1, 2]; 'exp_b': folds [0]" in caplog.text and "rows of folds [0]" in caplog.text
+    a = pd.read_csv(artifacts.exp_dir(cfg) / "oof.csv")
+    a[a["fold"] == 1].to_csv(artifacts.exp_dir(cfg) / "oof.csv", index=False)
+    with pytest.raises(ValueError, match=r"share no fold.*'exp_a': folds \[1\]; 'exp_b': folds \[0\]"):
+        collect_experiments(cfg)
+
+
 def test_collect_experiments_test_ids_differ_names_experiment(two_experiments):
     cfg, d = two_experiments
     d["test_b"].iloc[:-1].to_csv(artifacts.exp_dir(cfg).parent / "exp_b" / "test.csv", index=False)
