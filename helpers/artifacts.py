@@ -407,6 +407,18 @@ def write_submission_files(cfg: CFG, sub: pd.DataFrame, name: str) -> list[Path]
     return paths
 
 
+def trained_folds(folder: Path) -> list[int]:
+    """The folds an experiment's OOF and test predictions were made from (its cv stamp), not
+    every fold*/best.pt on disk: an earlier run's folds 1-4 stay beside a time_limit run's
+    holdout fold. Without the stamp (an experiment from an older version), the checkpoints."""
+    folder = Path(folder)
+    stamp = folder / "stamps" / "cv.json"
+    if stamp.exists():
+        upstream = json.loads(stamp.read_text())["made_from"]["upstream"]
+        return sorted({int(name.rsplit("fold", 1)[1]) for name in upstream if name.startswith("train_fold")})
+    return sorted(int(p.parent.name[4:]) for p in folder.glob("fold*/best.pt") if p.parent.name[4:].isdigit())
+
+
 def experiment_dirs(cfg: CFG) -> list[Path]:
     """Every experiment of this competition under models/ with its OOF and test predictions
     and score (CNNs and stackers), matched by the data they were made from."""

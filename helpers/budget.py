@@ -13,7 +13,7 @@ time like this:
    of 23 epochs blended scored 0.963, one model of 31 epochs on every row 0.978 (AutoGluon,
    likewise, holds out instead of bagging on a short budget). The holdout's fold gives the CV
    score and the ensemble's OOF rows; the refit, `refit: alone` unless `refit` is set, the test
-   predictions. Folds you set (`folds`) are never replaced by a holdout. The
+   predictions. Folds you set (`folds`) are trained as set: never dropped nor held out. The
    decision is kept in the ledger, so a restarted run, or the next run with the same settings,
    keeps it (and what it already made stays up to date). A notebook's start is timed on this
    machine (time_imports, then the notebooks run so far: notebook_s): 13-15 s on an H100
@@ -54,7 +54,7 @@ MIN_EPOCHS = {"pretrained": 6, "scratch": 20}
 WELL_TRAINED = {"pretrained": MIN_EPOCHS["pretrained"], "scratch": 40}
 MIN_IMG_SIZE = 32
 MAX_BATCH = 256  # halving the image size doubles the batch up to this
-MIN_FOLDS = 2  # with `folds` set (no holdout), folds are dropped down to this after the image size
+MIN_FOLDS = 2  # without a holdout (features_from other than folds), folds are dropped down to this after the image size
 FEW_FOLDS = 3  # folds are dropped down to this before the image size is halved
 REFIT_MIN_SHARE = 0.75  # a refit the time left cuts below this share of the CV's epochs is skipped
 # a second epoch faster than this share of the first: the first paid for start-up (CUDA, cuDNN's
@@ -214,7 +214,8 @@ def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int], notebo
     n_train, n_test = rows
     total = notebook * after_notebooks(cfgs)
     for cfg in cfgs:
-        infer = rates.get(cfg.experiment, {}).get("infer_img_s", 500.0)
+        rate = rates.get(cfg.experiment, {})
+        infer = rate.get("embed_img_s", rate.get("infer_img_s", 500.0))  # 03_features embeds every image per fold model
         folds = len(cfg.fold_ids)
         total += (n_train + folds * n_test) / infer + STACK_FOLD_S * folds
     return total
@@ -241,7 +242,7 @@ def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
 
     from .models import create_model
     from .train import autocast
-    from .utils import channels_last
+    from .utils import channels_last, precision
 
     begin = time.perf_counter()  # the start a training process pays once: CUDA's context, cuDNN's autotuning
     model = create_model(dataclasses.replace(cfg, pretrained=False, pretrained_path=""), n_out).to(device)
@@ -267,15 +268,22 @@ def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
     sync()
     train = steps * cfg.batch_size / (time.perf_counter() - start)
     model.eval()
-    with torch.no_grad(), autocast(cfg, device):
-        model(x)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
+
+    def infer_rate(bf16: bool) -> float:
+        with torch.no_grad(), autocast(cfg, device, bf16=bf16):
             model(x)
-        sync()
-    infer = steps * cfg.batch_size / (time.perf_counter() - start) / max(1, 1 + len(cfg.tta))
-    return {"train_img_s": train, "infer_img_s": infer, "img_size": cfg.img_size, "start_s": round(start_s, 2)}
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(x)
+            sync()
+        return steps * cfg.batch_size / (time.perf_counter() - start) / max(1, 1 + len(cfg.tta))
+
+    infer = infer_rate(True)  # validation and test predictions, in training's precision
+    # the stackers' embeddings are never bf16 (train.autocast): fp32 there, slower on a bf16 CPU
+    embed = infer_rate(False) if precision(cfg.amp_dtype, device)[0] is torch.bfloat16 else infer
+    return {"train_img_s": train, "infer_img_s": infer, "embed_img_s": embed, "img_size": cfg.img_size,
+            "start_s": round(start_s, 2)}
 
 
 def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: logging.Logger | None = None) -> dict:
@@ -285,8 +293,10 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     epochs, the worst one trains one fold fewer (to FEW_FOLDS), then every experiment trains
     one holdout fold and a refit (_holdout), then the worst one's image size is halved (to
     MIN_IMG_SIZE at least). Folds that fit MIN_EPOCHS but not WELL_TRAINED become a holdout and
-    a refit too. With `folds` set there is no holdout: after the image size, the worst trains
-    one fold fewer again (to MIN_FOLDS at least)."""
+    a refit too. Without a holdout (stackers on a frozen backbone's embeddings) the worst trains
+    one fold fewer again after the image size (to MIN_FOLDS at least). Folds you set (`folds`)
+    are yours: neither dropped nor held out, only the image size is halved (apply_plan would
+    not drop them either, so the plan does not count on it)."""
     from .models import model_problems
 
     logger = logger or logging.getLogger("kaggle")
@@ -301,7 +311,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     trials = list(cfgs)
     rates = {c.experiment: probe(c, n_out) for c, n_out in zip(cfgs, n_outs)}
     notes = []
-    may_holdout = all(not c.folds and c.features_from == "folds" and len(c.fold_ids) > 1 for c in cfgs)
+    may_drop = not any(c.folds for c in cfgs)  # folds the user set are trained as set
+    may_holdout = may_drop and all(c.features_from == "folds" and len(c.fold_ids) > 1 for c in cfgs)
 
     def fit(trials: list[CFG], left: float = left) -> dict:
         return {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels, notebook) for c in trials}
@@ -321,7 +332,7 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
                 logger.warning(f"time_limit: {notes[-1]}")
                 continue
             break
-        if len(worst.fold_ids) > FEW_FOLDS:
+        if may_drop and len(worst.fold_ids) > FEW_FOLDS:
             trials, change = _one_fold_fewer(trials, worst)
         elif may_holdout and len(worst.fold_ids) > 1:
             trials, change = _holdout(trials)
@@ -333,7 +344,7 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             rates[worst.experiment] = probe(trials[i], n_outs[i])
             change = f"img_size {worst.img_size} -> {trials[i].img_size} px" + (
                 f", batch_size {worst.batch_size} -> {batch}" if batch != worst.batch_size else "")
-        elif len(worst.fold_ids) > MIN_FOLDS:
+        elif may_drop and len(worst.fold_ids) > MIN_FOLDS:
             trials, change = _one_fold_fewer(trials, worst)
         else:
             break

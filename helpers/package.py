@@ -65,15 +65,6 @@ def _load_weights(folder: Path, name: str) -> dict:
                               for k, v in load_file(str(folder / f"{name}.safetensors")).items()}}
 
 
-def _trained_folds(folder: Path) -> list[int]:
-    """The folds an experiment's OOF and test predictions were made from (its cv stamp)."""
-    stamp = folder / "stamps" / "cv.json"
-    if stamp.exists():
-        upstream = json.loads(stamp.read_text())["made_from"]["upstream"]
-        return sorted({int(name.rsplit("fold", 1)[1]) for name in upstream if name.startswith("train_fold")})
-    return sorted(int(p.parent.name[4:]) for p in folder.glob("fold*/best.pt"))
-
-
 def _pack_cnn(folder: Path, out: Path, folds: list[int | str], fp16: bool) -> None:
     """The fold models (and 'refit', the model on all rows) the ensemble used."""
     for name in map(artifacts.fold_name, folds):
@@ -114,7 +105,7 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
         manifest = artifacts.read_stacker_manifest(folder)
         if manifest is None:
             refit = score.get("refit", {}).get(name)  # blend / alone: the refit's test predictions were in its
-            folds = [] if refit == "alone" else _trained_folds(folder)  # alone: the fold models are not run
+            folds = [] if refit == "alone" else artifacts.trained_folds(folder)  # alone: the fold models are not run
             members.append({"name": name, "kind": "cnn", "weight": weight, "folds": folds, **({"refit": refit} if refit else {})})
             if folds:
                 cnn_folds.setdefault(name, set()).update(folds)
@@ -146,7 +137,7 @@ def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False)
     exp_dir = Path(exp_dir)
     if not exp_dir.is_absolute() and not exp_dir.exists():
         exp_dir = artifacts.under_root(str(exp_dir))
-    folds = _trained_folds(exp_dir)
+    folds = artifacts.trained_folds(exp_dir)
     if not folds:
         raise FileNotFoundError(f"{exp_dir}: no fold*/best.pt (train the experiment first)")
     out = _fresh(out)

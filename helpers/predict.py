@@ -87,8 +87,9 @@ class Predictor:
     @classmethod
     def from_experiment(cls, exp_dir: str | Path, device: str = "auto", folds: list[int] | None = None,
                         refit: str | None = None) -> "Predictor":
-        """Every fold{k}/best.pt of an experiment folder, each model rebuilt from the config
-        stored in its checkpoint (no download: the weights are in the checkpoints), with its
+        """The fold models of an experiment folder (those its OOF and test predictions were made
+        from: artifacts.trained_folds), each rebuilt from the config stored in its checkpoint
+        (no download: the weights are in the checkpoints), with its
         refit (refit/best.pt, the model on all rows) as the ensemble used it: `refit` None
         reads that from the ensemble's score.json beside the experiment (blend: half the
         prediction, the folds' mean the other half; alone: the refit only); 'blend', 'alone'
@@ -96,9 +97,9 @@ class Predictor:
         exp_dir = Path(exp_dir)
         if not exp_dir.is_absolute() and not exp_dir.exists():
             exp_dir = artifacts.under_root(str(exp_dir))
-        paths = sorted(exp_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
-        if folds is not None:
-            paths = [p for p in paths if int(p.parent.name[4:]) in folds]
+        # the folds the experiment's predictions were made from, not every fold*/best.pt on disk
+        paths = [exp_dir / f"fold{k}" / "best.pt" for k in (artifacts.trained_folds(exp_dir) if folds is None else folds)]
+        paths = [p for p in paths if p.exists()]
         if not paths:
             raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
         mode = "" if folds is not None else refit if refit is not None else used_refit(exp_dir)

@@ -218,8 +218,12 @@ def test_folds_the_user_chose_are_never_replaced_by_a_holdout(tmp_path, monkeypa
     tiny = ledger_cfg(tmp_path, img_size=64, n_folds=5, folds=[0, 1, 2, 3, 4], time_limit="90s")
     budget.open_ledger([tiny], [])
     plan = budget.plan_run([tiny], (2000, 500), [10])
-    assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0, 1]  # then fewer folds, two at least
+    # nor dropped (apply_plan keeps them: a plan that counted on fewer would overspend): the image
+    # size is halved, and the plan says the budget is too short for them
+    assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0, 1, 2, 3, 4]
     assert plan["refit"]["e"] == "" and not any("holdout" in n for n in plan["notes"])
+    assert plan["notes"][-1].startswith("too short: e gets about")
+    assert budget.apply_plan(tiny).fold_ids == [0, 1, 2, 3, 4] and budget.apply_plan(tiny).img_size == 32
 
 
 def test_folds_that_fit_but_stay_undertrained_become_a_holdout_and_a_refit(tmp_path, monkeypatch):
@@ -259,6 +263,8 @@ def test_a_time_limited_run_plans_each_fold_from_the_time_left(timed_run, capsys
     assert ledger["limit_s"] == 80 and ledger["plan"]["folds"] == {"timed": [0, 1]}
     assert set(ledger["spent"]) >= {"timed/01_folds", "timed/train_fold0", "timed/train_fold1", "timed/train_refit"}
     assert ledger["after_s"] > 0  # time kept for the stages after training (the recipe benchmark measures the landing)
+    rates = ledger["rates"]["timed"]  # the probe: training, predictions, embeddings (fp32 where training is bf16), start-up
+    assert min(rates["train_img_s"], rates["infer_img_s"], rates["embed_img_s"]) > 0 and rates["start_s"] >= 0
     log = (tmp / "models" / "timed" / "train.log").read_text()
     for k in (0, 1):
         planned = int(log.split(f"time_limit: fold {k} gets ")[-1].split(" ")[0])  # the last plan (one more when epoch 1 was slow)

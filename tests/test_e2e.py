@@ -287,6 +287,24 @@ def test_predictor_api_serves_every_fold(tiny_run):
     assert alone["probs"] == pytest.approx(results[0]["probs"], abs=1e-5)
 
 
+def test_the_predictor_loads_the_folds_the_predictions_were_made_from(tiny_run):
+    """An earlier run's fold checkpoints beside this run's (a time_limit holdout trains fold 0
+    of 5, folds 1-4 stay on disk) are not loaded: the folds are the experiment's cv stamp's."""
+    from helpers import artifacts
+    from helpers.predict import Predictor
+
+    tmp, _, _ = tiny_run
+    exp = tmp / "models" / "tiny_cnn"
+    stale = exp / "fold7"
+    shutil.copytree(exp / "fold1", stale)
+    try:
+        assert artifacts.trained_folds(exp) == [0, 1]
+        assert len(Predictor.from_experiment(exp, device="cpu").models) == 2  # not fold7's
+        assert len(Predictor.from_experiment(exp, device="cpu", folds=[1]).models) == 1
+    finally:
+        shutil.rmtree(stale)
+
+
 def test_predictor_streams_batches_through_worker_processes(tiny_run):
     """A test set larger than a batch is decoded by DataLoader workers, batch by batch; bad
     items anywhere keep their place, and the numbers match the single-process path."""
