@@ -72,7 +72,7 @@ NOTEBOOK_S = 9.0  # a notebook's kernel start and imports, until measured (on th
 # a kernel's start and papermill's bookkeeping, beyond the first cell's imports: on an H100 machine a
 # notebook ran 3.1-4.0 s longer than its cells, whose first (the imports) took 11-12 s there
 KERNEL_S = 3.5
-QUICK_NOTEBOOKS = ("00_eda", "01_folds")  # little work beyond their start: they measure it
+QUICK_NOTEBOOKS = ("01_folds",)  # little work beyond its start: it measures it (00_eda reads image headers)
 
 
 # --- the ledger ------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def open_ledger(cfgs: list[CFG], train_jobs: list[str]) -> dict:
     same = old is not None and old.get("digest") == digest and float(old.get("limit_s", -1)) == limit
     ledger = {"limit_s": limit, "digest": digest, "started": datetime.now().isoformat(timespec="seconds"),
               "finished": False, "spent": {}, "train_jobs": train_jobs,
-              **({k: old[k] for k in ("plan", "rates", "after_s", "after_notebooks", "after_notebook_s", "rows") if k in old} if same else {"plan": None, "rates": {}})}
+              **({k: old[k] for k in ("plan", "rates", "after_s", "after_work", "rows") if k in old} if same else {"plan": None, "rates": {}})}
     write_ledger(cfg, ledger)
     return ledger
 
@@ -194,31 +194,45 @@ def time_imports() -> float | None:
 
 def notebook_s(ledger: dict | None) -> float:
     """A notebook's kernel start and imports on this machine: the mean of the notebooks this run
-    has timed that do little else (QUICK_NOTEBOOKS: 6-10 s on the 2-core CPU, where 05_ensemble
-    took 8-9 s; 13-15 s on an H100 machine), else what the runner measured before the run, else
-    NOTEBOOK_S."""
+    has timed that do little else (QUICK_NOTEBOOKS: 5 s on the 2-core CPU, where 05_ensemble took
+    5.5 s; 13-13.5 s on an H100 machine, where it took 15.8 s), else what the runner measured
+    before the run (its imports + KERNEL_S), else NOTEBOOK_S."""
     ledger = ledger or {}
     seen = [float(s) for k, s in ledger.get("spent", {}).items() if k.rsplit("/", 1)[-1] in QUICK_NOTEBOOKS and s > 0]
     return sum(seen) / len(seen) if seen else float(ledger.get("notebook_s") or NOTEBOOK_S)
 
 
-def after_notebooks(cfgs: list[CFG]) -> int:
-    """Notebooks after training: 03_features and 04_stacking per experiment, 05_ensemble."""
-    return 1 + 2 * len(cfgs)
+def after_work(cfgs: list[CFG], rates: dict, rows: tuple[int, int]) -> dict[str, float]:
+    """Estimated seconds of work, a notebook's start aside, of each stage after training, under
+    the ledger's key of its output: each fold model embeds its OOF rows and the test set
+    (03_features), a LightGBM head per fold (04_stacking), the blend (05_ensemble)."""
+    n_train, n_test = rows
+    work = {}
+    for cfg in cfgs:
+        rate = rates.get(cfg.experiment, {})
+        embed = rate.get("embed_img_s", rate.get("infer_img_s", 500.0))
+        folds = len(cfg.fold_ids)
+        work[f"{cfg.experiment}/03_features"] = (n_train + folds * n_test) / embed
+        work[f"{cfg.experiment}/04_stacking"] = STACK_FOLD_S * folds
+    work["05_ensemble"] = 0.0
+    return work
 
 
 def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int], notebook: float = NOTEBOOK_S) -> float:
-    """Estimated seconds of 03_features, 04_stacking and 05_ensemble (kernels included, `notebook`
-    seconds each): each fold model embeds its OOF rows and the test set, a LightGBM head per
-    fold, the blend."""
-    n_train, n_test = rows
-    total = notebook * after_notebooks(cfgs)
-    for cfg in cfgs:
-        rate = rates.get(cfg.experiment, {})
-        infer = rate.get("embed_img_s", rate.get("infer_img_s", 500.0))  # 03_features embeds every image per fold model
-        folds = len(cfg.fold_ids)
-        total += (n_train + folds * n_test) / infer + STACK_FOLD_S * folds
-    return total
+    """Estimated seconds of 03_features, 04_stacking and 05_ensemble, `notebook` seconds of
+    start each included."""
+    return sum(w + notebook for w in after_work(cfgs, rates, rows).values())
+
+
+def later_s(ledger: dict, notebook: float) -> float:
+    """What the stages after training still need: those of the experiments not yet through
+    them (the runner takes one experiment to its stacker before the next one's folds train;
+    their time is spent already, not to come)."""
+    work = ledger.get("after_work")
+    if work is None:  # no plan (a notebook run by hand), or one made before these estimates
+        return ledger.get("after_s", 3 * notebook)
+    done = set(ledger["spent"]) | {k.rsplit("/", 1)[-1] for k in ledger["spent"] if k.endswith("/05_ensemble")}
+    return sum(w + notebook for k, w in work.items() if k not in done)
 
 
 # --- the plan before training -------------------------------------------------------------------
@@ -314,8 +328,11 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     may_drop = not any(c.folds for c in cfgs)  # folds the user set are trained as set
     may_holdout = may_drop and all(c.features_from == "folds" and len(c.fold_ids) > 1 for c in cfgs)
 
+    parallel = max(1, int(ledger.get("parallel", 1)))
+
     def fit(trials: list[CFG], left: float = left) -> dict:
-        return {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels, notebook) for c in trials}
+        return {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels, notebook, parallel)
+                for c in trials}
 
     while True:
         fits = fit(trials)
@@ -341,7 +358,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             # threads resnet18 at 32 px runs 402 img/s in batches of 32, 656 in 64, 890 in 128
             batch = min(MAX_BATCH, worst.batch_size * 2) if worst.batch_size < MAX_BATCH else worst.batch_size
             trials[i] = dataclasses.replace(worst, img_size=worst.img_size // 2, batch_size=batch)
-            rates[worst.experiment] = probe(trials[i], n_outs[i])
+            # the start-up stays the first probe's: CUDA's context is up in this process by now
+            rates[worst.experiment] = {**probe(trials[i], n_outs[i]), "start_s": rates[worst.experiment].get("start_s", 0.0)}
             change = f"img_size {worst.img_size} -> {trials[i].img_size} px" + (
                 f", batch_size {worst.batch_size} -> {batch}" if batch != worst.batch_size else "")
         elif may_drop and len(worst.fold_ids) > MIN_FOLDS:
@@ -352,9 +370,10 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
         logger.warning(f"time_limit: {notes[-1]}")
     fits = fit(trials)
     short = [c for c in trials if fits[c.experiment] < min_epochs(c)]
-    if short:  # nothing left to cut: say what it costs and what would do
-        c = short[0]
-        more = _time_for(lambda extra: fit(trials, left + extra)[c.experiment], min_epochs(c))
+    if short:  # nothing left to cut: say what it costs and what would do (for the one that needs the most)
+        needs = {c.experiment: _time_for(lambda extra, c=c: fit(trials, left + extra)[c.experiment], min_epochs(c)) for c in short}
+        c = max(short, key=lambda c: needs[c.experiment])
+        more = needs[c.experiment]
         notes.append(f"too short: {c.experiment} gets about {fits[c.experiment]:.1f} epochs per model, under the "
                      f"{min_epochs(c)} it needs; expect weak predictions (about {ledger['limit_s'] + more:.0f}s would give it "
                      f"{min_epochs(c)}; a notebook's start here takes about {notebook:.0f}s)")
@@ -363,7 +382,7 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             "batch_size": {c.experiment: c.batch_size for c in trials}, "refit": {c.experiment: c.refit for c in trials},
             "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()}}
     ledger.update(plan=plan, rates=rates, after_s=round(after_training_s(trials, rates, rows, notebook), 1),
-                  after_notebooks=after_notebooks(trials), after_notebook_s=round(notebook, 2))
+                  after_work={k: round(v, 2) for k, v in after_work(trials, rates, rows).items()})
     write_ledger(cfgs[0], ledger)
     logger.info(f"time_limit {cfgs[0].time_limit} ({ledger['limit_s']:.0f}s, {left:.0f}s left): "
                 + "; ".join(f"{c.experiment}: {c.img_size} px, folds {c.fold_ids}, about "
@@ -408,25 +427,31 @@ def well_trained(cfg: CFG) -> int:
     return min(cfg.epochs, WELL_TRAINED["pretrained" if _pretrained(cfg) else "scratch"])
 
 
+def _epoch_s(cfg: CFG, rate: dict, n_train: int) -> float:
+    """A fold's epoch at the probe's rates: training on (k-1)/k of the rows, predicting the
+    other 1/k (the probe's steps run on random tensors: loading, augmenting and the loss take
+    the rest, x1.3 measured on the 2-core CPU machine)."""
+    k = cfg.n_folds
+    return n_train * (k - 1) / k / rate["train_img_s"] * PIPELINE + n_train / k / rate["infer_img_s"]
+
+
 def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str,
-                     kernels: str = "per_job", notebook: float = NOTEBOOK_S) -> float:
+                     kernels: str = "per_job", notebook: float = NOTEBOOK_S, parallel: int = 1) -> float:
     """Epochs per fold of experiment `name` when the time left, less the notebooks' starts
     (`notebook` seconds each: 00_eda, 01_folds, the training kernels and the later stages), the
     training processes' start-up and the later stages' work, is split evenly over every fold of
-    every experiment (kernels 'per_experiment': an experiment's folds share one notebook run)."""
+    every experiment (kernels 'per_experiment': an experiment's folds share one notebook run;
+    `parallel` GPUs: that many folds, each in its own kernel, at a time)."""
     n_train, n_test = rows
-    folds = sum(len(c.fold_ids) + refit_weight(c) for c in cfgs)  # a refit counts as 3k/(3k-2) folds
-    jobs = len(cfgs) if kernels == "per_experiment" else sum(len(c.fold_ids) + artifacts.refit_on(c) for c in cfgs)
+    rounds = {c.experiment: math.ceil(len(c.fold_ids) / parallel) for c in cfgs}
+    folds = sum(rounds[c.experiment] + refit_weight(c) for c in cfgs)  # a refit counts as 3k/(3k-2) folds
+    jobs = len(cfgs) if kernels == "per_experiment" else sum(rounds[c.experiment] + artifacts.refit_on(c) for c in cfgs)
     start_up = max([float(rates.get(c.experiment, {}).get("start_s", 0.0)) for c in cfgs] or [0.0])
     per_fold = (left - after_training_s(cfgs, rates, rows, notebook) - notebook * (1 + len(cfgs))
                 - (notebook + start_up) * jobs) / max(folds, 1)
     c = next(c for c in cfgs if c.experiment == name)
     r = rates.get(name, {"train_img_s": 100.0, "infer_img_s": 300.0})
-    k = c.n_folds
-    # the probe's steps run on random tensors: loading, augmenting and the loss take the rest
-    # (x1.3 measured on the 2-core CPU machine)
-    epoch = n_train * (k - 1) / k / r["train_img_s"] * PIPELINE + n_train / k / r["infer_img_s"]
-    return max(0.0, (per_fold - n_test / r["infer_img_s"]) / epoch)
+    return max(0.0, (per_fold - n_test / r["infer_img_s"]) / _epoch_s(c, r, n_train))
 
 
 def apply_plan(cfg: CFG) -> CFG:
@@ -463,7 +488,7 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_") and k != key}
     waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
     notebook = notebook_s(ledger)  # measured by the notebooks run so far, once there are some
-    later = ledger.get("after_s", 3 * notebook) + ledger.get("after_notebooks", 0) * (notebook - ledger.get("after_notebook_s", notebook))
+    later = later_s(ledger, notebook)
     refits = [k for k in waiting if k.endswith("/train_refit")]  # they run alone, after their folds
     weight = refit_cost(cfg.n_folds)  # a refit, in folds
     fold_rounds = math.ceil((len(waiting) - len(refits)) / max(1, int(ledger.get("parallel", 1))))  # side by side, one per GPU
@@ -472,16 +497,22 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
         kernels = len({k.split("/")[0] for k in waiting})
     else:
         kernels = fold_rounds + len(refits)
-    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - notebook * (kernels - 1)
+    rates = ledger.get("rates") or {}
+    start_up = max([float(r.get("start_s", 0.0)) for r in rates.values()] or [0.0])  # each kernel to come pays it
+    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - (notebook + start_up) * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
     epochs = epochs_done + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
-    # one epoch says nothing of the pace (the first pays for start-up: 6.4 s against 0.5 s after it
-    # on an H100): a second, then planned again from it, rather than a model of one epoch
-    epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if epochs_done == 1 else 0)))
+    # a first epoch over twice what the probe foretold paid for start-up (6.4 s against 0.5 s after it
+    # on an H100; without a probe, who knows): a second, then planned again from it, rather than a
+    # model of one epoch. A refit has its own rule (too few epochs: skipped, train.train_refit)
+    rate, rows = rates.get(cfg.experiment), ledger.get("rows")
+    expected = _epoch_s(cfg, rate, rows[0]) if rate and rows else None
+    started_up = epochs_done == 1 and key not in refits and (expected is None or epoch_s > 2 * expected)
+    epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if started_up else 0)))
     logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
                 f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})"
                 + (f"; planned again after epoch {epochs_done}: the first was slower (start-up)" if epochs_done > 1 else ""))
-    if epochs < min_epochs(cfg) and key not in refits:  # a refit cut short is skipped (train.train_refit)
+    if epochs < min_epochs(cfg) and key not in refits and not started_up:  # the plan after the second will say
         logger.warning(f"time_limit: fold {fold} gets {epochs} epoch(s), under the "
                        f"{min_epochs(cfg)} a model from {'pretrained weights' if _pretrained(cfg) else 'scratch'} needs: "
                        f"its predictions will be weak (the run is short of time: a notebook's start here takes about {notebook:.0f}s)")

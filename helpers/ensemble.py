@@ -63,7 +63,14 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: 
             ref_oof, ref_test, ref_cols = oof[[cfg.id_col, cfg.target_col, "fold"]].copy(), test[[cfg.id_col]].copy(), cols
         if cols != ref_cols:
             raise ValueError(f"experiment '{name}': prediction columns {cols} differ from {ref_cols}")
-        oof, test = _align(oof, ref_oof[cfg.id_col], cfg.id_col, name, "oof.csv"), _align(test, ref_test[cfg.id_col], cfg.id_col, name, "test.csv")
+        try:
+            oof = _align(oof, ref_oof[cfg.id_col], cfg.id_col, name, "oof.csv")
+        except ValueError as e:
+            if shared is None:
+                raise
+            raise ValueError(f"{e}: its folds {shared} hold other rows than '{found[0].name}''s (the folds were matched by "
+                             f"number: made with another n_folds, seed or group column?)") from None
+        test = _align(test, ref_test[cfg.id_col], cfg.id_col, name, "test.csv")
         test_pred = test[cols].to_numpy(float)
         if name in (refits or set()):
             refit = _align(read_table(d / "test_refit.csv", cfg.id_col), ref_test[cfg.id_col], cfg.id_col, name, "test_refit.csv")

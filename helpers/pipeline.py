@@ -348,16 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     from .budget import time_imports
     from .utils import version_problems
 
-    global IMPORTS_S
-    IMPORTS_S = time_imports()  # before anything imports them: most of a notebook's start here (time_limit plans with it)
-
     if version_problems():
         print("\n".join(version_problems()), file=sys.stderr)
         return 2
+    global IMPORTS_S
+    IMPORTS_S = None
     try:
         overrides = parse_set(args.set)
         if args.force:
             overrides["retrain"] = True
+        if not args.dry_run and any(load_cfg(args.config, e, overrides).time_limit for e in experiment_names(args.config)):
+            IMPORTS_S = time_imports()  # before anything imports them: most of a notebook's start here
         jobs = plan(args.config, overrides, args.experiments, args.stages)
         if args.executor == "ray":  # every experiment's folds at once, then their later stages
             jobs = sorted(jobs, key=lambda job: (STAGES.index(job.stage), job.parameters.get("fold") == artifacts.REFIT))
@@ -507,6 +508,7 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
     ledger["kernels"] = "per_experiment" if len(gpus) <= 1 and args.executor == "local" else "per_job"  # one_kernel
     if IMPORTS_S is not None:  # a notebook's start on this machine, until the run's first notebooks measure it
         ledger["notebook_s"] = round(IMPORTS_S + budget.KERNEL_S, 2)
+        ledger["spent"]["runner/imports"] = round(ledger["spent"].get("runner/imports", 0.0) + IMPORTS_S, 2)  # before the clock
     budget.write_ledger(cfgs[0], ledger)
     budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
     plan = budget.plan_run(cfgs, rows, n_outs)  # logs each change it makes

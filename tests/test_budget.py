@@ -4,13 +4,15 @@ the runner that stays within its limit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
 from helpers import artifacts, budget, pipeline
-from helpers.config import CFG, load_cfg, parse_duration
+from helpers.config import CFG, ROOT, load_cfg, parse_duration
 from helpers.demo import write_digits
 
 
@@ -61,17 +63,24 @@ def test_each_fold_gets_its_share_of_the_time_left(tmp_path):
     ledger.update(after_s=10.0)
     ledger["spent"].update({"e/00_eda": 10.0, "e/01_folds": 10.0, "e/train_fold0": 20.0})
     budget.write_ledger(cfg, ledger)
-    # 100 - 40 spent - 10 later - 10 (the next fold's kernel: a notebook's start, as 00_eda and
-    # 01_folds measured it) = 40 for 2 folds: 20 each; 5 s gone (first epoch included), 1.5 s of
-    # test predictions: 13.5 s of 3 s epochs
+    # 100 - 40 spent - 10 later - 10 (the next fold's kernel: a notebook's start, as 01_folds
+    # measured it) = 40 for 2 folds: 20 each; 5 s gone (first epoch included), 1.5 s of test
+    # predictions: 13.5 s of 3 s epochs
     assert budget.fold_epochs(cfg, 1, elapsed_s=5.0, epoch_s=3.0, test_s=1.5) == 1 + 4
     assert budget.fold_epochs(cfg, 1, elapsed_s=5.0, epoch_s=0.01, test_s=1.5) == 50  # at most `epochs`
     budget.spend(cfg, "e/train_fold1", 30.0)  # over its share: the last fold gets what is left
     assert budget.fold_epochs(cfg, 2, elapsed_s=3.0, epoch_s=3.0, test_s=0.0) == 1 + 5  # 100-70-10 = 20 - 3 = 17 -> 5
-    # nothing left: a second epoch all the same (the first, which may have paid for start-up,
-    # says nothing of the pace), not a model of one epoch
+    # nothing left: without a probe to say whether the first epoch paid for start-up, a second
+    # all the same (then planned again from it), not a model of one epoch
     assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=3.0, test_s=0.0) == 2
     assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=3.0, test_s=0.0, epochs_done=2) == 2
+    ledger = budget.read_ledger(cfg)  # the probe foretold 3 s epochs (1000 rows): the first was no start-up
+    k = cfg.n_folds
+    ledger.update(rows=[1000, 0], rates={"e": {"train_img_s": 1000 * (k - 1) / k * budget.PIPELINE / 2.5, "infer_img_s": 1000 / k / 0.5}})
+    budget.write_ledger(cfg, ledger)
+    assert budget._epoch_s(cfg, ledger["rates"]["e"], 1000) == pytest.approx(3.0)
+    assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=3.0, test_s=0.0) == 1  # its pace: nothing left
+    assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=7.0, test_s=0.0) == 2  # over twice it: start-up, a second
 
 
 def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
@@ -80,10 +89,12 @@ def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
     time of the later notebooks, and trained some for one epoch."""
     assert budget.notebook_s(None) == budget.NOTEBOOK_S
     assert budget.notebook_s({"notebook_s": 14.4, "spent": {}}) == 14.4  # the runner's own imports + KERNEL_S
-    ledger = {"notebook_s": 14.4, "spent": {"e/00_eda": 14.4, "e/01_folds": 13.5, "e/train_fold0": 2.0, "e/04_stacking": 19.0}}
-    assert budget.notebook_s(ledger) == pytest.approx(13.95)  # the notebooks that do little else
-    seconds = budget.time_imports()
-    assert seconds is None  # imported already (pytest): the runner says nothing rather than 0 s
+    ledger = {"notebook_s": 14.4, "spent": {"e/00_eda": 14.4, "e/01_folds": 13.5, "f/01_folds": 13.0, "e/04_stacking": 19.0}}
+    assert budget.notebook_s(ledger) == pytest.approx(13.25)  # the notebooks that do little else: 01_folds
+    assert budget.time_imports() is None  # imported already (here): the runner says nothing rather than 0 s
+    fresh = subprocess.run([sys.executable, "-c", "from helpers import budget; print(budget.time_imports())"],
+                           capture_output=True, text=True, cwd=str(ROOT), check=True)
+    assert 0.1 < float(fresh.stdout.split()[-1]) < 120  # a fresh process: what a notebook's first cell imports
 
     monkeypatch.setattr(budget, "probe", fake_probe([]))
     plans = {}
@@ -93,8 +104,40 @@ def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
         ledger.update(notebook_s=start, kernels="per_experiment")
         budget.write_ledger(cfg, ledger)
         plans[start] = budget.plan_run([cfg], (2000, 500), [10])
-        assert budget.read_ledger(cfg)["after_notebook_s"] == start
+        assert budget.read_ledger(cfg)["after_s"] == pytest.approx(sum(budget.read_ledger(cfg)["after_work"].values()) + 3 * start, abs=0.1)
     assert plans[14.0]["expected_epochs"]["e"] < plans[9.0]["expected_epochs"]["e"]  # slower starts: less for the folds
+
+
+def test_the_stages_after_training_are_kept_for_until_they_run():
+    """The runner takes one experiment to its stacker before the next one's folds train: the
+    second's folds must not keep time for the first's 03_features and 04_stacking again."""
+    work = {"a/03_features": 5.0, "a/04_stacking": 5.0, "b/03_features": 5.0, "b/04_stacking": 5.0, "05_ensemble": 0.0}
+    ledger = {"after_work": work, "spent": {"a/train_fold0": 30.0}}
+    assert budget.later_s(ledger, notebook=10.0) == 4 * 15 + 10
+    ledger["spent"].update({"a/03_features": 17.0, "a/04_stacking": 21.0})
+    assert budget.later_s(ledger, notebook=10.0) == 2 * 15 + 10
+    ledger["spent"]["a/05_ensemble"] = 12.0
+    assert budget.later_s(ledger, notebook=10.0) == 2 * 15
+    assert budget.later_s({"after_s": 42.0, "spent": {}}, notebook=10.0) == 42.0  # a ledger from before: as planned
+
+
+def test_the_plan_keeps_the_first_probes_start_up_and_counts_gpus_in_parallel(tmp_path, monkeypatch):
+    calls = []
+    plain = fake_probe(calls)
+
+    def probe(cfg, n_out, steps=3):  # CUDA's context starts with the first probe only
+        result = plain(cfg, n_out, steps)  # appends to calls
+        return {**result, "start_s": 6.0 if len(calls) == 1 else 0.0}
+
+    monkeypatch.setattr(budget, "probe", probe)
+    cfg = ledger_cfg(tmp_path, img_size=256, n_folds=5, time_limit="10min")
+    budget.open_ledger([cfg], [])
+    budget.plan_run([cfg], (2000, 500), [10])
+    assert len(calls) > 1 and budget.read_ledger(cfg)["rates"]["e"]["start_s"] == 6.0  # re-probed at a smaller size
+    fits = {}
+    for gpus in (1, 2):
+        fits[gpus] = budget._epochs_that_fit([cfg], {"e": probe(cfg, 10)}, (2000, 500), 3600.0, "e", "per_job", 9.0, gpus)
+    assert fits[2] > 1.5 * fits[1]  # two folds at a time: nearly twice the epochs each
 
 
 def test_a_budget_too_short_for_any_plan_says_what_would_do(tmp_path, monkeypatch, caplog):

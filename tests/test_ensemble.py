@@ -202,6 +202,10 @@ def test_experiments_of_other_folds_are_weighed_on_the_folds_they_share(two_expe
     np.testing.assert_allclose(col.experiments[0].oof, d["p_a"][rows])
     np.testing.assert_allclose(col.experiments[1].oof, d["p_b"][rows])
     assert "'exp_a': folds [0, 1, 2]; 'exp_b': folds [0]" in caplog.text and "rows of folds [0]" in caplog.text
+    other = d["oof_b"][d["oof_b"]["fold"] == 1].assign(fold=0)  # its "fold 0": other rows (another n_folds or seed)
+    other.to_csv(artifacts.exp_dir(cfg).parent / "exp_b" / "oof.csv", index=False)
+    with pytest.raises(ValueError, match=r"exp_b.*its folds \[0\] hold other rows than 'exp_a''s"):
+        collect_experiments(cfg)
     a = pd.read_csv(artifacts.exp_dir(cfg) / "oof.csv")
     a[a["fold"] == 1].to_csv(artifacts.exp_dir(cfg) / "oof.csv", index=False)
     with pytest.raises(ValueError, match=r"share no fold.*'exp_a': folds \[1\]; 'exp_b': folds \[0\]"):

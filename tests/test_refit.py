@@ -172,7 +172,7 @@ def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(r
     budget.spend(timed, "r/earlier", 80.0)  # 20 s left, less the later stages: not enough
     monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
     assert train_refit(timed, folds, test) is None
-    assert "refit: skipped, the time left gives it 2 of the 4 epochs the CV chose" in caplog.text
+    assert "refit: skipped, the time left gives it 1 of the 4 epochs the CV chose" in caplog.text
     assert not artifacts.checkpoint_path(timed, "refit").exists() and artifacts.stale(timed, "refit")
     out = run_ensemble(timed)  # with time_limit a missing refit is no error: the folds alone
     assert json.loads((artifacts.ensemble_dir(timed) / "score.json").read_text())["refit"] == {}
