@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import artifacts
-from .config import CFG, ROOT, experiment_names, load_cfg, parse_set
+from .config import CFG, ROOT, config_layers, experiment_names, load_cfg, parse_set
 
 NOTEBOOKS = ROOT / "notebooks"
 STAGES = ["00_eda", "01_folds", "02_train", "03_features", "04_stacking", "05_ensemble"]
@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_set(args.set)
         if args.force:
             overrides["retrain"] = True
-        if not args.dry_run and any(load_cfg(args.config, e, overrides).time_limit for e in experiment_names(args.config)):
+        # time_limit is a run-level key (the YAML's shared settings or --set): read without
+        # resolving the config, whose quality presets import torch
+        if not args.dry_run and any(layer.get("time_limit") for _, layer in config_layers(args.config, "", overrides)):
             IMPORTS_S = time_imports()  # before anything imports them: most of a notebook's start here
         jobs = plan(args.config, overrides, args.experiments, args.stages)
         if args.executor == "ray":  # every experiment's folds at once, then their later stages

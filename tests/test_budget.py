@@ -108,6 +108,22 @@ def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
     assert plans[14.0]["expected_epochs"]["e"] < plans[9.0]["expected_epochs"]["e"]  # slower starts: less for the folds
 
 
+def test_the_runner_times_a_notebooks_imports_before_it_plans(tmp_path):
+    """Run as users run it (a fresh process), with time_limit: its imports of what the notebooks
+    import are timed before anything else imports them, booked, and planned with."""
+    comp = write_digits(tmp_path / "comp", size=16, n=120)
+    config = {"competition_dir": str(comp), "models_dir": str(tmp_path / "models"), "n_folds": 2, "img_size": 16,
+              "num_workers": 0, "time_limit": "5min", "experiments": {"t": {}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([sys.executable, "-m", "helpers.pipeline", "--config", str(path), "--stages", "01_folds"],
+                   cwd=str(ROOT), check=True, capture_output=True, text=True)
+    ledger = json.loads((tmp_path / "models" / "ensemble" / "budget.json").read_text())
+    imports = ledger["spent"]["runner/imports"]
+    assert imports > 0.1 and ledger["notebook_s"] == pytest.approx(imports + budget.KERNEL_S, abs=0.02)
+    assert budget.notebook_s(ledger) == ledger["spent"]["t/01_folds"]  # then the run's own 01_folds
+
+
 def test_the_stages_after_training_are_kept_for_until_they_run():
     """The runner takes one experiment to its stacker before the next one's folds train: the
     second's folds must not keep time for the first's 03_features and 04_stacking again."""
