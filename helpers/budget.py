@@ -427,12 +427,25 @@ def well_trained(cfg: CFG) -> int:
     return min(cfg.epochs, WELL_TRAINED["pretrained" if _pretrained(cfg) else "scratch"])
 
 
-def _epoch_s(cfg: CFG, rate: dict, n_train: int) -> float:
+def _epoch_s(cfg: CFG, rate: dict, n_train: int, refit: bool = False) -> float:
     """A fold's epoch at the probe's rates: training on (k-1)/k of the rows, predicting the
     other 1/k (the probe's steps run on random tensors: loading, augmenting and the loss take
-    the rest, x1.3 measured on the 2-core CPU machine)."""
+    the rest, x1.3 measured on the 2-core CPU machine); the refit's trains on every row."""
+    if refit:
+        return n_train / rate["train_img_s"] * PIPELINE
     k = cfg.n_folds
     return n_train * (k - 1) / k / rate["train_img_s"] * PIPELINE + n_train / k / rate["infer_img_s"]
+
+
+def started_up(cfg: CFG, fold: int | str, epoch_s: float) -> bool:
+    """Whether a first epoch of epoch_s paid for start-up (CUDA's context, cuDNN's autotuning,
+    the workers: 6.4 s against 0.5 s for the next on an H100): over twice what the probe
+    foretold; without a probe (a notebook run by hand), who knows: yes."""
+    ledger = read_ledger(cfg) or {}
+    rate, rows = (ledger.get("rates") or {}).get(cfg.experiment), ledger.get("rows")
+    if not (rate and rows):
+        return True
+    return epoch_s > 2 * _epoch_s(cfg, rate, rows[0], refit=fold == artifacts.REFIT)
 
 
 def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str,
@@ -502,17 +515,14 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     left = ledger["limit_s"] - spent_s(ledger, but=key) - later - (notebook + start_up) * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
     epochs = epochs_done + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
-    # a first epoch over twice what the probe foretold paid for start-up (6.4 s against 0.5 s after it
-    # on an H100; without a probe, who knows): a second, then planned again from it, rather than a
-    # model of one epoch. A refit has its own rule (too few epochs: skipped, train.train_refit)
-    rate, rows = rates.get(cfg.experiment), ledger.get("rows")
-    expected = _epoch_s(cfg, rate, rows[0]) if rate and rows else None
-    started_up = epochs_done == 1 and key not in refits and (expected is None or epoch_s > 2 * expected)
-    epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if started_up else 0)))
+    # a first epoch that paid for start-up: a second, then planned again from it (train.fit_fold),
+    # rather than a model of one epoch, or a refit skipped for want of time it has
+    first_slow = epochs_done == 1 and started_up(cfg, fold, epoch_s)
+    epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if first_slow else 0)))
     logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
                 f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})"
                 + (f"; planned again after epoch {epochs_done}: the first was slower (start-up)" if epochs_done > 1 else ""))
-    if epochs < min_epochs(cfg) and key not in refits and not started_up:  # the plan after the second will say
+    if epochs < min_epochs(cfg) and key not in refits and not first_slow:  # the plan after the second will say
         logger.warning(f"time_limit: fold {fold} gets {epochs} epoch(s), under the "
                        f"{min_epochs(cfg)} a model from {'pretrained weights' if _pretrained(cfg) else 'scratch'} needs: "
                        f"its predictions will be weak (the run is short of time: a notebook's start here takes about {notebook:.0f}s)")

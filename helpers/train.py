@@ -526,8 +526,11 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         state["history"].append(row)
         if budgeted and procs.main:
             budget.spend(cfg, fold_key, before + time.perf_counter() - process_start)
+        # planned again after the second epoch when the first paid for start-up: faster than it, or
+        # slower than the probe foretold (budget.started_up; then the first plan decided nothing)
         again = budgeted and state.get("planned_after") == 1 and epoch + 1 == 2 and bool(procs.broadcast(
-            row["time_s"] < budget.WARM_UP * state["history"][0]["time_s"] if procs.main else None))  # the first epoch paid for start-up
+            (row["time_s"] < budget.WARM_UP * state["history"][0]["time_s"] or state.get("first_slow", False))
+            if procs.main else None))
         if budgeted and (not state.get("planned_epochs") or again):  # after the timed first epoch: the epochs that fit
             # its test predictions, at the validation's pace (the refit's: a third of a training step's)
             test_s = n_test * row["time_s"] / max(len(train_df), 1) / 3 if refit else n_test * valid_s / max(len(valid_df), 1)
@@ -535,7 +538,10 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
                                          epochs_done=epoch + 1) if procs.main else None
             state["planned_epochs"] = epochs = int(procs.broadcast(planned))
             state["planned_after"] = epoch + 1
-            if refit and epochs < budget.REFIT_MIN_SHARE * cfg.epochs:  # a refit cut short has no score to catch it
+            if epoch == 0:
+                state["first_slow"] = bool(procs.broadcast(budget.started_up(cfg, fold, row["time_s"]) if procs.main else None))
+            # a refit cut short has no score to catch it: skipped, once its pace is known
+            if refit and epochs < budget.REFIT_MIN_SHARE * cfg.epochs and not (epoch == 0 and state["first_slow"]):
                 artifacts.checkpoint_path(cfg, fold, "last").unlink(missing_ok=True)
                 raise budget.NoTime(f"the time left gives it {epochs} of the {cfg.epochs} epochs the CV chose "
                                     f"(less than {budget.REFIT_MIN_SHARE:.0%})")
