@@ -448,6 +448,12 @@ def started_up(cfg: CFG, fold: int | str, epoch_s: float) -> bool:
     return epoch_s > 2 * _epoch_s(cfg, rate, rows[0], refit=fold == artifacts.REFIT)
 
 
+def _start_up(rates: dict) -> float:
+    """A training kernel's start-up: the largest the probes measured (the first of the run's
+    probes pays CUDA's context; a later one in the same process does not)."""
+    return max([float(r.get("start_s", 0.0)) for r in rates.values()] or [0.0])
+
+
 def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: float, name: str,
                      kernels: str = "per_job", notebook: float = NOTEBOOK_S, parallel: int = 1) -> float:
     """Epochs per fold of experiment `name` when the time left, less the notebooks' starts
@@ -459,7 +465,7 @@ def _epochs_that_fit(cfgs: list[CFG], rates: dict, rows: tuple[int, int], left: 
     rounds = {c.experiment: math.ceil(len(c.fold_ids) / parallel) for c in cfgs}
     folds = sum(rounds[c.experiment] + refit_weight(c) for c in cfgs)  # a refit counts as 3k/(3k-2) folds
     jobs = len(cfgs) if kernels == "per_experiment" else sum(rounds[c.experiment] + artifacts.refit_on(c) for c in cfgs)
-    start_up = max([float(rates.get(c.experiment, {}).get("start_s", 0.0)) for c in cfgs] or [0.0])
+    start_up = _start_up({c.experiment: rates.get(c.experiment, {}) for c in cfgs})
     per_fold = (left - after_training_s(cfgs, rates, rows, notebook) - notebook * (1 + len(cfgs))
                 - (notebook + start_up) * jobs) / max(folds, 1)
     c = next(c for c in cfgs if c.experiment == name)
@@ -510,8 +516,7 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
         kernels = len({k.split("/")[0] for k in waiting})
     else:
         kernels = fold_rounds + len(refits)
-    rates = ledger.get("rates") or {}
-    start_up = max([float(r.get("start_s", 0.0)) for r in rates.values()] or [0.0])  # each kernel to come pays it
+    start_up = _start_up(ledger.get("rates") or {})  # each kernel to come pays it
     left = ledger["limit_s"] - spent_s(ledger, but=key) - later - (notebook + start_up) * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
     epochs = epochs_done + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))

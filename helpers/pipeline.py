@@ -329,9 +329,6 @@ def summary(cfgs: list[CFG]) -> str:
     return "\n".join(lines)
 
 
-IMPORTS_S: float | None = None  # seconds this runner took to import what the notebooks import
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config in configs/")
@@ -351,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if version_problems():
         print("\n".join(version_problems()), file=sys.stderr)
         return 2
-    global IMPORTS_S
-    IMPORTS_S = None
+    args.imports_s = None  # seconds this runner took to import what the notebooks import (time_limit plans with it)
     try:
         overrides = parse_set(args.set)
         if args.force:
@@ -360,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         # time_limit is a run-level key (the YAML's shared settings or --set): read without
         # resolving the config, whose quality presets import torch
         if not args.dry_run and any(layer.get("time_limit") for _, layer in config_layers(args.config, "", overrides)):
-            IMPORTS_S = time_imports()  # before anything imports them: most of a notebook's start here
+            args.imports_s = time_imports()  # before anything imports them: most of a notebook's start here
         jobs = plan(args.config, overrides, args.experiments, args.stages)
         if args.executor == "ray":  # every experiment's folds at once, then their later stages
             jobs = sorted(jobs, key=lambda job: (STAGES.index(job.stage), job.parameters.get("fold") == artifacts.REFIT))
@@ -508,9 +504,10 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
                                        for k in c.fold_ids + ([artifacts.REFIT] if artifacts.refit_on(c) else [])])
     ledger["parallel"] = len(gpus) if len(gpus) > 1 and args.executor == "local" else 1
     ledger["kernels"] = "per_experiment" if len(gpus) <= 1 and args.executor == "local" else "per_job"  # one_kernel
-    if IMPORTS_S is not None:  # a notebook's start on this machine, until the run's first notebooks measure it
-        ledger["notebook_s"] = round(IMPORTS_S + budget.KERNEL_S, 2)
-        ledger["spent"]["runner/imports"] = round(ledger["spent"].get("runner/imports", 0.0) + IMPORTS_S, 2)  # before the clock
+    imports_s = getattr(args, "imports_s", None)
+    if imports_s is not None:  # a notebook's start on this machine, until the run's first notebooks measure it
+        ledger["notebook_s"] = round(imports_s + budget.KERNEL_S, 2)
+        ledger["spent"]["runner/imports"] = round(ledger["spent"].get("runner/imports", 0.0) + imports_s, 2)  # before the clock
     budget.write_ledger(cfgs[0], ledger)
     budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
     plan = budget.plan_run(cfgs, rows, n_outs)  # logs each change it makes
