@@ -19,11 +19,13 @@ time like this:
    machine (time_imports, then the notebooks run so far: notebook_s): 13-15 s on an H100
    machine against 7-9 s on the 2-core CPU. A budget too short after every cut says so, with
    the time that would do.
-2. Each fold times its first epoch (and its second, when the first paid for start-up: on a
-   GPU, CUDA and cuDNN's autotuning made it 20 times longer), then `fold_epochs` gives it the epochs that fit its share
+2. Each fold times its first epoch, then `fold_epochs` gives it the epochs that fit its share
    of what is left (the time left, less the estimated cost of the remaining stages, split over
-   the folds not trained yet; `epochs` is the most it gets, two the least). So every fold is
-   re-planned from the time the earlier ones really took.
+   the folds not trained yet; `epochs` is the most it gets, two the least), and again from its
+   second epoch (the first pays for start-up: on a GPU, CUDA and cuDNN's autotuning made it 20
+   times longer). So every fold is re-planned from the time the earlier ones really took. In a
+   holdout plan the refit, whose predictions are submitted, counts as HOLDOUT_REFIT times the
+   fold's epochs.
 3. The ledger (`budget.json` beside the ensemble) records the seconds each stage took, under
    one key per output: a killed run, restarted, goes on with the time it has left.
 
@@ -57,11 +59,12 @@ MAX_BATCH = 256  # halving the image size doubles the batch up to this
 MIN_FOLDS = 2  # without a holdout (features_from other than folds), folds are dropped down to this after the image size
 FEW_FOLDS = 3  # folds are dropped down to this before the image size is halved
 REFIT_MIN_SHARE = 0.75  # a refit the time left cuts below this share of the CV's epochs is skipped
-# a second epoch faster than this share of the first: the first paid for start-up (CUDA, cuDNN's
-# autotuning, DataLoader workers: 7-12 s on an H200 against 0.3-0.5 s for the epochs after it;
-# on the 2-core CPU the recipe's refit took 9.4 s, then 7.3-9.1 s: planned from the first, it
-# ended 30 s early), and the epochs are planned again from the second
-WARM_UP = 0.9
+# in a holdout plan the refit, whose test predictions are the submission's, trains this many times
+# the holdout fold's epochs: the fold's only give the CV score (a conservative one: fewer rows and
+# epochs than the refit) and the OOF rows, and from scratch more epochs pay (on the recipe
+# benchmark, 600 s: the fold and the refit at 34 epochs each scored 0.980 on its test set, the
+# fold at 23 and the refit at 38 (46 planned) 0.983; the plain loop 0.971-0.974)
+HOLDOUT_REFIT = 2.0
 
 
 class NoTime(RuntimeError):
@@ -164,11 +167,24 @@ def train_key(cfg: CFG, fold: int | str) -> str:
 
 
 def refit_weight(cfg: CFG) -> float:
-    """What the refit costs in folds (when on): about as many epochs, each training on all rows
-    where a fold's trains on (k-1)/k of them and predicts the other 1/k (inference: about a
-    third of a training step's time), so 3k/(3k-2): 1.29 folds with 3 folds, 1.15 with 5
-    (measured on the recipe benchmark, 3 folds at 32 px: 4.0 s against 3.5-3.9 s per epoch)."""
-    return refit_cost(cfg.n_folds) if artifacts.refit_on(cfg) else 0.0
+    """What the refit costs in folds (when on): its epochs (as many as a fold's, HOLDOUT_REFIT
+    times as many in a holdout plan), each training on all rows where a fold's trains on
+    (k-1)/k of them and predicts the other 1/k (inference: about a third of a training step's
+    time), so 3k/(3k-2) per epoch: 1.29 folds with 3 folds, 1.15 with 5 (measured on the recipe
+    benchmark, 3 folds at 32 px: 4.0 s against 3.5-3.9 s per epoch)."""
+    return refit_cost(cfg.n_folds) * refit_x(cfg) if artifacts.refit_on(cfg) else 0.0
+
+
+def holdout(cfg: CFG) -> bool:
+    """A holdout plan: on a budget, one fold (the CV score, the OOF rows) and a refit on all rows
+    whose test predictions are used alone (with `refit: blend` the fold's are half of them: the
+    two models split the time evenly)."""
+    return bool(cfg.time_limit) and cfg.refit == "alone" and artifacts.refit_on(cfg) and len(cfg.fold_ids) == 1
+
+
+def refit_x(cfg: CFG) -> float:
+    """The refit's epochs over the folds' mean: HOLDOUT_REFIT in a holdout plan, else 1."""
+    return HOLDOUT_REFIT if holdout(cfg) else 1.0
 
 
 def refit_cost(n_folds: int) -> float:
@@ -330,9 +346,12 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
 
     parallel = max(1, int(ledger.get("parallel", 1)))
 
+    def split(trials: list[CFG], left: float = left) -> dict:  # {exp: (its folds' epochs, its refit's)}
+        return {c.experiment: holdout_split(c, _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels, notebook,
+                                                                parallel)) for c in trials}
+
     def fit(trials: list[CFG], left: float = left) -> dict:
-        return {c.experiment: _epochs_that_fit(trials, rates, rows, left, c.experiment, kernels, notebook, parallel)
-                for c in trials}
+        return {k: v[0] for k, v in split(trials, left).items()}
 
     while True:
         fits = fit(trials)
@@ -378,17 +397,34 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
                      f"{min_epochs(c)} it needs; expect weak predictions (about {ledger['limit_s'] + more:.0f}s would give it "
                      f"{min_epochs(c)}; a notebook's start here takes about {notebook:.0f}s)")
         logger.warning(f"time_limit {cfgs[0].time_limit} is {notes[-1]}")
+    holdouts = {c.experiment for c in trials if holdout(c)}
     plan = {"img_size": {c.experiment: c.img_size for c in trials}, "folds": {c.experiment: c.fold_ids for c in trials},
             "batch_size": {c.experiment: c.batch_size for c in trials}, "refit": {c.experiment: c.refit for c in trials},
-            "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()}}
+            "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()},
+            "refit_epochs": {k: round(v[1], 1) for k, v in split(trials).items() if k in holdouts}}
     ledger.update(plan=plan, rates=rates, after_s=round(after_training_s(trials, rates, rows, notebook), 1),
                   after_work={k: round(v, 2) for k, v in after_work(trials, rates, rows).items()})
     write_ledger(cfgs[0], ledger)
     logger.info(f"time_limit {cfgs[0].time_limit} ({ledger['limit_s']:.0f}s, {left:.0f}s left): "
                 + "; ".join(f"{c.experiment}: {c.img_size} px, folds {c.fold_ids}, about "
-                            f"{min(fits[c.experiment], c.epochs):.1f} epochs per fold" for c in trials)
+                            f"{min(fits[c.experiment], c.epochs):.1f} epochs per fold"
+                            + (f" and {min(plan['refit_epochs'][c.experiment], c.epochs):.1f} for its refit" if holdout(c) else "")
+                            for c in trials)
                 + f"; {ledger['after_s']:.0f}s kept for features, stacking and the ensemble")
     return plan
+
+
+def holdout_split(cfg: CFG, epochs: float) -> tuple[float, float]:
+    """(the fold's epochs, the refit's) from the fold's `epochs` at refit_weight's weights. In a
+    holdout plan the fold gets what a CV score needs (min_epochs) when an even split of the
+    experiment's time would give it that, and HOLDOUT_REFIT times less than the refit at least;
+    the refit (the submission's model) gets the rest. Elsewhere the refit trains the folds' epochs."""
+    if not holdout(cfg):
+        return epochs, epochs
+    w = refit_cost(cfg.n_folds)
+    even = epochs * (1 + HOLDOUT_REFIT * w) / (1 + w)  # each model's epochs, were the time split evenly
+    fold = max(epochs, min(even, min_epochs(cfg)))
+    return fold, (even * (1 + w) - fold) / w
 
 
 def _time_for(epochs_with, needed: float) -> float:
@@ -509,7 +545,7 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     notebook = notebook_s(ledger)  # measured by the notebooks run so far, once there are some
     later = later_s(ledger, notebook)
     refits = [k for k in waiting if k.endswith("/train_refit")]  # they run alone, after their folds
-    weight = refit_cost(cfg.n_folds)  # a refit, in folds
+    weight = refit_cost(cfg.n_folds) * refit_x(cfg)  # a refit, in folds
     fold_rounds = math.ceil((len(waiting) - len(refits)) / max(1, int(ledger.get("parallel", 1))))  # side by side, one per GPU
     rounds = max(fold_rounds + weight * len(refits), 1e-9)
     if ledger.get("kernels") == "per_experiment":  # folds one after another share their experiment's kernel
@@ -519,6 +555,10 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     start_up = _start_up(ledger.get("rates") or {})  # each kernel to come pays it
     left = ledger["limit_s"] - spent_s(ledger, but=key) - later - (notebook + start_up) * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
+    if holdout(cfg) and refits and key not in refits:  # a holdout fold: what a CV score needs, if an even split has it
+        even = left / (fold_rounds + refit_cost(cfg.n_folds) * len(refits))
+        need = elapsed_s + max(0, min_epochs(cfg) - epochs_done) * epoch_s + test_s
+        share = max(share, min(even, need))
     epochs = epochs_done + math.floor(max(0.0, share - elapsed_s - test_s) / max(epoch_s, 1e-6))
     # a first epoch that paid for start-up: a second, then planned again from it (train.fit_fold),
     # rather than a model of one epoch, or a refit skipped for want of time it has
@@ -526,7 +566,7 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if first_slow else 0)))
     logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
                 f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})"
-                + (f"; planned again after epoch {epochs_done}: the first was slower (start-up)" if epochs_done > 1 else ""))
+                + (f"; planned again after epoch {epochs_done}: the first paid for start-up" if epochs_done > 1 else ""))
     if epochs < min_epochs(cfg) and key not in refits and not first_slow:  # the plan after the second will say
         logger.warning(f"time_limit: fold {fold} gets {epochs} epoch(s), under the "
                        f"{min_epochs(cfg)} a model from {'pretrained weights' if _pretrained(cfg) else 'scratch'} needs: "

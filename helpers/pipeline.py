@@ -514,7 +514,9 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
     print(f"time_limit {cfgs[0].time_limit}: {budget.spent_s(budget.read_ledger(cfgs[0])):.0f}s of "
           f"{ledger['limit_s']:.0f}s spent; "
           + "; ".join(f"{name}: {plan['img_size'][name]} px, folds {plan['folds'][name]}, about "
-                      f"{plan['expected_epochs'][name]:.1f} epochs per fold" for name in plan["img_size"]), flush=True)
+                      f"{plan['expected_epochs'][name]:.1f} epochs per fold"
+                      + (f" and {plan['refit_epochs'][name]:.1f} for its refit" if name in plan.get("refit_epochs", {}) else "")
+                      for name in plan["img_size"]), flush=True)
     jobs = globals()["plan"](args.config, overrides, args.experiments, args.stages)
     ledger = budget.read_ledger(cfgs[0])
     ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == "02_train" and (args.force or stale(j))]  # to train

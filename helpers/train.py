@@ -311,12 +311,13 @@ def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger
 def refit_epochs(cfg: CFG) -> int:
     """The epoch count the CV chose for the refit: the mean of the folds' best epochs, rounded;
     with time_limit (no early stop: each fold's schedule was planned and run to its end), the
-    mean of the epochs the folds ran."""
+    mean of the epochs the folds ran, times budget.HOLDOUT_REFIT in a holdout plan (the fold
+    gives the CV score, the refit the submission)."""
     if cfg.time_limit:
         counts = [len(artifacts.read_metrics(cfg, k)) for k in cfg.fold_ids]
     else:
         counts = [artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))["epoch"] for k in cfg.fold_ids]
-    return max(1, int(np.floor(np.mean(counts) + 0.5)))
+    return max(1, min(cfg.epochs, int(np.floor(np.mean(counts) * budget.refit_x(cfg) + 0.5))))
 
 
 def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
@@ -343,7 +344,8 @@ def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
     made_from = artifacts.fingerprint(cfg, "refit")  # of the settings as written, before the epochs are set
     epochs = refit_epochs(cfg)
     logger.info(f"refit: training on all {len(folds)} rows for {epochs} epochs (the folds' mean "
-                f"{'planned epochs' if cfg.time_limit else 'best epoch'}): {why}")
+                f"{'planned epochs' if cfg.time_limit else 'best epoch'}"
+                f"{f' x{budget.refit_x(cfg):g}: a holdout plan' if budget.refit_x(cfg) != 1 else ''}): {why}")
     run = dataclasses.replace(cfg, epochs=epochs, patience=max(cfg.patience, epochs))
     try:
         _fit(run, folds, artifacts.REFIT, made_from, logger, 0 if test is None else len(test))
@@ -526,11 +528,11 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         state["history"].append(row)
         if budgeted and procs.main:
             budget.spend(cfg, fold_key, before + time.perf_counter() - process_start)
-        # planned again after the second epoch when the first paid for start-up: faster than it, or
-        # slower than the probe foretold (budget.started_up; then the first plan decided nothing)
-        again = budgeted and state.get("planned_after") == 1 and epoch + 1 == 2 and bool(procs.broadcast(
-            (row["time_s"] < budget.WARM_UP * state["history"][0]["time_s"] or state.get("first_slow", False))
-            if procs.main else None))
+        # planned again from the second epoch: the first pays for start-up (CUDA's context, cuDNN's
+        # autotuning, the workers; on a CPU the first pass over the cache and oneDNN's kernels: the
+        # recipe's refit took 9.9 s, then 8.9 and 8.6 on average, and planned from the first it
+        # ended 27 s early)
+        again = budgeted and state.get("planned_after") == 1 and epoch + 1 == 2
         if budgeted and (not state.get("planned_epochs") or again):  # after the timed first epoch: the epochs that fit
             # its test predictions, at the validation's pace (the refit's: a third of a training step's)
             test_s = n_test * row["time_s"] / max(len(train_df), 1) / 3 if refit else n_test * valid_s / max(len(valid_df), 1)
@@ -541,10 +543,11 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
             if epoch == 0:
                 state["first_slow"] = bool(procs.broadcast(budget.started_up(cfg, fold, row["time_s"]) if procs.main else None))
             # a refit cut short has no score to catch it: skipped, once its pace is known
-            if refit and epochs < budget.REFIT_MIN_SHARE * cfg.epochs and not (epoch == 0 and state["first_slow"]):
+            validated = cfg.epochs / budget.refit_x(cfg)  # the folds' epochs (a holdout plan's refit plans more)
+            if refit and epochs < budget.REFIT_MIN_SHARE * validated and not (epoch == 0 and state["first_slow"]):
                 artifacts.checkpoint_path(cfg, fold, "last").unlink(missing_ok=True)
-                raise budget.NoTime(f"the time left gives it {epochs} of the {cfg.epochs} epochs the CV chose "
-                                    f"(less than {budget.REFIT_MIN_SHARE:.0%})")
+                raise budget.NoTime(f"the time left gives it {epochs} epoch(s), less than {budget.REFIT_MIN_SHARE:.0%} "
+                                    f"of the {validated:.0f} the folds ran")
             scheduler = schedule(epochs)
         improved = (epoch + 1 >= epochs) if refit else is_better(cfg.metric, score, state["best_score"])
         if improved:

@@ -56,6 +56,36 @@ def test_a_budget_keeps_time_for_the_refit(tmp_path):
     assert budget.fold_epochs(CFG(**{**cfg.__dict__, "epochs": 6}), "refit", elapsed_s=4.0, epoch_s=4.0, test_s=2.0) == 6
 
 
+def test_a_holdout_plans_refit_gets_twice_the_folds_epochs(tmp_path):
+    """In a holdout plan (one fold and a refit, on a budget) the fold gives the CV score and the
+    refit the submission: the refit is planned for HOLDOUT_REFIT times the fold's epochs."""
+    from helpers import train
+
+    cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="e", time_limit="100s",
+              epochs=1000, n_folds=5, folds=[0], refit="alone")
+    assert budget.holdout(cfg) and budget.refit_x(cfg) == budget.HOLDOUT_REFIT == 2.0
+    assert not budget.holdout(CFG(**{**cfg.__dict__, "time_limit": ""}))  # no budget: the CV's best epoch
+    assert not budget.holdout(CFG(**{**cfg.__dict__, "folds": [0, 1]}))
+    assert not budget.holdout(CFG(**{**cfg.__dict__, "refit": "blend"}))  # the fold's predictions count: an even split
+    budget.open_ledger([cfg], ["e/train_fold0", "e/train_refit"])
+    ledger = budget.read_ledger(cfg)
+    ledger.update(after_s=0.0, kernels="per_experiment")
+    budget.write_ledger(cfg, ledger)
+    # 100 s over the fold and a refit worth 2 x 15/13 folds: the fold's share 30.2 s
+    assert budget.fold_epochs(cfg, 0, elapsed_s=1.0, epoch_s=1.0, test_s=0.0) == 1 + 29
+    # at 2 s an epoch that share gives it 15, under the 20 a CV score needs: an even split (46.4 s)
+    # has them, so the fold gets 20 (40 s) and the refit the rest
+    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 20
+    assert budget.fold_epochs(cfg, 0, elapsed_s=4.0, epoch_s=4.0, test_s=0.0) == 1 + 10  # an even split: 46.4 s
+    fold, refit = budget.holdout_split(cfg, 15.0)  # the plan's, from the fold's epochs at the refit's weight of 2
+    assert fold == 20 and refit == pytest.approx((15 * (1 + 30 / 13) - 20) * 13 / 15)
+    assert budget.holdout_split(cfg, 25.0) == pytest.approx((25.0, 50.0))
+    (artifacts.fold_dir(cfg, 0)).mkdir(parents=True)
+    (artifacts.fold_dir(cfg, 0) / "metrics.jsonl").write_text("{}\n" * 30)
+    assert train.refit_epochs(cfg) == 60
+    assert train.refit_epochs(CFG(**{**cfg.__dict__, "epochs": 45})) == 45  # your epochs stay the most
+
+
 def test_a_refit_waiting_with_another_experiments_folds_gets_its_weighted_share(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="a", time_limit="100s",
               epochs=50, n_folds=2, refit="blend")
@@ -174,7 +204,7 @@ def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(r
     budget.spend(timed, "r/earlier", 80.0)  # 20 s left, less the later stages: not enough
     monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
     assert train_refit(timed, folds, test) is None
-    assert "refit: skipped, the time left gives it 1 of the 4 epochs the CV chose" in caplog.text
+    assert "refit: skipped, the time left gives it 1 epoch(s), less than 75% of the 4 the folds ran" in caplog.text
     assert not artifacts.checkpoint_path(timed, "refit").exists() and artifacts.stale(timed, "refit")
     out = run_ensemble(timed)  # with time_limit a missing refit is no error: the folds alone
     assert json.loads((artifacts.ensemble_dir(timed) / "score.json").read_text())["refit"] == {}
