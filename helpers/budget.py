@@ -387,7 +387,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             break
         notes.append(f"{worst.experiment}: {change} (about {fits[worst.experiment]:.1f} epochs per fold fit before)")
         logger.warning(f"time_limit: {notes[-1]}")
-    fits = fit(trials)
+    splits = split(trials)
+    fits = {k: v[0] for k, v in splits.items()}
     short = [c for c in trials if fits[c.experiment] < min_epochs(c)]
     if short:  # nothing left to cut: say what it costs and what would do (for the one that needs the most)
         needs = {c.experiment: _time_for(lambda extra, c=c: fit(trials, left + extra)[c.experiment], min_epochs(c)) for c in short}
@@ -401,7 +402,7 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     plan = {"img_size": {c.experiment: c.img_size for c in trials}, "folds": {c.experiment: c.fold_ids for c in trials},
             "batch_size": {c.experiment: c.batch_size for c in trials}, "refit": {c.experiment: c.refit for c in trials},
             "notes": notes, "expected_epochs": {k: round(v, 1) for k, v in fits.items()},
-            "refit_epochs": {k: round(v[1], 1) for k, v in split(trials).items() if k in holdouts}}
+            "refit_epochs": {k: round(v[1], 1) for k, v in splits.items() if k in holdouts}}
     ledger.update(plan=plan, rates=rates, after_s=round(after_training_s(trials, rates, rows, notebook), 1),
                   after_work={k: round(v, 2) for k, v in after_work(trials, rates, rows).items()})
     write_ledger(cfgs[0], ledger)

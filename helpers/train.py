@@ -308,16 +308,20 @@ def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger
         fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger, n_test)
 
 
-def refit_epochs(cfg: CFG) -> int:
-    """The epoch count the CV chose for the refit: the mean of the folds' best epochs, rounded;
-    with time_limit (no early stop: each fold's schedule was planned and run to its end), the
-    mean of the epochs the folds ran, times budget.HOLDOUT_REFIT in a holdout plan (the fold
-    gives the CV score, the refit the submission)."""
+def folds_epochs(cfg: CFG) -> float:
+    """The epochs the CV chose: the mean of the folds' best epochs; with time_limit (no early
+    stop: each fold's schedule was planned and run to its end), the mean of the epochs they ran."""
     if cfg.time_limit:
         counts = [len(artifacts.read_metrics(cfg, k)) for k in cfg.fold_ids]
     else:
         counts = [artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))["epoch"] for k in cfg.fold_ids]
-    return max(1, min(cfg.epochs, int(np.floor(np.mean(counts) * budget.refit_x(cfg) + 0.5))))
+    return float(np.mean(counts))
+
+
+def refit_epochs(cfg: CFG) -> int:
+    """The refit's epochs: folds_epochs, rounded, times budget.HOLDOUT_REFIT in a holdout plan
+    (the fold gives the CV score, the refit the submission), at most `epochs`."""
+    return max(1, min(cfg.epochs, int(np.floor(folds_epochs(cfg) * budget.refit_x(cfg) + 0.5))))
 
 
 def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
@@ -543,7 +547,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
             if epoch == 0:
                 state["first_slow"] = bool(procs.broadcast(budget.started_up(cfg, fold, row["time_s"]) if procs.main else None))
             # a refit cut short has no score to catch it: skipped, once its pace is known
-            validated = cfg.epochs / budget.refit_x(cfg)  # the folds' epochs (a holdout plan's refit plans more)
+            validated = folds_epochs(cfg) if refit else 0.0  # what the CV ran (a holdout plan's refit plans more)
             if refit and epochs < budget.REFIT_MIN_SHARE * validated and not (epoch == 0 and state["first_slow"]):
                 artifacts.checkpoint_path(cfg, fold, "last").unlink(missing_ok=True)
                 raise budget.NoTime(f"the time left gives it {epochs} epoch(s), less than {budget.REFIT_MIN_SHARE:.0%} "

@@ -203,6 +203,7 @@ def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(r
     budget.write_ledger(timed, ledger)
     budget.spend(timed, "r/earlier", 80.0)  # 20 s left, less the later stages: not enough
     monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
+    monkeypatch.setattr(train, "folds_epochs", lambda c: 4.0)  # the CV chose 4
     assert train_refit(timed, folds, test) is None
     assert "refit: skipped, the time left gives it 1 epoch(s), less than 75% of the 4 the folds ran" in caplog.text
     assert not artifacts.checkpoint_path(timed, "refit").exists() and artifacts.stale(timed, "refit")
@@ -240,6 +241,7 @@ def test_a_refit_whose_first_epoch_paid_for_start_up_is_judged_on_its_second(ref
 
     monkeypatch.setattr(train, "train_one_epoch", start_up)
     monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
+    monkeypatch.setattr(train, "folds_epochs", lambda c: 4.0)  # the CV chose 4
     from helpers.utils import get_logger
 
     assert train_refit(timed, folds, test, get_logger("kaggle", artifacts.log_path(timed))) is not None
