@@ -22,8 +22,10 @@ time like this:
 2. Each fold times its first epoch, then `fold_epochs` gives it the epochs that fit its share
    of what is left (the time left, less the estimated cost of the remaining stages, split over
    the folds not trained yet; `epochs` is the most it gets, two the least), and again from its
-   second epoch (the first pays for start-up: on a GPU, CUDA and cuDNN's autotuning made it 20
-   times longer). So every fold is re-planned from the time the earlier ones really took. In a
+   second and fifth epochs at the mean pace of those after the first (the first pays for
+   start-up: on a GPU, CUDA and cuDNN's autotuning made it 20 times longer). So every fold is
+   re-planned from the time the earlier ones really took. Its training kernel's own start
+   counts from the runner's mark (kernel_started), before the kernel records it. In a
    holdout plan the refit, whose predictions are submitted, counts as HOLDOUT_REFIT times the
    fold's epochs.
 3. The ledger (`budget.json` beside the ensemble) records the seconds each stage took, under
@@ -70,11 +72,17 @@ HOLDOUT_REFIT = 2.0
 class NoTime(RuntimeError):
     """The time left is too short for what was about to train (a refit)."""
 PIPELINE = 1.3  # a real training step over the probe's (data loading, augmentation, loss, scheduler)
-STACK_FOLD_S = 7.5  # a LightGBM head per fold (38 s for 5 folds of 10 classes on the 2-core CPU machine)
+STACK_FOLD_S = 7.5  # a stacker per fold, where stack_fold_s measures none (38 s for 5 LightGBM folds of 10 classes on the 2-core CPU)
+# boosting rounds of a fold's LightGBM stacker, its early-stopped fit and its refit together, at
+# the cost of a round on random features (stack_fold_s): on the 2-core CPU the demo's folds took
+# 4.2-4.5 s (foretold 4.6) and the recipe benchmark's 2.7 s (foretold 6)
+STACK_ROUNDS = 120
+STACK_PROBE_ROWS = 5000  # a bigger fold is timed on this many rows and scaled
 NOTEBOOK_S = 9.0  # a notebook's kernel start and imports, until measured (on the 2-core CPU machine: 8-10 s)
 # a kernel's start and papermill's bookkeeping, beyond the first cell's imports: on an H100 machine a
 # notebook ran 3.1-4.0 s longer than its cells, whose first (the imports) took 11-12 s there
 KERNEL_S = 3.5
+PLAN_AGAIN_AFTER = (2, 5)  # a budgeted fold plans its epochs after its first, then again after these
 QUICK_NOTEBOOKS = ("01_folds",)  # little work beyond its start: it measures it (00_eda reads image headers)
 
 
@@ -109,6 +117,7 @@ def open_ledger(cfgs: list[CFG], train_jobs: list[str]) -> dict:
     digest = _settings_digest(cfgs)
     if old is not None and not old.get("finished") and old.get("digest") == digest:
         old.update(limit_s=limit, train_jobs=train_jobs)
+        old.pop("kernel", None)  # a killed run's training kernel: its time is lost with it
         write_ledger(cfg, old)
         return old
     # the same settings and time: the same plan and estimates (another time_limit plans again: a
@@ -138,6 +147,39 @@ def add(cfg: CFG, key: str, seconds: float) -> None:
         return
     ledger["spent"][key] = round(float(ledger["spent"].get(key, 0.0)) + float(seconds), 2)
     write_ledger(cfg, ledger)
+
+
+def _now() -> float:  # the wall clock, shared by the runner and its kernels
+    return time.time()
+
+
+def kernel_started(cfg: CFG, keys: list[str]) -> None:
+    """The runner starts a training kernel for the models `keys` (an experiment's folds one after
+    another): its start (the kernel, the imports, CUDA's context) is spent before any of them
+    records a second, and the runner records it (<exp>/02_train_kernel) only when it ends."""
+    ledger = read_ledger(cfg)
+    if ledger is not None and not ledger.get("finished"):
+        ledger["kernel"] = {"since": _now(), "before": {k: float(ledger["spent"].get(k, 0.0)) for k in keys}}
+        write_ledger(cfg, ledger)
+
+
+def kernel_ended(cfg: CFG) -> None:
+    ledger = read_ledger(cfg)
+    if ledger is not None and ledger.pop("kernel", None) is not None:
+        write_ledger(cfg, ledger)
+
+
+def kernel_so_far(ledger: dict, key: str, elapsed_s: float) -> float:
+    """Seconds the training kernel running `key` (elapsed_s into it) has spent beyond its models
+    so far: its start, not in the ledger yet (10-11 s on the 2-core CPU, 22-24 s on an H100
+    machine with CUDA's context and timm's import, where a notebook without them took 12.5-13 s).
+    What a resumed model recorded before this kernel is not this kernel's."""
+    kernel = ledger.get("kernel") or {}
+    before = kernel.get("before", {})
+    if key not in before:
+        return 0.0
+    models = sum(float(ledger["spent"].get(k, 0.0)) - b for k, b in before.items() if k != key)
+    return max(0.0, _now() - float(kernel["since"]) - models - (elapsed_s - before[key]))
 
 
 def spent_in(cfg: CFG, keys: list[str]) -> float:
@@ -209,12 +251,22 @@ def time_imports() -> float | None:
 
 
 def notebook_s(ledger: dict | None) -> float:
-    """A notebook's kernel start and imports on this machine: the mean of the notebooks this run
-    has timed that do little else (QUICK_NOTEBOOKS: 5 s on the 2-core CPU, where 05_ensemble took
-    5.5 s; 13-13.5 s on an H100 machine, where it took 15.8 s), else what the runner measured
-    before the run (its imports + KERNEL_S), else NOTEBOOK_S."""
+    """A notebook's kernel start and imports on this machine: the mean of what the notebooks this
+    run has timed took beyond their work (QUICK_NOTEBOOKS do little else; 03_features,
+    04_stacking and 05_ensemble less the work the plan foretold them, after_work), else what
+    the runner measured before the run (its imports + KERNEL_S), else NOTEBOOK_S. 01_folds
+    alone is too quick a sample: on an H100 machine it took 8.6-9.5 s where 03_features,
+    04_stacking and 05_ensemble took 12-18 s beyond their work, and a 240 s demo run ended 8 s late."""
     ledger = ledger or {}
-    seen = [float(s) for k, s in ledger.get("spent", {}).items() if k.rsplit("/", 1)[-1] in QUICK_NOTEBOOKS and s > 0]
+    work = ledger.get("after_work") or {}
+    seen = []
+    for key, seconds in ledger.get("spent", {}).items():
+        stage = key.rsplit("/", 1)[-1]
+        if stage in QUICK_NOTEBOOKS:
+            seen.append(float(seconds))
+        elif key in work or (stage == "05_ensemble" and stage in work):
+            seen.append(float(seconds) - work.get(key, work.get(stage, 0.0)))
+    seen = [s for s in seen if s > 0]
     return sum(seen) / len(seen) if seen else float(ledger.get("notebook_s") or NOTEBOOK_S)
 
 
@@ -229,26 +281,70 @@ def after_work(cfgs: list[CFG], rates: dict, rows: tuple[int, int]) -> dict[str,
         embed = rate.get("embed_img_s", rate.get("infer_img_s", 500.0))
         folds = len(cfg.fold_ids)
         work[f"{cfg.experiment}/03_features"] = (n_train + folds * n_test) / embed
-        work[f"{cfg.experiment}/04_stacking"] = STACK_FOLD_S * folds
+        work[f"{cfg.experiment}/04_stacking"] = rate.get("stack_fold_s", STACK_FOLD_S) * folds
     work["05_ensemble"] = 0.0
     return work
 
 
 def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int], notebook: float = NOTEBOOK_S) -> float:
     """Estimated seconds of 03_features, 04_stacking and 05_ensemble, `notebook` seconds of
-    start each included."""
-    return sum(w + notebook for w in after_work(cfgs, rates, rows).values())
+    start each included (03_features: and the start-up a training process pays, later_s)."""
+    start_up = _start_up(rates)
+    return sum(w + notebook + (start_up if k.endswith("/03_features") else 0.0) for k, w in after_work(cfgs, rates, rows).items())
 
 
-def later_s(ledger: dict, notebook: float) -> float:
+def later_s(ledger: dict, notebook: float, heavy: float | None = None) -> float:
     """What the stages after training still need: those of the experiments not yet through
     them (the runner takes one experiment to its stacker before the next one's folds train;
-    their time is spent already, not to come)."""
+    their time is spent already, not to come). 03_features starts like a training kernel
+    (`heavy` seconds: timm, the model, CUDA's context): on the 2-core CPU it took 7.7 s beyond
+    its work where 01_folds took 4.8, and a recipe run planned with 4.8 ended 10 s late."""
     work = ledger.get("after_work")
     if work is None:  # no plan (a notebook run by hand), or one made before these estimates
         return ledger.get("after_s", 3 * notebook)
     done = set(ledger["spent"]) | {k.rsplit("/", 1)[-1] for k in ledger["spent"] if k.endswith("/05_ensemble")}
-    return sum(w + notebook for k, w in work.items() if k not in done)
+    start = lambda k: max(notebook, heavy or 0.0) if k.endswith("/03_features") else notebook  # noqa: E731
+    return sum(w + start(k) for k, w in work.items() if k not in done)
+
+
+def stack_fold_s(cfg: CFG, n_train: int, n_out: int, width: int) -> float:
+    """Seconds of one fold's stacker on this machine. LightGBM: a fit of 2 rounds and one of 12
+    at the stacker's settings, on random features of the fold's shape (its training rows, the
+    embeddings' width or stack_pca, the metadata columns) and its number of classes, give the
+    cost of a round and of binning the data; a fold bins twice (the early-stopped fit, then
+    the refit on all its rows) and runs about STACK_ROUNDS rounds; a multi-label target fits
+    one model per label. A constant STACK_FOLD_S tuned on 2 cores would be 4 times too long on
+    a 16-core GPU machine and far too short for 50,000 rows. The scikit-learn heads: STACK_FOLD_S."""
+    if cfg.stacker != "lgbm" or width <= 0 or n_train < 2:
+        return STACK_FOLD_S
+    import lightgbm as lgb
+    import numpy as np
+    import torch
+
+    from .stacking import LGBM_DEFAULTS
+
+    rows = max(2, n_train * (cfg.n_folds - 1) // max(cfg.n_folds, 1))
+    n = min(rows, STACK_PROBE_ROWS)
+    features = (min(cfg.stack_pca, width) if cfg.stack_pca else width) + len(cfg.metadata_cols)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, features)).astype(np.float32)
+    regression = cfg.task == "regression"
+    classes = n_out if cfg.task == "classification" and n_out > 2 else 2
+    y = rng.normal(size=n) if regression else np.arange(n) % classes
+    params = {**LGBM_DEFAULTS, "verbose": -1, "n_jobs": max(torch.get_num_threads(), 1), **cfg.lgbm_params}
+    params.pop("early_stopping_round", None)
+    create = lgb.LGBMRegressor if regression else lgb.LGBMClassifier
+
+    def fit(rounds: int) -> float:
+        start = time.perf_counter()
+        create(**{**params, "n_estimators": rounds}).fit(X, y)
+        return time.perf_counter() - start
+
+    few, more = fit(2), fit(12)
+    per_round = max(more - few, 0.0) / 10
+    binning = max(few - 2 * per_round, 0.0)
+    fits = n_out if cfg.task == "multilabel" else 1
+    return round(fits * (2 * binning + STACK_ROUNDS * per_round) * rows / n, 3)
 
 
 # --- the plan before training -------------------------------------------------------------------
@@ -289,31 +385,35 @@ def _measure(cfg: CFG, n_out: int, device, steps: int) -> dict:
         loss.backward()
         opt.step()
 
+    def median_s(run) -> float:
+        """The median of `steps` timed calls: one slowed by another process (on 2 cores, a
+        second Python importing torch made a probe foretell a fifth of the real pace, and the
+        plan halved the image size) does not set the pace."""
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
     step()  # warm-up
     sync()
-    start = time.perf_counter()
-    start_s = start - begin
-    for _ in range(steps):
-        step()
-    sync()
-    train = steps * cfg.batch_size / (time.perf_counter() - start)
+    start_s = time.perf_counter() - begin
+    train = cfg.batch_size / median_s(step)
     model.eval()
 
     def infer_rate(bf16: bool) -> float:
         with torch.no_grad(), autocast(cfg, device, bf16=bf16):
             model(x)
             sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                model(x)
-            sync()
-        return steps * cfg.batch_size / (time.perf_counter() - start) / max(1, 1 + len(cfg.tta))
+            return cfg.batch_size / median_s(lambda: model(x)) / max(1, 1 + len(cfg.tta))
 
     infer = infer_rate(True)  # validation and test predictions, in training's precision
     # the stackers' embeddings are never bf16 (train.autocast): fp32 there, slower on a bf16 CPU
     embed = infer_rate(False) if precision(cfg.amp_dtype, device)[0] is torch.bfloat16 else infer
     return {"train_img_s": train, "infer_img_s": infer, "embed_img_s": embed, "img_size": cfg.img_size,
-            "start_s": round(start_s, 2)}
+            "start_s": round(start_s, 2), "num_features": int(getattr(model, "num_features", 0))}
 
 
 def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: logging.Logger | None = None) -> dict:
@@ -340,6 +440,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
     notebook = notebook_s(ledger)
     trials = list(cfgs)
     rates = {c.experiment: probe(c, n_out) for c, n_out in zip(cfgs, n_outs)}
+    for c, n_out in zip(cfgs, n_outs):  # the stacker's cost per fold on this machine (the image size changes it not)
+        rates[c.experiment]["stack_fold_s"] = stack_fold_s(c, rows[0], n_out, rates[c.experiment].get("num_features", 0))
     notes = []
     may_drop = not any(c.folds for c in cfgs)  # folds the user set are trained as set
     may_holdout = may_drop and all(c.features_from == "folds" and len(c.fold_ids) > 1 for c in cfgs)
@@ -378,7 +480,8 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
             batch = min(MAX_BATCH, worst.batch_size * 2) if worst.batch_size < MAX_BATCH else worst.batch_size
             trials[i] = dataclasses.replace(worst, img_size=worst.img_size // 2, batch_size=batch)
             # the start-up stays the first probe's: CUDA's context is up in this process by now
-            rates[worst.experiment] = {**probe(trials[i], n_outs[i]), "start_s": rates[worst.experiment].get("start_s", 0.0)}
+            rates[worst.experiment] = {**rates[worst.experiment], **probe(trials[i], n_outs[i]),
+                                       "start_s": rates[worst.experiment].get("start_s", 0.0)}
             change = f"img_size {worst.img_size} -> {trials[i].img_size} px" + (
                 f", batch_size {worst.batch_size} -> {batch}" if batch != worst.batch_size else "")
         elif may_drop and len(worst.fold_ids) > MIN_FOLDS:
@@ -544,7 +647,6 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     done = {k for k in ledger["spent"] if k.split("/")[-1].startswith("train_") and k != key}
     waiting = [k for k in ledger.get("train_jobs", []) if k not in done] or [key]
     notebook = notebook_s(ledger)  # measured by the notebooks run so far, once there are some
-    later = later_s(ledger, notebook)
     refits = [k for k in waiting if k.endswith("/train_refit")]  # they run alone, after their folds
     weight = refit_cost(cfg.n_folds) * refit_x(cfg)  # a refit, in folds
     fold_rounds = math.ceil((len(waiting) - len(refits)) / max(1, int(ledger.get("parallel", 1))))  # side by side, one per GPU
@@ -554,7 +656,11 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     else:
         kernels = fold_rounds + len(refits)
     start_up = _start_up(ledger.get("rates") or {})  # each kernel to come pays it
-    left = ledger["limit_s"] - spent_s(ledger, but=key) - later - (notebook + start_up) * (kernels - 1)
+    so_far = kernel_so_far(ledger, key, elapsed_s)  # this kernel's start: spent, not recorded yet
+    measured = [float(v) for k, v in ledger["spent"].items() if k.endswith("/02_train_kernel")] + ([so_far] if so_far else [])
+    kernel = max([notebook + start_up] + measured)  # a training kernel to come: as long as those seen, at least
+    later = later_s(ledger, notebook, heavy=kernel)
+    left = ledger["limit_s"] - spent_s(ledger, but=key) - so_far - later - kernel * (kernels - 1)
     share = left * (weight if key in refits else 1.0) / rounds
     if holdout(cfg) and refits and key not in refits:  # a holdout fold: what a CV score needs, if an even split has it
         even = left / (fold_rounds + refit_cost(cfg.n_folds) * len(refits))
@@ -567,7 +673,8 @@ def fold_epochs(cfg: CFG, fold: int | str, elapsed_s: float, epoch_s: float, tes
     epochs = int(min(cfg.epochs, max(epochs_done, epochs, 2 if first_slow else 0)))
     logger.info(f"time_limit: {'the refit' if key in refits else f'fold {fold}'} gets {epochs} epoch(s) of {epoch_s:.1f}s (its share {share:.0f}s of "
                 f"{left:.0f}s left for {len(waiting)} model(s) to train; at most epochs={cfg.epochs})"
-                + (f"; planned again after epoch {epochs_done}: the first paid for start-up" if epochs_done > 1 else ""))
+                + (f"; planned again after epoch {epochs_done}, at the pace of those after the first (it paid for start-up)"
+                   if epochs_done > 1 else ""))
     if epochs < min_epochs(cfg) and key not in refits and not first_slow:  # the plan after the second will say
         logger.warning(f"time_limit: fold {fold} gets {epochs} epoch(s), under the "
                        f"{min_epochs(cfg)} a model from {'pretrained weights' if _pretrained(cfg) else 'scratch'} needs: "

@@ -97,7 +97,7 @@ class CFG:
     mixup_alpha: float = 0.0  # timm Mixup alpha; 0 = off
     cutmix_alpha: float = 0.0  # timm CutMix alpha; 0 = off
     mixup_prob: float = 1.0  # probability of mixing a batch
-    mixup_off_epoch: int = 0  # epoch from which Mixup/CutMix stop (0 = never)
+    mixup_off_epoch: float = 0  # epoch from which Mixup/CutMix stop (0 = never); under 1, that share of the epochs the schedule runs (0.8: the last fifth without; a time-limited run plans its epochs)
     ema: bool = False  # keep EMA weights (timm ModelEmaV3); validated and checkpointed
     ema_decay: float = 0.998  # EMA decay per optimizer step
     freeze_epochs: int = 0  # backbone frozen for this many epochs, then trained at backbone_lr_scale
@@ -182,6 +182,9 @@ RUN_LEVEL = {"refit": "config key 'refit' applies to every experiment of the run
                       "(or --set refit=...), not under experiments"}
 
 
+EPOCH_OR_SHARE = ("mixup_off_epoch",)  # an epoch number, or under 1 a share of the schedule's epochs
+
+
 def check_value(key: str, value: Any) -> Any:
     """Coerce a value to the field's type, or raise naming the key."""
     if key == "refit" and (isinstance(value, bool) or value is None):  # YAML: true/yes/on, false/no/off
@@ -208,13 +211,16 @@ def check_value(key: str, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:  # an epoch number stays the int it was (what outputs were made from records it so)
+            return int(number) if key in EPOCH_OR_SHARE and number.is_integer() else number
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -309,7 +315,8 @@ def resolve(path: str | Path | None = None, experiment: str = "", overrides: dic
 #   the time to each model. Light augmentation suits few epochs.
 # - medium: resnet50d at 224 px (timm's ImageNet size), 5 folds, 20 epochs, medium augmentation.
 # - best: convnext_small at 288 px, 5 folds, 30 epochs, heavy augmentation with Mixup/CutMix
-#   switched off for the last fifth, stochastic depth: long runs need the regularisation.
+#   switched off for the last fifth (of the epochs each model runs: 24 of 30, or of what
+#   time_limit plans), stochastic depth: long runs need the regularisation.
 # All: AdamW with one warm-up epoch then cosine, EMA of the weights (timm's warm-up, so short
 # runs are not averaged with their untrained start), label smoothing 0.1 for classification.
 # Without a GPU (QUALITY_CPU), the models and sizes a CPU trains in minutes: resnet18 at 64 px
@@ -320,7 +327,7 @@ QUALITY = {
     "fast": {"model_name": "resnet18", "img_size": 128, "n_folds": 3, "epochs": 12, "lr": 2e-3, "augment": "light"},
     "medium": {"model_name": "resnet50d", "img_size": 224, "n_folds": 5, "epochs": 20, "lr": 1e-3, "augment": "medium"},
     "best": {"model_name": "convnext_small", "img_size": 288, "n_folds": 5, "epochs": 30, "lr": 4e-4, "augment": "heavy",
-             "drop_path": 0.2, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 0.5, "mixup_off_epoch": 24},
+             "drop_path": 0.2, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 0.5, "mixup_off_epoch": 0.8},
 }
 QUALITY_CPU = {"fast": {"img_size": 64, "batch_size": 64}, "medium": {"model_name": "resnet18", "img_size": 64, "batch_size": 64, "lr": 2e-3},
                "best": {"model_name": "resnet34", "img_size": 96, "drop_path": 0.1}}
@@ -444,6 +451,10 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
     for key, interval in RANGES.items():
         if _outside(getattr(cfg, key), interval):
             out.append((key, f"config key '{key}' must be in {interval.replace('inf', '∞')}, got {getattr(cfg, key)!r}"))
+    for key in EPOCH_OR_SHARE:
+        if getattr(cfg, key) > 1 and not float(getattr(cfg, key)).is_integer():
+            out.append((key, f"config key '{key}' is an epoch number (a whole one) or a share of the epochs under 1, "
+                             f"got {getattr(cfg, key)!r}"))
     task_metrics = {"classification": ("accuracy", "f1_macro", "roc_auc"), "regression": ("rmse",),
                     "multilabel": ("f1_micro", "f1_macro", "map", "roc_auc", "f2_ciw")}[cfg.task] if cfg.task in CHOICES["task"] else ()
     if cfg.task != "regression" and cfg.metric in CHOICES["metric"] and cfg.metric not in task_metrics:

@@ -308,6 +308,16 @@ def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger
         fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger, n_test)
 
 
+def mixup_off(cfg: CFG, epochs: int) -> int:
+    """The epoch from which Mixup/CutMix stop: `mixup_off_epoch` when it is an epoch number, or
+    under 1 that share of the epochs the schedule runs (a time-limited run plans them, a refit
+    runs its own); 0: never."""
+    share = cfg.mixup_off_epoch
+    if not share:
+        return 0
+    return int(share) if share >= 1 else max(1, round(share * epochs))
+
+
 def folds_epochs(cfg: CFG) -> float:
     """The epochs the CV chose: the mean of the folds' best epochs; with time_limit (no early
     stop: each fold's schedule was planned and run to its end), the mean of the epochs they ran."""
@@ -509,7 +519,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         frozen = epoch < cfg.freeze_epochs
         set_backbone_trainable(model, not frozen)
         train_loader.sampler.set_epoch(epoch_seed)
-        mix = mixup if mixup is not None and not (cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch) else None
+        mix = mixup if mixup is not None and not (mixup_off(cfg, epochs) and epoch >= mixup_off(cfg, epochs)) else None
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch,
                                      scale, mix, ema, step_model, train_norm, frozen=frozen,
                                      warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs)
@@ -536,11 +546,15 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         # autotuning, the workers; on a CPU the first pass over the cache and oneDNN's kernels: the
         # recipe's refit took 9.9 s, then 8.9 and 8.6 on average, and planned from the first it
         # ended 27 s early)
-        again = budgeted and state.get("planned_after") == 1 and epoch + 1 == 2
+        # and from the fifth again, at the mean pace of the epochs after the first (the recipe's
+        # refit, planned at its second epoch's 9.5 s, then ran 8.6 s on average and ended 40 s early)
+        again = budgeted and epoch + 1 in budget.PLAN_AGAIN_AFTER and 0 < state.get("planned_after", 0) < epoch + 1
         if budgeted and (not state.get("planned_epochs") or again):  # after the timed first epoch: the epochs that fit
+            pace = [r["time_s"] for r in state["history"][1:]] or [row["time_s"]]
+            epoch_s = sum(pace) / len(pace)
             # its test predictions, at the validation's pace (the refit's: a third of a training step's)
-            test_s = n_test * row["time_s"] / max(len(train_df), 1) / 3 if refit else n_test * valid_s / max(len(valid_df), 1)
-            planned = budget.fold_epochs(cfg, fold, before + time.perf_counter() - process_start, row["time_s"], test_s, logger,
+            test_s = n_test * epoch_s / max(len(train_df), 1) / 3 if refit else n_test * valid_s / max(len(valid_df), 1)
+            planned = budget.fold_epochs(cfg, fold, before + time.perf_counter() - process_start, epoch_s, test_s, logger,
                                          epochs_done=epoch + 1) if procs.main else None
             state["planned_epochs"] = epochs = int(procs.broadcast(planned))
             state["planned_after"] = epoch + 1

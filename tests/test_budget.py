@@ -83,6 +83,49 @@ def test_each_fold_gets_its_share_of_the_time_left(tmp_path):
     assert budget.fold_epochs(cfg, 2, elapsed_s=30.0, epoch_s=7.0, test_s=0.0) == 2  # over twice it: start-up, a second
 
 
+def test_a_training_kernels_start_counts_before_it_is_recorded(tmp_path, monkeypatch):
+    """A training kernel's start (the kernel, the imports, CUDA's context: 22-24 s on an H100
+    machine, 10-11 s on the 2-core CPU) is recorded when the kernel ends; its folds, planned
+    before that, count it from the runner's mark, and a training kernel to come as long."""
+    import time
+
+    cfg = ledger_cfg(tmp_path)
+    keys = [budget.train_key(cfg, k) for k in range(2)]
+    budget.open_ledger([cfg], keys + [budget.train_key(cfg, 0).replace("e/", "f/")])
+    ledger = budget.read_ledger(cfg)
+    ledger.update(after_s=10.0, kernels="per_experiment")
+    budget.write_ledger(cfg, ledger)
+    free = budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=1.0, test_s=0.0)
+    now = time.time()
+    monkeypatch.setattr(budget, "_now", lambda: now)
+    budget.kernel_started(cfg, keys)
+    monkeypatch.setattr(budget, "_now", lambda: now + 20.0 + 2.0)  # 20 s of start, then 2 s of fold 0
+    ledger = budget.read_ledger(cfg)
+    assert budget.kernel_so_far(ledger, keys[0], 2.0) == pytest.approx(20.0)
+    assert budget.kernel_so_far(ledger, "f/train_fold0", 2.0) == 0.0  # not this kernel's
+    # 20 s spent, and the other experiment's kernel as long as this one's start (not a notebook's
+    # 9 s): 31 s fewer for 3 folds
+    cut = 20.0 + (20.0 - budget.NOTEBOOK_S)
+    assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=1.0, test_s=0.0) == pytest.approx(free - cut / 3, abs=1)
+    budget.spend(cfg, keys[0], 30.0)  # fold 0 ran 30 s: the kernel's start stays 20 s
+    monkeypatch.setattr(budget, "_now", lambda: now + 20.0 + 30.0 + 5.0)
+    assert budget.kernel_so_far(budget.read_ledger(cfg), keys[1], 5.0) == pytest.approx(20.0)
+    budget.kernel_ended(cfg)
+    assert "kernel" not in budget.read_ledger(cfg)
+
+
+def test_the_stackers_time_is_measured_on_this_machine(tmp_path):
+    """LightGBM per fold: timed at the fold's shape, so it grows with the rows, the classes and
+    the embeddings' width (a constant tuned on 2 cores kept 60 s for 8 folds a 16-core machine
+    stacked in 10)."""
+    cfg = ledger_cfg(tmp_path, n_folds=5)
+    small = budget.stack_fold_s(cfg, 1000, 10, 64)
+    wide = budget.stack_fold_s(cfg, 1000, 10, 512)
+    assert 0 < small < wide
+    assert budget.stack_fold_s(cfg, 20000, 10, 64) > 2 * small  # more rows than the probe's: scaled
+    assert budget.stack_fold_s(ledger_cfg(tmp_path, stacker="svr"), 1000, 10, 64) == budget.STACK_FOLD_S
+
+
 def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
     """On an H100 machine each notebook took 13-15 s to start (its imports 11-12 s), against the
     8-10 s of the 2-core CPU: planned with the CPU's figure, a 180 s demo run gave its folds the
@@ -91,6 +134,11 @@ def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
     assert budget.notebook_s({"notebook_s": 14.4, "spent": {}}) == 14.4  # the runner's own imports + KERNEL_S
     ledger = {"notebook_s": 14.4, "spent": {"e/00_eda": 14.4, "e/01_folds": 13.5, "f/01_folds": 13.0, "e/04_stacking": 19.0}}
     assert budget.notebook_s(ledger) == pytest.approx(13.25)  # the notebooks that do little else: 01_folds
+    # and the later stages, less the work the plan foretold them (on an H100 machine 01_folds took
+    # 8.6-9.5 s, 03_features 12-18 s beyond its work): 13.5, 13.0, 19.0 - 4.0 and 18.5 - 0.5
+    ledger["after_work"] = {"e/03_features": 0.5, "e/04_stacking": 4.0, "f/04_stacking": 4.0, "05_ensemble": 0.0}
+    ledger["spent"]["e/03_features"] = 18.5
+    assert budget.notebook_s(ledger) == pytest.approx((13.5 + 13.0 + 15.0 + 18.0) / 4)
     assert budget.time_imports() is None  # imported already (here): the runner says nothing rather than 0 s
     fresh = subprocess.run([sys.executable, "-c", "from helpers import budget; print(budget.time_imports())"],
                            capture_output=True, text=True, cwd=str(ROOT), check=True)

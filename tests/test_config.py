@@ -195,6 +195,24 @@ def test_int_accepted_for_float_fields():
     assert cfg.grad_clip == 0.0 and isinstance(cfg.grad_clip, float)
 
 
+def test_mixup_off_epoch_is_an_epoch_or_a_share_of_the_schedule():
+    """A time-limited run plans its epochs, so the `best` preset's Mixup stops at a share of
+    them (0.8: 24 of 30, 40 of 50) rather than at epoch 24 whatever the plan; an epoch number
+    stays the int it was, so what was made from it stays up to date."""
+    from helpers.train import mixup_off
+
+    epoch = load_cfg(overrides={"competition_dir": "comp", "mixup_off_epoch": 17})
+    assert epoch.mixup_off_epoch == 17 and isinstance(epoch.mixup_off_epoch, int)
+    assert artifacts.digest(CFG(competition_dir="comp").mixup_off_epoch) == artifacts.digest(0)
+    assert (mixup_off(epoch, 30), mixup_off(epoch, 50)) == (17, 17)
+    share = load_cfg(overrides={"competition_dir": "comp", "mixup_off_epoch": 0.8})
+    assert (mixup_off(share, 30), mixup_off(share, 50), mixup_off(share, 1)) == (24, 40, 1)
+    assert mixup_off(load_cfg(overrides={"competition_dir": "comp"}), 30) == 0  # never
+    assert load_cfg(overrides={"competition_dir": "comp", "quality": "best"}).mixup_off_epoch == 0.8
+    with pytest.raises(ValueError, match="'mixup_off_epoch' is an epoch number"):
+        load_cfg(overrides={"competition_dir": "comp", "mixup_off_epoch": 2.5})
+
+
 def test_tuple_accepted_for_list_fields():
     cfg = load_cfg(overrides={"competition_dir": "comp", "folds": (0, 2)})
     assert cfg.folds == [0, 2]
