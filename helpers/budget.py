@@ -163,10 +163,17 @@ def kernel_started(cfg: CFG, keys: list[str]) -> None:
         write_ledger(cfg, ledger)
 
 
-def kernel_ended(cfg: CFG) -> None:
+def kernel_ended(cfg: CFG, seconds: float) -> None:
+    """The training kernel kernel_started marked took `seconds`: what its models did not record
+    is its own start, booked as <exp>/02_train_kernel."""
     ledger = read_ledger(cfg)
-    if ledger is not None and ledger.pop("kernel", None) is not None:
-        write_ledger(cfg, ledger)
+    if ledger is None or ledger.get("finished") or "kernel" not in ledger:
+        return
+    before = ledger.pop("kernel").get("before", {})
+    models = sum(float(ledger["spent"].get(k, 0.0)) - b for k, b in before.items())
+    key = f"{cfg.experiment}/02_train_kernel"
+    ledger["spent"][key] = round(float(ledger["spent"].get(key, 0.0)) + max(0.0, seconds - models), 2)
+    write_ledger(cfg, ledger)
 
 
 def kernel_so_far(ledger: dict, key: str, elapsed_s: float) -> float:

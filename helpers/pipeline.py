@@ -445,15 +445,12 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             if job.cfg.time_limit:
                 from . import budget
 
-                before = budget.spent_in(job.cfg, budget_keys(job)) if merged else 0.0
                 if merged:  # its folds count its start, spent before they record a second
                     budget.kernel_started(job.cfg, budget_keys(job))
             seconds = execute_on_ray([job], args.address)[0] if ray else execute(job)
             print(f"{seconds:.1f}s", flush=True)
             if job.cfg.time_limit and merged:  # the folds recorded their own time: the kernel's start is the rest
-                budget.kernel_ended(job.cfg)
-                budget.add(job.cfg, f"{job.cfg.experiment}/02_train_kernel",
-                           max(0.0, seconds - (budget.spent_in(job.cfg, budget_keys(job)) - before)))
+                budget.kernel_ended(job.cfg, seconds)
             elif job.cfg.time_limit:
                 budget.spend(job.cfg, budget_key(job), seconds)
         flush()

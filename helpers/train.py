@@ -519,7 +519,8 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         frozen = epoch < cfg.freeze_epochs
         set_backbone_trainable(model, not frozen)
         train_loader.sampler.set_epoch(epoch_seed)
-        mix = mixup if mixup is not None and not (mixup_off(cfg, epochs) and epoch >= mixup_off(cfg, epochs)) else None
+        off = mixup_off(cfg, epochs)
+        mix = mixup if mixup is not None and not (off and epoch >= off) else None
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch,
                                      scale, mix, ema, step_model, train_norm, frozen=frozen,
                                      warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs)

@@ -110,8 +110,9 @@ def test_a_training_kernels_start_counts_before_it_is_recorded(tmp_path, monkeyp
     budget.spend(cfg, keys[0], 30.0)  # fold 0 ran 30 s: the kernel's start stays 20 s
     monkeypatch.setattr(budget, "_now", lambda: now + 20.0 + 30.0 + 5.0)
     assert budget.kernel_so_far(budget.read_ledger(cfg), keys[1], 5.0) == pytest.approx(20.0)
-    budget.kernel_ended(cfg)
+    budget.kernel_ended(cfg, 20.0 + 30.0 + 5.0)  # the kernel's 55 s, less fold 0's 30: its start and fold 1's 5
     assert "kernel" not in budget.read_ledger(cfg)
+    assert budget.read_ledger(cfg)["spent"]["e/02_train_kernel"] == pytest.approx(25.0)
 
 
 def test_the_stackers_time_is_measured_on_this_machine(tmp_path):
