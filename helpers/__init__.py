@@ -12,7 +12,7 @@ import os
 # each import for seconds. Set NO_ALBUMENTATIONS_UPDATE=0 to have the check.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from .config import CFG, ROOT, load_cfg
+from .config import CFG, ROOT, experiment_names, load_cfg
 
 
 def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
@@ -26,6 +26,9 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     from .budget import apply_plan
 
     cfg = apply_plan(load_cfg(config_path, experiment, overrides))  # time_limit: the run's planned image size and folds
+    names = artifacts.name_problems([cfg, *_siblings(config_path, cfg.experiment, overrides)])
+    if names:
+        raise ValueError("\n".join(names))
     problems = artifacts.unwritable(cfg)
     if problems:
         raise PermissionError("\n".join(problems))
@@ -41,6 +44,19 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     logger = get_logger("kaggle", artifacts.log_path(cfg, log_name))
     artifacts.save_config(cfg)
     return cfg, logger
+
+
+def _siblings(config_path: str, experiment: str, overrides: dict | None) -> list[CFG]:
+    """The YAML's other experiments (those that load: their own problems are the check's), whose
+    folders this one's must not collide with."""
+    out = []
+    for name in experiment_names(config_path) if config_path else []:
+        if name != experiment:
+            try:
+                out.append(load_cfg(config_path, name, overrides))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
 
 
 __all__ = ["CFG", "ROOT", "load_cfg", "setup"]

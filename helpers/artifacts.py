@@ -200,6 +200,28 @@ def predictions_dir(name: str) -> Path:
     return under_root("predictions") / name
 
 
+# names the project writes under models_dir beside the experiments' folders
+RESERVED = {"ensemble": "ensemble folder (05_ensemble's score, plots and time ledger)", "results.csv": "results table"}
+
+
+def name_problems(cfgs: list[CFG]) -> list[str]:
+    """Experiment names that collide with a folder or file the project writes under models_dir:
+    05_ensemble's folder, the results table, another experiment's folder or stacker folder
+    (<exp>_<stacker>), in any letter case (one folder on a case-insensitive disk); a submission
+    name that is submission.csv's. Each names the experiments and what they collide on."""
+    claims: dict[str, list[str]] = {k.casefold(): [f"the project's {v}"] for k, v in RESERVED.items()}
+    for cfg in cfgs:
+        claims.setdefault(cfg.experiment.casefold(), []).append(f"experiment '{cfg.experiment}'")
+        claims.setdefault(stack_cfg(cfg).experiment.casefold(), []).append(f"experiment '{cfg.experiment}''s stacker")
+    problems = [f"{' and '.join(dict.fromkeys(who))} would share the folder {cfgs[0].models_dir}/{name}: rename the experiment"
+                for name, who in claims.items() if len(dict.fromkeys(who)) > 1]
+    for cfg in cfgs:
+        if cfg.submission_name and cfg.submission_name.casefold() in ("submission", "submission.csv"):
+            problems.append(f"config key 'submission_name' {cfg.submission_name!r} is submission.csv's own name: give the "
+                            f"named copy another (or leave it empty)")
+    return list(dict.fromkeys(problems))
+
+
 # --- formats ----------------------------------------------------------------------------------
 def save_config(cfg: CFG, path: Path | None = None) -> Path:
     """The resolved config as YAML (models/<experiment>/config.yaml by default)."""
@@ -220,20 +242,56 @@ def write_folds(cfg: CFG, folds: pd.DataFrame) -> None:
 
 
 def read_folds(cfg: CFG) -> pd.DataFrame:
-    return read_table(folds_path(cfg), cfg.id_col)
+    return read_table(folds_path(cfg), cfg.id_col, cfg.label_text)
+
+
+def _plain(value):
+    """A checkpoint's payload in the types torch.load(weights_only=True) reads: numpy arrays as
+    tensors, numpy numbers as Python's; nothing that unpickling would run."""
+    import torch
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
-    """A checkpoint: a dict with 'model' (the state dict) and 'cfg' (the config as a dict)."""
-    atomic_save(payload, path)
+    """A checkpoint: a dict with 'model' (the state dict) and 'cfg' (the config as a dict), in
+    types that load without running code (load_checkpoint). Weights that are not finite are
+    refused: a NaN model is never kept as trained."""
+    import torch
+
+    bad = [k for k, t in payload.get("model", {}).items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: not saved: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])})")
+    atomic_save(_plain(payload), path)
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint saved by save_checkpoint, loaded with torch.load(weights_only=True): tensors,
+    numbers, text, lists and dicts only. A file that holds anything else (an older version's
+    checkpoint, or one crafted to run code) is refused, not loaded."""
+    import pickle
+
     import torch
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (train the fold with 02_train first)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not loaded: it holds objects other than weights, numbers and text "
+                         f"({str(e).strip().splitlines()[-1][:200]}), and loading those could run code. A checkpoint "
+                         f"of an older version of helpers: train the fold again (retrain: true)") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).strip()[:200]}): train the "
+                         f"fold again (retrain: true)") from None
 
 
 # how to run a model, not what it is: taken from the machine that runs it, not from the checkpoint
@@ -285,18 +343,33 @@ def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
 
 
+def nonfinite_rows(values) -> np.ndarray:
+    """Rows of a prediction array (or frame of numbers) holding NaN or inf."""
+    values = np.asarray(values, dtype=float)
+    return np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(1))
+
+
+def finite_or_raise(values, what: str) -> None:
+    """Raise naming `what` and its rows when predictions hold NaN or inf: none is ever written,
+    scored or blended."""
+    bad = nonfinite_rows(values)
+    if len(bad):
+        raise ValueError(f"{what}: {len(bad)} row(s) of predictions are NaN or inf (rows {bad[:5].tolist()}"
+                         f"{' ...' if len(bad) > 5 else ''}); predictions that are not numbers are never written, scored "
+                         f"or blended: remake what made them")
+
+
 def write_predictions(cfg: CFG, kind: str, frame: pd.DataFrame, fold: int | None = None) -> Path:
+    """An OOF or test prediction file (its id, target and fold columns kept as they are); a NaN
+    or inf prediction is refused."""
     path = predictions_path(cfg, kind, fold)
+    finite_or_raise(frame[[c for c in frame.columns if c.startswith("prob_") or c == "pred"]], str(path))
     atomic_to_csv(frame, path)
     return path
 
 
 def read_predictions(cfg: CFG, kind: str, fold: int | None = None) -> pd.DataFrame:
-    return read_table(predictions_path(cfg, kind, fold), cfg.id_col, _text(cfg))
-
-
-def _text(cfg: CFG) -> list[str]:
-    return [cfg.target_col] if cfg.task == "multilabel" else []
+    return read_table(predictions_path(cfg, kind, fold), cfg.id_col, cfg.label_text)
 
 
 def save_logits(cfg: CFG, logits: np.ndarray | None, fold: int | None = None) -> None:
@@ -330,12 +403,16 @@ def score_thresholds(score: dict | None, classes: list | None) -> list[float] | 
 
 def read_experiment(folder: Path, cfg: CFG) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(OOF predictions, test predictions) of an experiment folder (experiment_dirs)."""
-    return (read_table(Path(folder) / "oof.csv", cfg.id_col, _text(cfg)),
+    return (read_table(Path(folder) / "oof.csv", cfg.id_col, cfg.label_text),
             read_table(Path(folder) / "test.csv", cfg.id_col))
 
 
 def save_features(cfg: CFG, split: str, fold: int | None, array: np.ndarray) -> None:
-    atomic_save_npy(np.asarray(array).astype(np.float16), feature_path(cfg, split, fold))
+    """Embeddings as float16; NaN or inf ones (or values float16 cannot hold) are refused."""
+    path = feature_path(cfg, split, fold)
+    array = np.asarray(array).astype(np.float16)
+    finite_or_raise(array, f"{path} (embeddings)")
+    atomic_save_npy(array, path)
 
 
 def load_features(cfg: CFG, split: str, fold: int) -> np.ndarray:
@@ -349,20 +426,8 @@ def load_features(cfg: CFG, split: str, fold: int) -> np.ndarray:
 
 
 def stacker_path(cfg: CFG, fold: int) -> Path:
-    """A stacker experiment's fitted fold-k stacker (helpers.stacking.FoldStacker)."""
-    return exp_dir(cfg) / f"fold{fold}.joblib"
-
-
-def save_stacker(cfg: CFG, fold: int, stacker) -> None:
-    import joblib
-
-    atomic_save(stacker, stacker_path(cfg, fold), saver=lambda obj, tmp: joblib.dump(obj, tmp))
-
-
-def load_stacker(path: Path):
-    import joblib
-
-    return joblib.load(path)
+    """A stacker experiment's fitted fold-k stacker: a folder (helpers.stacking.FoldStacker.save)."""
+    return exp_dir(cfg) / f"stacker_fold{fold}"
 
 
 def write_stacker_manifest(cfg: CFG, manifest: dict) -> None:

@@ -42,12 +42,12 @@ def config_problems(path: str, experiment: str = "", overrides: dict | None = No
     return cfg, [f"{path}: {p}" for p in problems]
 
 
-def _csv(path: Path, what: str, id_col: str, problems: list[str]) -> pd.DataFrame | None:
+def _csv(path: Path, what: str, id_col: str, problems: list[str], text_cols: list[str] = ()) -> pd.DataFrame | None:
     if not path.exists():
         problems.append(f"{what} not found: {path}")
         return None
     try:
-        return read_table(path, id_col)
+        return read_table(path, id_col, text_cols)
     except ValueError as e:  # not UTF-8, empty, malformed: reported with the others
         problems.append(str(e))
         return None
@@ -59,7 +59,7 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     problems: list[str] = []
     frames = []
     train_path = cfg.path(cfg.train_csv)
-    train = _csv(train_path, "train CSV", cfg.id_col, problems)
+    train = _csv(train_path, "train CSV", cfg.id_col, problems, cfg.label_text)
     if train is not None:
         problems += train_problems(cfg, train, train_path)
         if cfg.id_col in train:
@@ -78,10 +78,10 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     if test is not None and cfg.id_col in test:
         problems += test_problems(cfg, test, test_path, sample, sample_path)
         frames.append(("test", test, test_path))
-    if sample is not None and train is not None and cfg.id_col in sample and cfg.target_col in train:
+    target_known = all(c in train for c in (cfg.label_cols or [cfg.target_col])) if train is not None else False
+    if sample is not None and target_known and cfg.id_col in sample and len(train):
         try:
-            submission_format(cfg, sample, get_classes(train.dropna(subset=[cfg.target_col]), cfg)
-                              if cfg.task == "classification" else None)
+            submission_format(cfg, sample, None if cfg.task == "regression" else get_classes(train, cfg))
         except ValueError as e:
             problems.append(str(e))
     return problems, frames
@@ -166,8 +166,27 @@ def check_all(cfgs: list[CFG], images: bool = True) -> list[str]:
                 seen.add(where)
                 problems += image_problems(cfg, frames)
         prefix = f"experiments.{cfg.experiment}: " if len(cfgs) > 1 else ""
-        problems += [prefix + p for p in model_problems(cfg) + transform_problems(cfg)]
-    return list(dict.fromkeys(problems))
+        problems += [prefix + p for p in model_problems(cfg) + transform_problems(cfg) + runtime_problems(cfg)]
+    return list(dict.fromkeys(problems + artifacts.name_problems(cfgs)))
+
+
+def runtime_problems(cfg: CFG) -> list[str]:
+    """What this machine cannot run as set: more ddp processes than it has GPUs (or, without a
+    GPU, CPU cores)."""
+    import os
+
+    import torch
+
+    if cfg.ddp <= 1:
+        return []
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return [f"config key 'ddp' ({cfg.ddp}) asks for more processes than the {gpus} GPU(s) this machine has"] if cfg.ddp > gpus else []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.ddp > cores:
+        return [f"config key 'ddp' ({cfg.ddp}) asks for more processes than the {cores} CPU core(s) this machine gives "
+                f"(no GPU here): each would get less than a core; use ddp: {max(1, cores)} or less"]
+    return []
 
 
 def run_check(cfgs: CFG | list[CFG], logger: logging.Logger | None = None) -> None:
@@ -197,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         names = [args.experiment] if args.experiment else experiment_names(args.config)
+        overrides = parse_set(args.set)
     except (ValueError, FileNotFoundError) as e:
         print(f"1 problem(s):\n- {e}")
         return 1
     cfgs, problems = [], []
     for name in names:
-        cfg, found = config_problems(args.config, name, parse_set(args.set))
+        cfg, found = config_problems(args.config, name, overrides)
         problems += found
         if cfg is not None:
             cfgs.append(cfg)

@@ -143,6 +143,12 @@ class CFG:
         return (comp if comp.is_absolute() else ROOT / comp) / p
 
     @property
+    def label_text(self) -> list[str]:
+        """The columns every reader keeps as text: a class or multi-label target ('NA', 'None',
+        'null' and '0007' are labels, not NaN or numbers; only an empty cell is missing)."""
+        return [] if self.task == "regression" else [self.target_col]
+
+    @property
     def fold_ids(self) -> list[int]:
         """The folds to train."""
         return list(self.folds) if self.folds else list(range(self.n_folds))
@@ -234,28 +240,75 @@ def check_value(key: str, value: Any) -> Any:
 
 
 def parse_set(items: list[str]) -> dict:
-    """`key=value` strings (values read as YAML: 3, 0.1, true, [a, b]) to a dict."""
+    """`key=value` strings (values read as YAML: 3, 0.1, true, [a, b]) to a dict. A string
+    without '=', a value that is not YAML (`folds=[0`) or a key given twice raises ValueError
+    naming it."""
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got '{item}'")
+            raise ValueError(f"--set expects key=value, got '{item}' (e.g. --set {item.strip() or 'epochs'}=20)")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value != "" else ""
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--set expects key=value, got '{item}' (no key before '=')")
+        if key in out:
+            raise ValueError(f"--set gives config key '{key}' twice ({key}={out[key]!r} and '{item}'): give it once")
+        try:
+            out[key] = load_yaml(value, f"--set {key}") if value != "" else ""
+        except ValueError as e:
+            raise ValueError(f"{str(e).splitlines()[0]}; cannot read {value!r} as a value (lists are written "
+                             f"[0, 1], text with spaces in quotes)") from None
     return out
 
 
+def duplicate_keys(node, where: str = "") -> list[str]:
+    """Every key given twice in a mapping of a composed YAML document (PyYAML keeps the last
+    silently): the same experiment twice under `experiments:`, a top-level key twice, a key twice
+    in model_kwargs; each named with its place and both lines."""
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name, line = key_node.value, key_node.start_mark.line + 1
+            if name in seen:
+                out.append(f"key '{where}{name}' is given twice, on line {seen[name]} and on line {line}: keep one")
+            else:
+                seen[name] = line
+            out += duplicate_keys(value_node, f"{where}{name}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for value_node in node.value:
+            out += duplicate_keys(value_node, where)
+    return out
+
+
+def load_yaml(text, what: str):
+    """A YAML document (a string or a stream) read safely, refusing keys given twice: raises
+    ValueError naming `what`, the key and its lines, or YAML's own error."""
+    loader = yaml.SafeLoader(text)  # a stream keeps its name for YAML's own messages
+    try:
+        node = loader.get_single_node()
+        duplicates = duplicate_keys(node)
+        if duplicates:
+            raise ValueError(f"{what}: " + "; ".join(duplicates))
+        return None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as e:  # a typo in the file: say where, without a traceback
+        raise ValueError(f"{what}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
-    """The raw mapping of a config file."""
+    """The raw mapping of a config file; a key given twice in any mapping is an error naming
+    the key and both lines."""
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        with open(path) as f:  # a stream, so that YAML's message names the file
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:  # a typo in the file: say where, without a traceback
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    with open(path) as f:
+        data = load_yaml(f, str(path)) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
     return data
@@ -483,7 +536,31 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
     bad = [f for f in cfg.folds if not 0 <= f < cfg.n_folds]
     if bad:
         out.append(("folds", f"config key 'folds' has folds outside 0..{cfg.n_folds - 1}: {bad}"))
+    if cfg.image_ext and (not cfg.image_ext.startswith(".") or any(c in cfg.image_ext for c in "/\\")):
+        out.append(("image_ext", f"config key 'image_ext' is a file extension such as '.jpg' (or '' to try the usual "
+                                 f"ones), got {cfg.image_ext!r}"))
+    for key in ("experiment", "submission_name"):
+        why = name_problem(getattr(cfg, key), empty_ok=key == "submission_name")
+        if why:
+            out.append((key, f"config key '{key}' {why}, got {getattr(cfg, key)!r}"))
+    if cfg.batch_size % cfg.ddp:
+        out.append(("batch_size", f"config key 'batch_size' ({cfg.batch_size}) must split evenly among the ddp={cfg.ddp} "
+                                  f"processes (it is the global batch): use a multiple of {cfg.ddp}"))
     return out
+
+
+def name_problem(name: str, empty_ok: bool = False) -> str | None:
+    """Why a name that becomes a folder or file name (an experiment, a submission) is not a plain
+    one, or None: no path separator, no '..', not hidden, nothing outside its folder."""
+    if not name:
+        return None if empty_ok else "is empty"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "names a folder or file of its own: it may not hold '/' or '\\'"
+    if name.startswith(".") or name.strip() != name:
+        return "may not start with '.' or with or end in spaces"
+    if len(name) > 100:
+        return "is longer than 100 characters"
+    return None
 
 
 def to_dict(cfg: CFG) -> dict:

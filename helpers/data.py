@@ -18,7 +18,7 @@ from .config import CFG
 from .models import pretrained_data_config
 from .utils import read_table
 
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")  # tried in this order, any letter case
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")  # tried in this order, any letter case
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV's own threads only contend
@@ -54,7 +54,7 @@ def read_csv(path: Path, required: list[str], what: str, id_col: str | None = No
 
 def class_count_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
     """Classes with fewer rows than folds: stratified folds cannot put one in every fold."""
-    counts = train[cfg.target_col].dropna().value_counts()
+    counts = train[cfg.target_col].astype(str).value_counts()
     return [f"{path}: class {label!r} of '{cfg.target_col}' has {n} row(s), fewer than n_folds={cfg.n_folds}; "
             f"lower n_folds or merge rare classes" for label, n in counts[counts < cfg.n_folds].items()]
 
@@ -88,17 +88,22 @@ def train_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
         if all(c in train for c in target):
             problems += multilabel_problems(cfg, train, path)
     elif cfg.target_col in train:
-        nan = train[cfg.target_col].isna()
-        if nan.any():
-            problems.append(f"{path}: NaN in target column '{cfg.target_col}' (rows {_rows(nan)})")
+        target = train[cfg.target_col]
         if cfg.task == "classification":
-            classes = train[cfg.target_col].dropna().unique()
+            blank = target.map(blank_label)
+            if blank.any():
+                problems.append(f"{path}: empty cell(s) in target column '{cfg.target_col}' (rows {_rows(blank)}); every "
+                                f"training row needs its label ('NA', 'None' and 'null' are read as labels)")
+            classes = get_classes(train, cfg)
             if len(classes) == 1:
                 problems.append(f"{path}: target column '{cfg.target_col}' holds one class only ({classes[0]!r}): "
                                 f"there is nothing to classify (is target_col the right column?)")
-            problems += class_count_problems(cfg, train, path)
-        elif not pd.api.types.is_numeric_dtype(train[cfg.target_col]):
+            problems += look_alike_problems(target, path, cfg.target_col)
+            problems += class_count_problems(cfg, train[~blank], path)
+        elif not pd.api.types.is_numeric_dtype(target):
             problems.append(f"{path}: regression target '{cfg.target_col}' is not numeric")
+        elif target.isna().any():
+            problems.append(f"{path}: NaN in target column '{cfg.target_col}' (rows {_rows(target.isna())})")
     if cfg.group_col and cfg.group_col in train:
         nan = train[cfg.group_col].isna() | (train[cfg.group_col].astype(str).str.strip() == "")
         if nan.any():
@@ -127,6 +132,13 @@ def multilabel_problems(cfg: CFG, train: pd.DataFrame, path: Path) -> list[str]:
                             f"'label_sep' to a character no label name has (e.g. '|')")
     else:
         sets = label_sets(train[cfg.target_col], cfg.label_sep)
+        clash = [str(label) for label in cfg.labels if cfg.label_sep in str(label)]
+        if clash:  # such a label can never be read from target_col: it would be split in two
+            problems.append(f"config key 'labels' has label(s) {clash[:5]} that hold label_sep {cfg.label_sep!r}, which "
+                            f"separates the labels in '{cfg.target_col}': they would be read as "
+                            f"{[label.split(cfg.label_sep) for label in clash[:2]]}; set 'label_sep' to what separates "
+                            f"the labels in {path.name} (e.g. '|' or ',')")
+            return problems
         if cfg.labels:
             known = set(map(str, cfg.labels))
             unknown = pd.Series([bool(s - known) for s in sets])
@@ -173,13 +185,14 @@ def read_train(cfg: CFG) -> pd.DataFrame:
     path = cfg.path(cfg.train_csv)
     target = list(cfg.label_cols) if cfg.task == "multilabel" and cfg.label_cols else [cfg.target_col]
     required = [cfg.id_col, *target, *cfg.metadata_cols] + ([cfg.group_col] if cfg.group_col else [])
-    df = read_csv(path, required, "train CSV", cfg.id_col, label_text(cfg))
+    df = read_csv(path, required, "train CSV", cfg.id_col, cfg.label_text)
     problems = train_problems(cfg, df, path)
     if problems:
         raise DataError("\n".join(problems))
     df["path"] = resolve_paths(df[cfg.id_col], cfg.path(cfg.image_dir_train), cfg.image_ext, path)
     if cfg.task == "classification":
         classes = get_classes(df, cfg)
+        df[cfg.target_col] = df[cfg.target_col].astype(str)
         df["target"] = df[cfg.target_col].map({c: i for i, c in enumerate(classes)}).astype(int)
     elif cfg.task == "multilabel":  # a 0/1 vector per row; target_col the labels as one string
         labels = get_classes(df, cfg)
@@ -226,19 +239,52 @@ def read_sample_submission(cfg: CFG) -> pd.DataFrame:
     return read_csv(cfg.path(cfg.sample_submission), [cfg.id_col], "sample submission", cfg.id_col)
 
 
-def get_classes(train: pd.DataFrame, cfg: CFG) -> list:
-    """The sorted class labels (strings or numbers) of a classification target; the labels of
-    a multi-label one (cfg.label_cols, cfg.labels, or every label train names, sorted)."""
+def get_classes(train: pd.DataFrame, cfg: CFG) -> list[str]:
+    """The class labels of a classification target, as text, in sort_labels' order; the labels
+    of a multi-label one (cfg.label_cols, cfg.labels, or every label train names, sorted)."""
     if cfg.task == "multilabel":
         if cfg.label_cols:
             return [str(c) for c in cfg.label_cols]
-        return [str(c) for c in cfg.labels] or sorted(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
-    return sorted(train[cfg.target_col].unique().tolist())
+        return [str(c) for c in cfg.labels] or sort_labels(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
+    return sort_labels(str(c) for c in train[cfg.target_col].unique() if not blank_label(c))
 
 
-def label_text(cfg: CFG) -> list[str]:
-    """The columns read as text: a multi-label column ("0 3", "None" are labels, not numbers or NaN)."""
-    return [cfg.target_col] if cfg.task == "multilabel" else []
+def sort_labels(labels) -> list[str]:
+    """Labels in their natural order: by value when every one is a number ('2' before '10'),
+    else as text."""
+    labels = sorted(set(labels))
+    try:
+        values = [float(label) for label in labels]
+    except ValueError:
+        return labels
+    if not np.isfinite(values).all():
+        return labels
+    return [label for _, label in sorted(zip(values, labels))]
+
+
+def blank_label(value) -> bool:
+    """An empty cell of a text target (the only missing value a label column has)."""
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == ""
+
+
+def look_alike_problems(values: pd.Series, path: Path, column: str) -> list[str]:
+    """Labels that differ only in surrounding spaces or Unicode form ('a' and 'a ', 'é' composed
+    or not): they would silently be two classes."""
+    import unicodedata
+
+    text = values.astype(str).reset_index(drop=True)  # rows by position, as _rows counts them
+    key = text.map(lambda v: unicodedata.normalize("NFKC", v).strip())
+    problems = []
+    for _, spellings in text[key != ""].groupby(key[key != ""]):
+        distinct = list(dict.fromkeys(spellings))
+        if len(distinct) > 1:
+            rows = {repr(v): _rows(text == v, 3) for v in distinct[:4]}
+            problems.append(f"{path}: labels {', '.join(rows)} of '{column}' differ only in spaces or Unicode form "
+                            f"({'; '.join(f'{v} on rows {r}' for v, r in rows.items())}): they would be separate classes; "
+                            f"write each label one way")
+    return problems
+
+
 
 
 def label_sets(column: pd.Series, sep: str) -> list[set[str]]:
@@ -269,10 +315,21 @@ def joined_labels(matrix: np.ndarray, labels: list, sep: str) -> list[str]:
     return [sep.join(str(labels[j]) for j in np.flatnonzero(row > 0.5)) for row in np.asarray(matrix)]
 
 
+def outside_folder(value: str) -> bool:
+    """Whether an id, read as a path, leaves its image folder: an absolute path ('/etc/x',
+    'C:\\x'), a '..' part ('../secret/x', 'a/../../x'), or a NUL byte. Ids name files inside
+    the folder (a sub-folder is fine); a link the user put there is followed."""
+    parts = value.replace("\\", "/").split("/")
+    return (value.startswith(("/", "\\", "~")) or (len(value) > 1 and value[1] == ":" and value[0].isalpha())
+            or ".." in parts or "\0" in value)
+
+
 def locate_images(ids: pd.Series, image_dir: Path, image_ext: str) -> list[tuple[str | None, list[str]]]:
-    """For every id: (the image file found, or None; the names tried). The id may carry its
-    extension (or a sub-folder: 'n01440764/x.JPEG'); else <id><image_ext>, or <id> with each
-    of IMG_EXTS when image_ext is ''. An extension matches in any letter case (a.JPG)."""
+    """For every id: (the image file found, or None; the names tried). The id may name its file
+    whole, with any extension ('x.gif') or a sub-folder ('n01440764/x.JPEG'); else
+    <id><image_ext>, or <id> with each of IMG_EXTS when image_ext is ''. An extension matches in
+    any letter case (a.JPG). An id that leaves the folder (outside_folder) finds nothing and
+    tries nothing: no file outside image_dir is ever read."""
     def ext_folded(name: str) -> str:  # 'a.JPG' -> 'a.jpg': only the extension loses its case
         stem, ext = os.path.splitext(name)
         return stem + ext.lower()
@@ -283,16 +340,22 @@ def locate_images(ids: pd.Series, image_dir: Path, image_ext: str) -> list[tuple
         folded.setdefault(ext_folded(name), name)
 
     def find(name: str) -> str | None:
+        if outside_folder(name):
+            return None
         if "/" in name:
-            return name if (image_dir / name).exists() else None
-        return name if name in exact else folded.get(ext_folded(name))
+            return name if (image_dir / name).is_file() else None
+        found = name if name in exact else folded.get(ext_folded(name))
+        return found if found and (found != name or (image_dir / found).is_file() or os.path.islink(image_dir / found)) else None
 
     out = []
     for value in ids.astype(str):
+        if outside_folder(value):
+            out.append((None, []))
+            continue
         if image_ext:
             candidates = [value if value.lower().endswith(image_ext.lower()) else value + image_ext]
         else:
-            candidates = ([value] if value.lower().endswith(IMG_EXTS) else []) + [value + e for e in IMG_EXTS]
+            candidates = [value] + [value + e for e in IMG_EXTS]
         found = next((f for f in map(find, candidates) if f), None)
         out.append((str(image_dir / found) if found else None, candidates))
     return out
@@ -312,8 +375,11 @@ def resolve_paths(ids: pd.Series, image_dir: Path, image_ext: str, csv_path: Pat
 
 
 def missing_images(ids: pd.Series, located: list[tuple[str | None, list[str]]]) -> list[tuple[int, str]]:
-    """(row index, 'row R id=V (tried ...)') of every id whose image was not found."""
-    return [(row, f"row {row + 2} id={value} (tried {', '.join(tried)})")
+    """(row index, 'row R id=V (tried ...)') of every id whose image was not found, or that
+    leaves the image folder."""
+    return [(row, f"row {row + 2} id={value} " + (f"(tried {', '.join(tried)})" if tried else
+                                                   "leaves the image folder ('..' or an absolute path): an id names a file "
+                                                   "inside it, and nothing outside is read"))
             for row, (value, (path, tried)) in enumerate(zip(ids.astype(str), located)) if path is None]
 
 

@@ -72,8 +72,11 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: 
                              f"number: made with another n_folds, seed or group column?)") from None
         test = _align(test, ref_test[cfg.id_col], cfg.id_col, name, "test.csv")
         test_pred = test[cols].to_numpy(float)
+        artifacts.finite_or_raise(oof[cols], f"experiment '{name}': {d / 'oof.csv'}")
+        artifacts.finite_or_raise(test_pred, f"experiment '{name}': {d / 'test.csv'}")
         if name in (refits or set()):
             refit = _align(read_table(d / "test_refit.csv", cfg.id_col), ref_test[cfg.id_col], cfg.id_col, name, "test_refit.csv")
+            artifacts.finite_or_raise(refit[cols], f"experiment '{name}': {d / 'test_refit.csv'}")
             test_pred = with_refit(test_pred, refit[cols].to_numpy(float), cfg.refit)
             logger.info(f"experiment '{name}': test predictions {'from its refit alone' if cfg.refit == 'alone' else 'blended with its refit'}")
         if (oof["fold"].to_numpy() != ref_oof["fold"].to_numpy()).any():

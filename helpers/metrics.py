@@ -27,6 +27,12 @@ def get_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresholds: n
 
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
+    if not np.isfinite(y_pred.astype(float)).all():
+        raise ValueError(f"{metric}: {int((~np.isfinite(y_pred.astype(float))).reshape(len(y_pred), -1).any(1).sum())} "
+                         f"row(s) of predictions are NaN or inf: they are never scored")
+    if y_true.dtype.kind in "fc" and not np.isfinite(y_true).all():
+        raise ValueError(f"{metric}: {int((~np.isfinite(y_true)).reshape(len(y_true), -1).any(1).sum())} row(s) have no "
+                         f"true value (NaN): a label the predictions do not know?")
     if y_true.ndim == 2:
         return multilabel_score(metric, y_true, y_pred, thresholds, weights)
     if metric == "rmse":

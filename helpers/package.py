@@ -11,7 +11,8 @@ OUT/ is uploaded as a Kaggle dataset:
                            the competition's columns and files
     cnn/<exp>/fold{k}.safetensors + fold{k}.json      a CNN's weights and the config it was trained with
     cnn/<exp>/refit.safetensors + refit.json          its refit on all rows (`refit`), when the blend used it
-    stackers/<exp>/fold{k}.joblib                     fitted stackers (PCA, categories, model)
+    stackers/<exp>/stacker_fold{k}/                   fitted stackers: meta.json, LightGBM text models, skops files
+    vendor/                                           skops (pure Python), when a scikit-learn stacker is blended
     backbones/<exp>/fold0.safetensors + fold0.json    a frozen pretrained backbone (features_from pretrained)
 
 `run_package` (what inference.ipynb calls) recomputes the blend from the test images and
@@ -19,13 +20,30 @@ test metadata alone: CNN predictions with TTA, embeddings into the stackers, the
 submission in sample_submission's shape, checked before it is written. An unreadable or
 missing image gets the fallback prediction (the class prior, or the training mean), a warning
 naming its id, and is counted; a missing column or an empty test set is an error.
+
+What a package runs: the Python of its helpers/ (and vendor/) folders, which you can read, and
+nothing else. Every file it loads is data that loading cannot turn into code: weights as
+safetensors, settings as JSON, LightGBM's own text models, scikit-learn heads and PCA as skops
+files (scikit-learn's secure format: only the types a stacker of helpers is made of load). No
+pickle, no torch.load of a full object. Before predicting, every file package.json names is
+checked (present, complete), and a problem is an error naming the file.
+
+OUT is never a folder the package did not make: a new or empty folder, or an earlier package
+(its entries are replaced, anything else in it is kept). A non-empty folder that is no package
+is refused (with --force the package is written beside what is there, replacing none of it),
+and a folder that holds the project, its models or the competition's data always is.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import logging
+import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +54,7 @@ from . import artifacts
 from .config import ROOT, CFG, cfg_from_dict, experiment_names, load_cfg, parse_set, to_dict
 from .data import get_classes, label_sets, locate_images, read_csv, read_train
 from .ensemble import blend, normalise_rows, rank_transform, with_refit
+from .stacking import FoldStacker
 from .utils import atomic_to_csv, atomic_write_text, get_logger
 
 TEMPLATE = ROOT / "notebooks" / "kaggle_inference.ipynb"
@@ -84,7 +103,8 @@ def _pack_backbone(source_cfg: CFG, out: Path, fp16: bool) -> None:
     _save_weights(ckpt, out / "backbones" / source_cfg.experiment, "fold0", fp16)
 
 
-def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides: dict | None = None) -> Path:
+def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides: dict | None = None,
+                     force: bool = False) -> Path:
     """Everything 05_ensemble blended for the competition of `config`: every member with a
     weight (CNN folds, stackers and the CNNs or backbones they read), the blend, the classes."""
     from .budget import apply_plan
@@ -93,9 +113,9 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
     score = artifacts.read_ensemble_score(cfg)
     why = artifacts.stale(cfg, "ensemble")
     if score is None or why:
-        raise RuntimeError(f"the ensemble is not up to date ({why}): run 05_ensemble first, so that the "
-                           f"package rebuilds the submission it wrote")
-    out = _fresh(out)
+        raise PackageError(f"the ensemble is not up to date ({why}): run 05_ensemble first (python -m helpers.pipeline "
+                           f"--config {config}), so that the package rebuilds the submission it wrote")
+    target, out = Path(out), _fresh(out, force, _protected(cfg))
     root = artifacts.models_root(cfg)
     members, cnn_folds, backbones = [], {}, set()
     for name, weight in score["weights"].items():
@@ -114,7 +134,12 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
             continue
         members.append({"name": name, "kind": "stacker", "weight": weight, **manifest})
         for k in manifest["folds"]:
-            shutil.copy2(folder / f"fold{k}.joblib", _mkdir(out / "stackers" / name) / f"fold{k}.joblib")
+            stacker = artifacts.stacker_path(artifacts.stack_cfg(dataclasses.replace(cfg, experiment=manifest["source"])), k)
+            stacker = folder / stacker.name
+            if not (stacker / "meta.json").exists():
+                raise PackageError(f"{stacker} is missing (a stacker of an older version of helpers?): run 04_stacking "
+                                   f"for {manifest['source']} again (--force), then 05_ensemble")
+            shutil.copytree(stacker, out / "stackers" / name / stacker.name)
         if manifest["features_from"] == "pretrained":
             if manifest["source"] not in backbones:
                 _pack_backbone(artifacts.read_config(folder), out, fp16)
@@ -129,18 +154,18 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
             "blend": {"method": score["method"], "members": members}, "cnn": {n: sorted(f) for n, f in cnn_folds.items()},
             "backbones": sorted(backbones), "cv": {"in_sample": score["in_sample"], "held_out": score["held_out"]},
             "thresholds": artifacts.score_thresholds(score, classes)}
-    return _finish(out, spec)
+    return _finish(target, out, spec)
 
 
-def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False) -> Path:
+def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False, force: bool = False) -> Path:
     """One CNN experiment alone: its fold models, averaged."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_absolute() and not exp_dir.exists():
         exp_dir = artifacts.under_root(str(exp_dir))
     folds = artifacts.trained_folds(exp_dir)
     if not folds:
-        raise FileNotFoundError(f"{exp_dir}: no fold*/best.pt (train the experiment first)")
-    out = _fresh(out)
+        raise PackageError(f"{exp_dir}: no trained fold (fold*/best.pt): train the experiment first (02_train)")
+    target, out = Path(out), _fresh(out, force, ([artifacts.output_root(), exp_dir.parent], []))
     _pack_cnn(exp_dir, out, folds, fp16)
     first = artifacts.load_checkpoint(exp_dir / f"fold{folds[0]}" / "best.pt")
     cfg, classes = artifacts.checkpoint_config(first), first["classes"]
@@ -150,7 +175,7 @@ def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False)
             "blend": {"method": "mean", "members": [{"name": exp_dir.name, "kind": "cnn", "weight": 1.0, "folds": folds}]},
             "cnn": {exp_dir.name: folds}, "backbones": [], "cv": None,
             "thresholds": artifacts.score_thresholds(artifacts.read_score(exp_dir, missing_ok=True), classes)}
-    return _finish(out, spec)
+    return _finish(target, out, spec)
 
 
 def _fallback(cfg: CFG, train: pd.DataFrame | None, classes: list | None) -> list[float]:
@@ -172,25 +197,144 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _fresh(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    return _mkdir(out)
+class PackageError(ValueError):
+    """A package that cannot be made or run as asked: the message names the file or folder."""
 
 
-def _finish(out: Path, spec: dict) -> Path:
-    shutil.copytree(ROOT / "helpers", out / "helpers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(TEMPLATE, out / "inference.ipynb")
-    atomic_write_text(out / "package.json", json.dumps(spec, indent=1, default=str))
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
+ENTRIES = ("helpers", "vendor", "inference.ipynb", "package.json", "cnn", "stackers", "backbones")  # what a package writes
+SKOPS_VENDOR = ("skops", "prettytable", "wcwidth")  # pure Python; Kaggle's image has none of them
+
+
+def _protected(cfg: CFG) -> tuple[list[Path], list[Path]]:
+    """(folders a package may neither be nor hold: the project's outputs and the competition;
+    folders it may not be inside: the competition's data)."""
+    return ([artifacts.output_root(), artifacts.models_root(cfg), artifacts.under_root(cfg.submissions_dir), cfg.path("")],
+            [cfg.path("")])
+
+
+def is_package(folder: Path) -> bool:
+    """Whether a folder is a package helpers made (its package.json holds a blend, beside an
+    inference.ipynb)."""
+    try:
+        spec = json.loads((Path(folder) / "package.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and "blend" in spec and (Path(folder) / "inference.ipynb").exists()
+
+
+def _fresh(out: str | Path, force: bool, protected: tuple[list[Path], list[Path]]) -> Path:
+    """An empty folder beside OUT to build the package in (_finish moves it into OUT). OUT must be
+    new, empty, an earlier package, or (with force) a folder whose other files are kept; never
+    the project, its models or the competition's data, nor a folder holding them."""
+    out = Path(out).expanduser().absolute()
+    real = Path(os.path.realpath(out))
+    holds, inside = protected
+
+    def resolved(p: Path) -> Path:
+        return Path(os.path.realpath(Path(p).expanduser().absolute()))
+
+    for p in map(resolved, [ROOT, Path.home(), *holds]):
+        if p.is_relative_to(real):
+            raise PackageError(f"{out}: not a place for a package: it is or holds {p} (the project, its outputs or the "
+                               f"competition's data), and nothing there may be replaced. Give a new folder, e.g. "
+                               f"{ROOT.parent / 'my-package'}")
+    for p in map(resolved, inside):
+        if real.is_relative_to(p):
+            raise PackageError(f"{out}: not a place for a package: it is inside the competition's data ({p}); give a "
+                               f"folder elsewhere")
+    if out.exists() and not out.is_dir():
+        raise PackageError(f"{out} is a file, not a folder: give a new folder for the package")
+    if out.is_dir() and any(out.iterdir()) and not is_package(out):
+        ours = [name for name in ENTRIES if (out / name).exists()]
+        if not force:
+            raise PackageError(f"{out} is not empty and is not a package ({len(list(out.iterdir()))} entries, e.g. "
+                               f"{sorted(p.name for p in out.iterdir())[:3]}): nothing is deleted. Give a new or empty "
+                               f"folder, or --force to write the package beside what is there")
+        if ours:
+            raise PackageError(f"{out}: --force writes beside what is there, but {ours} would be replaced and are not "
+                               f"from a package: give a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+
+
+def _finish(target: Path, out: Path, spec: dict) -> Path:
+    """The package built in `out` moved into `target`, replacing an earlier package's entries
+    only."""
+    try:
+        shutil.copytree(ROOT / "helpers", out / "helpers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if any(m["kind"] == "stacker" and m.get("stacker") in ("svr", "logistic") for m in spec["blend"]["members"]):
+            for name in SKOPS_VENDOR:  # the offline kernel reads the scikit-learn heads' skops files with it
+                module = importlib.import_module(name)
+                source = Path(module.__file__)
+                if source.name == "__init__.py":
+                    shutil.copytree(source.parent, out / "vendor" / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    _mkdir(out / "vendor")
+                    shutil.copy2(source, out / "vendor" / source.name)
+        shutil.copy2(TEMPLATE, out / "inference.ipynb")
+        atomic_write_text(out / "package.json", json.dumps(spec, indent=1, default=str))
+        target = Path(target).expanduser().absolute()
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ENTRIES:  # an earlier package's entries go; whatever else is there stays
+            old = target / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+            if (out / name).exists():
+                os.replace(out / name, old)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the build folder: ours, made by _fresh
+    size = sum(p.stat().st_size for name in ENTRIES for p in ([target / name] if (target / name).is_file() else
+                                                                 (target / name).rglob("*")) if p.is_file()) / 2**20
     members = ", ".join(f"{m['name']} ({m['weight']:.3f})" for m in spec["blend"]["members"])
     print(f"packaged {len(spec['blend']['members'])} blended model(s), {spec['blend']['method']}: {members}; "
           f"{sum(len(f) for f in spec['cnn'].values())} CNN fold model(s), "
           f"{sum(1 for m in spec['blend']['members'] if m.get('refit'))} refit(s), {len(spec['backbones'])} backbone(s); "
-          f"{size:.1f} MiB in {out}. Upload it as a Kaggle dataset, add it and the competition to a notebook, "
+          f"{size:.1f} MiB in {target}. Upload it as a Kaggle dataset, add it and the competition to a notebook, "
           f"and run inference.ipynb")
-    return out
+    return target
+
+
+def package_problems(package_dir: Path) -> list[str]:
+    """Every file the package's package.json names that is missing or incomplete (a weights file
+    cut short, a stacker without its model), each named: checked before any prediction."""
+    from safetensors import safe_open
+
+    package_dir = Path(package_dir)
+    try:
+        spec = json.loads((package_dir / "package.json").read_text())
+        members, cnn, backbones = spec["blend"]["members"], spec["cnn"], spec["backbones"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{package_dir / 'package.json'}: not a package's ({type(e).__name__}: {e}); make it with "
+                f"python -m helpers.package"]
+    weights = [("cnn", name, artifacts.fold_name(k)) for name, folds in cnn.items() for k in folds]
+    weights += [("cnn", m["name"], artifacts.REFIT) for m in members if m["kind"] == "cnn" and m.get("refit")]
+    weights += [("backbones", name, "fold0") for name in backbones]
+    problems = []
+    for kind, name, part in weights:
+        for suffix in (".safetensors", ".json"):
+            path = package_dir / kind / name / f"{part}{suffix}"
+            try:
+                if suffix == ".json":
+                    json.loads(path.read_text())
+                else:
+                    with safe_open(str(path), "pt") as f:
+                        f.keys()
+            except FileNotFoundError:
+                problems.append(f"{path}: missing (the package lists it)")
+            except Exception as e:  # noqa: BLE001 - truncated or not this format: named, with the reason
+                problems.append(f"{path}: unreadable or incomplete ({type(e).__name__}: {str(e)[:120]})")
+    for m in members:
+        for k in m.get("folds", []) if m["kind"] == "stacker" else []:
+            folder = package_dir / "stackers" / m["name"] / f"stacker_fold{k}"
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+                files = [h.get("lgbm") or h.get("skops") for h in meta["heads"]] + (["pca.skops"] if meta["pca"] else [])
+                problems += [f"{folder / f}: missing (the stacker lists it)" for f in files if f and not (folder / f).is_file()]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems.append(f"{folder / 'meta.json'}: missing or unreadable ({type(e).__name__})")
+    return problems
 
 
 # --- running it offline -----------------------------------------------------------------------------
@@ -219,7 +363,9 @@ def read_test_rows(cfg: CFG, metadata_cols: list[str]) -> tuple[pd.DataFrame, Pa
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir} (images for {test_path.name})")
     test = test.reset_index(drop=True)
-    test["path"] = [path for path, _ in locate_images(test[cfg.id_col], image_dir, cfg.image_ext)]
+    located = locate_images(test[cfg.id_col], image_dir, cfg.image_ext)
+    test["path"] = pd.Series([path for path, _ in located], dtype=object)
+    test["why"] = [f"tried {', '.join(tried)}" if tried else "it leaves the image folder" for _, tried in located]
     return test, test_path
 
 
@@ -247,13 +393,18 @@ def predict_package(package_dir: str | Path, competition_dir: str | Path, device
     package on the competition's current test set."""
     logger = logger or get_logger("kaggle.package")
     package_dir = Path(package_dir)
+    problems = package_problems(package_dir)
+    if problems:
+        raise PackageError(f"the package in {package_dir} is incomplete ({len(problems)} problem(s)); make it again "
+                           f"(python -m helpers.package) and upload the whole folder:\n  " + "\n  ".join(problems[:20]))
     spec = json.loads((package_dir / "package.json").read_text())
     cfg = cfg_from_dict(spec["cfg"])
     cfg.competition_dir = str(competition_dir)
     classes, members = spec["classes"], spec["blend"]["members"]
     metadata_cols = sorted({c for m in members if m["kind"] == "stacker" for c in m["metadata_cols"]})
     test, test_path = read_test_rows(cfg, metadata_cols)
-    items = [p if p is not None else f"{cfg.path(cfg.image_dir_test)}/{i} (not found)" for i, p in zip(test[cfg.id_col], test["path"])]
+    items = [p if isinstance(p, str) else f"{cfg.path(cfg.image_dir_test)}/{i} (no image file for this id: {why})"
+             for i, p, why in zip(test[cfg.id_col], test["path"], test["why"])]
     logger.info(f"{len(test)} test images from {test_path}; {len(members)} blended model(s), {spec['blend']['method']}")
     start = time.perf_counter()
     outputs, failed = {}, set()
@@ -286,7 +437,7 @@ def predict_package(package_dir: str | Path, competition_dir: str | Path, device
         fold_preds = []
         for k in m["folds"]:
             emb = source["embeddings"][source["folds"].index(None if m["features_from"] == "pretrained" else k)]
-            stacker = artifacts.load_stacker(package_dir / "stackers" / m["name"] / f"fold{k}.joblib")
+            stacker = FoldStacker.load(package_dir / "stackers" / m["name"] / f"stacker_fold{k}")
             fold_preds.append(np.asarray(stacker.predict(np.nan_to_num(emb.astype(np.float32)), test)).reshape(len(test), -1))
         preds.append(np.mean(fold_preds, axis=0))
     fallback = np.asarray(spec["fallback"], dtype=float)
@@ -315,15 +466,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="package what 05_ensemble blended for this config's competition")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the overrides the runner was given")
     parser.add_argument("--fp16", action="store_true", help="weights in float16 (half the size)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty OUT that is not a package, beside what is there (nothing is deleted)")
     args = parser.parse_args(argv)
-    if args.config:
-        if len(args.paths) != 1:
-            parser.error("with --config, give only OUT")
-        package_ensemble(args.config, args.paths[0], args.fp16, parse_set(args.set))
-    else:
-        if len(args.paths) != 2:
-            parser.error("give models/<experiment> OUT, or --config configs/<comp>.yaml OUT")
-        package_experiment(args.paths[0], args.paths[1], args.fp16)
+    if args.config and len(args.paths) != 1:
+        parser.error("with --config, give only OUT")
+    if not args.config and len(args.paths) != 2:
+        parser.error("give models/<experiment> OUT, or --config configs/<comp>.yaml OUT")
+    try:
+        if args.config:
+            package_ensemble(args.config, args.paths[0], args.fp16, parse_set(args.set), args.force)
+        else:
+            package_experiment(args.paths[0], args.paths[1], args.fp16, args.force)
+    except (PackageError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        print(f"package: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,6 +20,7 @@ leaderboard score.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -66,6 +67,7 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
     names = experiments or experiment_names(config)
     cfgs = [apply_plan(load_cfg(config, name, overrides)) for name in names]  # time_limit: the planned size and folds
     problems = [f"experiments.{cfg.experiment}: {p}" if len(cfgs) > 1 else p for cfg in cfgs for p in model_problems(cfg)]
+    problems += artifacts.name_problems(cfgs)
     if problems:
         raise ValueError("\n  ".join(problems))
     stages = stages or STAGES
@@ -363,15 +365,66 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401 - found missing now, not after the first notebook
+        except ImportError:
+            print("config error: --executor ray needs Ray, which is not installed: pip install -r requirements-ray.txt "
+                  "(or run without --executor ray)", file=sys.stderr)
+            return 2
     previous = os.environ.get(artifacts.OUTPUT_ROOT_ENV)
     os.environ[artifacts.OUTPUT_ROOT_ENV] = str(artifacts.output_root())  # the notebooks' kernels write where we read
     try:
-        return run(args, jobs)
+        with contextlib.nullcontext() if args.dry_run else run_lock([artifacts.models_root(j.cfg) for j in jobs], args.config):
+            return run(args, jobs)
+    except RunLocked as e:
+        print(f"nothing ran: {e}", file=sys.stderr)
+        return 2
     finally:
         if previous is None:
             os.environ.pop(artifacts.OUTPUT_ROOT_ENV, None)
         else:
             os.environ[artifacts.OUTPUT_ROOT_ENV] = previous
+
+
+class RunLocked(RuntimeError):
+    """Another runner is using the models folder."""
+
+
+@contextlib.contextmanager
+def run_lock(roots: list[Path], config: str):
+    """Hold the models folders for this run: a second runner on the same folder stops at once,
+    saying which run holds it, instead of repeating its work and failing it. The lock is the
+    operating system's (flock): a killed run releases it with its process."""
+    import fcntl
+    import socket
+    from datetime import datetime
+
+    held = []
+    try:
+        for root in sorted(set(roots)):
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                f = open(root / ".runner.lock", "a+")
+            except OSError:
+                continue  # a folder this process cannot write: the checks before any work name it
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise RunLocked(f"another run is using {root} ({holder}); wait for it to end, or give this run another "
+                                f"models_dir") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.now():%Y-%m-%d %H:%M:%S}, config {config}\n")
+            f.flush()
+            held.append(f)
+        yield
+    finally:
+        for f in held:
+            f.close()  # closing releases the lock
 
 
 def run(args: argparse.Namespace, jobs: list[Job]) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -40,12 +41,12 @@ from tqdm import tqdm
 
 from . import artifacts
 from .config import CFG
-from .data import InputNorm, create_transforms, input_stats, read_image
+from .data import InputNorm, create_transforms, input_stats, locate_images, read_image
 from .ensemble import REFIT_SHARE
 from .losses import TargetScale
 from .submission import multilabel_decisions
 from .train import autocast, load_model, predict_batch
-from .utils import atomic_to_csv, atomic_write_text, channels_last, get_device, get_logger
+from .utils import atomic_to_csv, atomic_write_text, channels_last, get_device, get_logger, read_table
 
 
 def _as_image(item, in_chans: int) -> np.ndarray:
@@ -97,6 +98,9 @@ class Predictor:
         exp_dir = Path(exp_dir)
         if not exp_dir.is_absolute() and not exp_dir.exists():
             exp_dir = artifacts.under_root(str(exp_dir))
+        if not exp_dir.is_dir():
+            raise FileNotFoundError(f"{exp_dir}: no such experiment folder (give models/<experiment>, e.g. "
+                                    f"{artifacts.under_root('models')}/<experiment>)")
         # the folds the experiment's predictions were made from, not every fold*/best.pt on disk
         paths = [exp_dir / f"fold{k}" / "best.pt" for k in (artifacts.trained_folds(exp_dir) if folds is None else folds)]
         paths = [p for p in paths if p.exists()]
@@ -174,6 +178,8 @@ class Predictor:
                         with torch.no_grad(), autocast(self.cfg, self.device, bf16=False):
                             embs[k][index] = model.features(images).float().cpu().numpy().astype(np.float16)
                 preds[index] = total.cpu().numpy().reshape(len(index), width)
+                artifacts.finite_or_raise(preds[index], f"{self.cfg.experiment}: the model's predictions of items "
+                                                        f"{index[:3]} ...")
             if eta is not None and batch == max(1, min(5, len(loader) - 1)) and done < len(items):  # after the first batches
                 seconds = (time.perf_counter() - start) / done * len(items)
                 eta.info(f"about {seconds / 60:.1f} min for {len(items)} images with {len(self.models)} model(s) "
@@ -267,11 +273,41 @@ def latency(predictor: Predictor, n: int = 64, size: int | None = None) -> dict:
             "folds": len(predictor.models), "batch_size": predictor.cfg.batch_size, "tta": len(predictor.cfg.tta)}
 
 
+def csv_items(csv: str, image_dir: str | None, image_ext: str) -> list[str]:
+    """The items of a CSV: its 'path' column (or its first), each an image file (absolute, or
+    relative to the working folder or to the CSV's); with `image_dir`, ids found in that folder
+    as training finds them (helpers.data.locate_images). Values that name no file at all are an
+    error before any model is loaded, naming the column and what was tried."""
+    path = Path(csv)
+    try:
+        df = read_table(path, None)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--csv {csv}: {e}") from None
+    if df.empty or not len(df.columns):
+        raise ValueError(f"--csv {csv}: no rows")
+    col = "path" if "path" in df.columns else df.columns[0]
+    values = df[col].astype(str).tolist()
+    if image_dir:
+        folder = Path(image_dir)
+        if not folder.is_dir():
+            raise ValueError(f"--image-dir {image_dir}: not a folder")
+        located = locate_images(pd.Series(values), folder, image_ext)
+        return [p if p else f"{folder / v} (not found: {', '.join(t) if t else 'it leaves the image folder'})"
+                for v, (p, t) in zip(values, located)]
+    items = [v if Path(v).is_absolute() or Path(v).exists() else str(path.parent / v) for v in values]
+    if not any(Path(i).is_file() for i in items):
+        raise ValueError(f"--csv {csv}: column '{col}' names no image file (e.g. {values[0]!r}: neither {Path(values[0])} nor "
+                         f"{path.parent / values[0]} exists). Give a 'path' column of image files, or add --image-dir "
+                         f"FOLDER to find these ids there as training does (their extension may be left out)")
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="models/<experiment> folder")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     parser.add_argument("--csv", help="a CSV of items: a 'path' column (or the first column)")
+    parser.add_argument("--image-dir", help="with --csv: the column holds ids, found in this folder as training finds them")
     parser.add_argument("--out", help="write the results to this CSV")
     parser.add_argument("--save", action="store_true", help="save results in predictions/<exp>_<timestamp>/")
     parser.add_argument("--device", default="auto")
@@ -279,19 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit", choices=["blend", "alone", "off"],
                         help="the refit on all rows with the folds, alone, or not (default: as the ensemble used it)")
     args = parser.parse_args(argv)
-    refit = None if args.refit is None else "" if args.refit == "off" else args.refit
-    predictor = Predictor.from_experiment(args.experiment, device=args.device, refit=refit)
-    if args.bench:
-        print(json.dumps(latency(predictor), indent=1))
-        return 0
-    items = list(args.image)
-    if args.csv:
-        df = pd.read_csv(args.csv)
-        col = "path" if "path" in df.columns else df.columns[0]
-        base = Path(args.csv).parent
-        items += [str(p if Path(p).is_absolute() or Path(p).exists() else base / p) for p in df[col].astype(str)]
-    if not items:
+    if not args.bench and not args.image and not args.csv:
         parser.error("give --image and/or --csv")
+    refit = None if args.refit is None else "" if args.refit == "off" else args.refit
+    try:
+        predictor = Predictor.from_experiment(args.experiment, device=args.device, refit=refit)
+        if args.bench:
+            print(json.dumps(latency(predictor), indent=1))
+            return 0
+        items = list(args.image) + (csv_items(args.csv, args.image_dir, predictor.cfg.image_ext) if args.csv else [])
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"predict: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     table = results_frame(predictor.predict(items, progress=len(items) > 256))
     if args.out:
         atomic_to_csv(table, args.out)
@@ -303,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved to {folder}")
     with pd.option_context("display.max_rows", 50, "display.width", 200):
         print(table.drop(columns=[c for c in table.columns if c.startswith("prob_")]).to_string(index=False))
+    failed = int((table["label"] == "ERROR").sum())
+    if failed:
+        print(f"predict: {failed} of {len(table)} item(s) could not be read (label ERROR, the reason in 'error')", file=sys.stderr)
+        return 1
     return 0
 
 

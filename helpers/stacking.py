@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
+import os
+import shutil
 import time
+from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
@@ -36,7 +40,7 @@ from .data import get_classes
 from .metrics import HIGHER_IS_BETTER, get_score
 from .models import TimmModel
 from .train import create_loader, load_model, predict, write_score
-from .utils import get_device
+from .utils import atomic_write_text, get_device
 
 # LightGBM's settings unless cfg.lgbm_params says otherwise (early_stopping_round: rounds without
 # improvement of the competition metric on the fold's held-out rows)
@@ -89,11 +93,58 @@ def _text_columns(X: pd.DataFrame) -> list[str]:
     return [c for c in X.columns if pd.api.types.is_object_dtype(X[c]) or pd.api.types.is_string_dtype(X[c])]
 
 
+class LgbmHead:
+    """A fitted LightGBM model as its Booster and classes: what the stacker predicts with, in the
+    project and in the offline package alike. Saved as LightGBM's own text model (no pickle:
+    loading it runs no code)."""
+
+    def __init__(self, booster: lgb.Booster, classes: list | None):
+        self.booster, self.classes_ = booster, None if classes is None else np.asarray(classes)
+
+    @classmethod
+    def of(cls, model) -> "LgbmHead":
+        return cls(model.booster_, getattr(model, "classes_", None) if isinstance(model, lgb.LGBMClassifier) else None)
+
+    def predict(self, X) -> np.ndarray:
+        return self.booster.predict(X)
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = np.asarray(self.booster.predict(X))
+        return np.column_stack([1 - p, p]) if p.ndim == 1 else p
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.booster.model_to_string())
+
+    @classmethod
+    def load(cls, path: Path, classes: list | None) -> "LgbmHead":
+        return cls(lgb.Booster(model_str=Path(path).read_text()), classes)
+
+
+# the types a scikit-learn head's skops file may hold beyond what skops trusts by default:
+# exactly what the svr / logistic heads are made of, nothing that could run code
+SKOPS_TRUSTED = ["numpy.dtype", "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"]
+
+
+def _skops_load(path: Path):
+    """A scikit-learn object from a skops file (scikit-learn's secure format: a zip of JSON and
+    arrays, no pickle), refused when it holds a type outside skops' own list and SKOPS_TRUSTED."""
+    import skops.io as sio
+
+    untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in SKOPS_TRUSTED]
+    if untrusted:
+        raise ValueError(f"{path}: not loaded: it holds types {untrusted[:5]} that a stacker of helpers never has")
+    return sio.load(path, trusted=SKOPS_TRUSTED)
+
+
 class FoldStacker:
     """One fold's fitted stacker with all it needs to predict new rows, as saved beside the
     stacker's predictions and packed for an internet-off kernel: the PCA of the embeddings
     (fitted on the fold's training rows), the text metadata's categories (from those rows only:
-    a category unseen in training is unknown, whatever the test set), the fitted model."""
+    a category unseen in training is unknown, whatever the test set), the fitted model.
+
+    `save` writes a folder that loads without running code: meta.json (settings, categories,
+    classes), LightGBM's text models, and skops files (scikit-learn's secure format) for the
+    PCA and the scikit-learn heads."""
 
     def __init__(self, cfg: CFG, n_classes: int):
         self.task, self.stacker, self.metadata_cols, self.n_classes = cfg.task, cfg.stacker, list(cfg.metadata_cols), n_classes
@@ -118,6 +169,7 @@ class FoldStacker:
         if cfg.stacker == "lgbm":
             self.categories = {c: sorted(X[c].dropna().unique().tolist()) for c in _text_columns(X)}
             X = self.frame(emb, rows)
+        fit = (lambda c, X_, y_, n: _fit_lgbm(c, X_, y_, n, seed)) if cfg.stacker == "lgbm" else (lambda c, X_, y_, n: _fit_sklearn(c, X_, y_))
         if self.task == "multilabel":  # one binary head per label, early-stopped on its own ROC AUC
             binary = dataclasses.replace(cfg, task="classification", metric="roc_auc")
             Y = np.asarray(y, dtype=float)
@@ -127,16 +179,14 @@ class FoldStacker:
                 if yj.min() == yj.max():  # a label these rows never (or always) show: its share
                     self.model.append(float(yj[0]))
                     continue
-                fitted = _fit_lgbm(binary, X, yj, 2, seed) if cfg.stacker == "lgbm" else _fit_sklearn(binary, X, yj)
+                fitted = fit(binary, X, yj, 2)
                 self.model.append(fitted[0])
                 if fitted[1] is not None:
                     importances.append(fitted[1])
                 self.trees = max(self.trees, fitted[2])
             self.importance = pd.concat(importances, axis=1).mean(axis=1) if importances else None
-        elif cfg.stacker == "lgbm":
-            self.model, self.importance, self.trees = _fit_lgbm(cfg, X, y, self.n_classes, seed)
         else:
-            self.model, _, self.trees = _fit_sklearn(cfg, X, y)
+            self.model, self.importance, self.trees = fit(cfg, X, y, self.n_classes)
         return self
 
     def predict(self, emb: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
@@ -144,7 +194,7 @@ class FoldStacker:
         from the fold's training rows)."""
         X = self.frame(emb, rows)
         if self.task == "regression":
-            return self.model.predict(X)
+            return np.asarray(self.model.predict(X))
         if self.task == "multilabel":
             return np.column_stack([np.full(len(X), m) if isinstance(m, float)
                                     else m.predict_proba(X)[:, list(m.classes_).index(1)] for m in self.model])
@@ -152,6 +202,60 @@ class FoldStacker:
         full = np.zeros((len(X), self.n_classes))
         full[:, np.asarray(self.model.classes_).astype(int)] = proba
         return full
+
+    # --- a folder that loads without running code ---------------------------------------------
+    def save(self, folder: Path) -> None:
+        """meta.json, model*.txt (LightGBM) or model*.skops (scikit-learn), pca.skops; written
+        beside, then moved in, so a killed save leaves the last complete one."""
+        import skops.io as sio
+
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        models = self.model if isinstance(self.model, list) else [self.model]
+        heads = []
+        for j, m in enumerate(models):
+            if isinstance(m, float):
+                heads.append({"constant": m})
+            elif isinstance(m, LgbmHead):
+                m.save(tmp / f"model{j}.txt")
+                heads.append({"lgbm": f"model{j}.txt", "classes": None if m.classes_ is None else m.classes_.tolist()})
+            else:
+                sio.dump(m, tmp / f"model{j}.skops")
+                heads.append({"skops": f"model{j}.skops"})
+        if self.pca is not None:
+            sio.dump(self.pca, tmp / "pca.skops")
+        meta = {"task": self.task, "stacker": self.stacker, "metadata_cols": self.metadata_cols, "n_classes": self.n_classes,
+                "categories": self.categories, "trees": self.trees, "pca": self.pca is not None,
+                "list": isinstance(self.model, list), "heads": heads}
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+
+    @classmethod
+    def load(cls, folder: Path) -> "FoldStacker":
+        """A stacker `save` wrote (a missing or unreadable file is an error naming it)."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder / 'meta.json'}: not a saved stacker ({type(e).__name__}: {e})") from None
+        self = cls.__new__(cls)
+        self.task, self.stacker, self.metadata_cols = meta["task"], meta["stacker"], meta["metadata_cols"]
+        self.n_classes, self.categories, self.trees, self.importance = meta["n_classes"], meta["categories"], meta["trees"], None
+        self.pca = _skops_load(folder / "pca.skops") if meta["pca"] else None
+        heads = []
+        for head in meta["heads"]:
+            try:
+                heads.append(head["constant"] if "constant" in head else
+                             LgbmHead.load(folder / head["lgbm"], head["classes"]) if "lgbm" in head else
+                             _skops_load(folder / head["skops"]))
+            except (OSError, lgb.basic.LightGBMError) as e:
+                raise ValueError(f"{folder}: a model file cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+        self.model = heads if meta["list"] else heads[0]
+        return self
 
 
 def _metric_eval(cfg: CFG, classes_present: np.ndarray, n_classes: int):
@@ -199,7 +303,7 @@ def _fit_lgbm(cfg: CFG, X_trn, y_trn, n_classes: int, seed: int):
         trees = probe.best_iteration_ or trees
     model = create(**{**params, "n_estimators": trees}).fit(X_trn, y_trn)
     importance = pd.Series(model.booster_.feature_importance("gain"), index=X_trn.columns)
-    return model, importance, trees
+    return LgbmHead.of(model), importance, trees
 
 
 def _fit_sklearn(cfg: CFG, X_trn, y_trn):
@@ -254,7 +358,7 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
         trn, val = (folds["fold"] != k).to_numpy(), (folds["fold"] == k).to_numpy()
         rows_trn, rows_val = folds[trn].reset_index(drop=True), folds[val].reset_index(drop=True)
         stacker = FoldStacker(cfg, n_classes).fit(cfg, emb[trn], rows_trn, y[trn], seed=cfg.seed + k)
-        artifacts.save_stacker(out_cfg, k, stacker)
+        stacker.save(artifacts.stacker_path(out_cfg, k))
         if stacker.importance is not None:
             importances.append(stacker.importance)
         part = artifacts.frame_predictions(rows_val[cfg.id_col], stacker.predict(emb[val], rows_val), cfg, classes)

@@ -4,6 +4,7 @@ column, or one column per label), checked before it is written, and scored again
 held-back solution file when there is one (the local leaderboard)."""
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -51,10 +52,16 @@ def submission_format(cfg: CFG, sample: pd.DataFrame, classes: list | None) -> s
     extra = [c for c in value_cols if str(c) not in names]
     missing = [c for c in classes if str(c) not in map(str, value_cols)]
     if extra or missing:
-        raise ValueError(f"{where} has one probability column per class, but its columns are not the classes of "
-                         f"'{cfg.target_col}' in the training data: "
-                         + "; ".join(filter(None, [f"column(s) {extra} name no training class" if extra else "",
-                                                   f"class(es) {missing} have no column" if missing else ""])))
+        what = ("one column per label, but its columns are not the labels the training data has"
+                if cfg.task == "multilabel" else
+                f"one probability column per class, but its columns are not the classes of '{cfg.target_col}' in the training data")
+        split = [c for c in extra if cfg.task == "multilabel" and not cfg.label_cols and cfg.label_sep in str(c)]
+        raise ValueError(f"{where} has {what}: " + "; ".join(filter(None, [
+            f"column(s) {extra} name no training {'label' if cfg.task == 'multilabel' else 'class'}" if extra else "",
+            f"{'label' if cfg.task == 'multilabel' else 'class'}(es) {missing} have no column" if missing else "",
+            f"{split[:3]} hold label_sep {cfg.label_sep!r}, which splits the labels of '{cfg.target_col}'" if split else "",
+            "a label no training row has cannot be learned: list it in config key 'labels' only if rows show it"
+            if cfg.task == "multilabel" and extra and not split else ""])))
     return "classes"
 
 
@@ -110,12 +117,17 @@ def local_lb(cfg: CFG, submission: pd.DataFrame, classes: list | None) -> float 
         return None
     if cfg.task == "multilabel":
         return _multilabel_lb(cfg, path, submission, classes)
-    solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution", cfg.id_col)
+    solution = read_csv(path, [cfg.id_col, cfg.target_col], "solution", cfg.id_col, cfg.label_text)
     solution = solution[[cfg.id_col, cfg.target_col]].rename(columns={cfg.target_col: "__true"})
     merged = solution.merge(submission, on=cfg.id_col)
     if cfg.task == "regression":
         return get_score(cfg.metric, merged["__true"], merged[cfg.target_col])
     index = {str(c): i for i, c in enumerate(classes)}
+    unknown = sorted(set(merged["__true"].astype(str)) - set(index))
+    if unknown:  # the model cannot have predicted them: no honest score
+        logging.getLogger("kaggle").warning(f"{path}: no local LB: its labels {unknown[:5]} are not among the training "
+                                            f"classes ({len(classes)}: {list(map(str, classes[:5]))} ...)")
+        return None
     y_true = merged["__true"].astype(str).map(index).to_numpy()
     value_cols = [c for c in submission.columns if c != cfg.id_col]
     if positive_probability(cfg, submission, classes):

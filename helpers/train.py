@@ -32,7 +32,7 @@ from .config import CFG, cfg_from_dict, to_dict
 from .data import EpochSampler, ImageDataset, InputNorm, create_transforms, device_augment, get_classes, input_stats
 from .losses import TargetScale, create_criterion, loss_kind
 from .metrics import cross_fitted, get_score, is_better, label_weights
-from .models import create_model
+from .models import create_model, one_pixel_strided_convs
 from .utils import channels_last, get_device, precision, seed_everything, setup_device
 
 if TYPE_CHECKING:  # timm is imported where a fold trains: 04_stacking and 05_ensemble need not pay for it at start
@@ -151,21 +151,27 @@ def to_predictions(outputs: torch.Tensor, cfg: CFG, scale: TargetScale | None) -
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg: CFG, device, epoch: int,
                     scale: TargetScale | None = None, mixup: Mixup | None = None, ema: ModelEmaV3 | None = None,
                     step_model: nn.Module | None = None, norm: InputNorm | None = None, frozen: bool = False,
-                    warm_backbone: bool = False) -> float:
+                    warm_backbone: bool = False, health: dict | None = None) -> float:
     """One pass over the training data; returns the mean loss. `step_model` is the module
     that runs the forward pass (the torch.compile'd model), `model` the one whose weights
-    are clipped and averaged. Nothing in a step waits for the device (the loss is summed
-    there and read once, at the end). `frozen`: the backbone's BatchNorm layers stay in eval
-    mode; `warm_backbone`: its LR ramps up over this epoch (the first after unfreezing)."""
+    are clipped and averaged. Nothing in a step waits for a GPU (the loss is summed there and
+    read once, at the end). `frozen`: the backbone's BatchNorm layers stay in eval mode;
+    `warm_backbone`: its LR ramps up over this epoch (the first after unfreezing).
+
+    A step whose gradients are not finite is skipped, as a GradScaler skips one, wherever that
+    costs no wait: on a CPU (where the host is the device) and with fp16's GradScaler. On a
+    GPU without one, the fold loop checks the loss and weights after the epoch (a wait per
+    epoch, not per step). `health` gets the count of skipped steps ('skipped') and of steps."""
     step_model = step_model if step_model is not None else model
     model.train()
     if frozen:
         freeze_batchnorm(model)
     norm = norm or InputNorm(input_stats(cfg), device, channels_last(cfg, device))
     total = torch.zeros((), device=device)
-    count, accum = 0, cfg.grad_accum
+    count, accum, skipped = 0, cfg.grad_accum, 0
     steps = epoch_updates(len(loader), accum)
     updates = epoch * steps
+    check_steps = device.type == "cpu" and not scaler.is_enabled()  # reading the norm back costs nothing there
     if warm_backbone:
         _ramp_backbone(optimizer, 1 / steps)  # the first update of the epoch too
     for step, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0), 1):
@@ -179,20 +185,46 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cfg:
             optimizer.zero_grad(set_to_none=True)  # backward reuse the old gradients' memory (10% on CPU)
         scaler.scale(loss / accum if accum > 1 else loss).backward()
         if step % accum == 0 or step == len(loader):
-            if cfg.grad_clip > 0:
+            finite = True
+            if cfg.grad_clip > 0 or check_steps:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                finite = not check_steps or bool(torch.isfinite(grad_norm))
+            if finite:
+                scaler.step(optimizer)
+            else:  # a NaN or inf gradient: this step is skipped, the weights stay as they were
+                skipped += 1
             scaler.update()
             updates += 1
             scheduler.step_update(updates)
             if warm_backbone:  # the first epoch after unfreezing: the backbone's LR from ~0 up to its schedule
                 _ramp_backbone(optimizer, min(1.0, (updates - epoch * steps + 1) / steps))
-            if ema is not None:
+            if ema is not None and finite:
                 ema.update(model, step=updates)
         total += loss.detach() * len(images)
         count += len(images)
+    if health is not None:
+        health.update(skipped=skipped, steps=steps)
     return total.item() / max(count, 1)
+
+
+class Diverged(RuntimeError):
+    """A fold's loss, gradients, weights or validation predictions stopped being finite numbers."""
+
+
+def divergence(model: nn.Module, train_loss: float, health: dict) -> str | None:
+    """What is not finite after an epoch (the mean training loss, every step's gradients, a
+    weight, named), or None: read once per epoch."""
+    if not np.isfinite(train_loss):
+        return f"the training loss is {train_loss}"
+    if health.get("steps") and health.get("skipped", 0) >= health["steps"]:
+        return f"every one of its {health['steps']} steps had NaN or inf gradients (each was skipped)"
+    params = [(n, p) for n, p in model.named_parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for _, p in params]).cpu().numpy()  # one wait for them all
+    if not finite.all():
+        bad = [n for (n, _), ok in zip(params, finite) if not ok]
+        return f"{len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])})"
+    return None
 
 
 def _ramp_backbone(optimizer, factor: float) -> None:
@@ -308,6 +340,25 @@ def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger
         fit_fold(cfg, folds, fold, made_from, distributed.Processes(device), logger, n_test)
 
 
+def cpu_precision(cfg: CFG, model: nn.Module, device: torch.device, logger: logging.Logger) -> CFG:
+    """cfg, in fp32 on a CPU whose `auto` precision is bf16 when the model has a stride-2
+    convolution that sees a 1x1 map (tiny images): oneDNN's bf16 weight gradient of one is
+    sometimes NaN, differently from run to run (models.one_pixel_strided_convs). An explicit
+    amp_dtype 'bf16' is kept, with a warning (such a step is skipped when it happens)."""
+    if device.type != "cpu" or precision(cfg.amp_dtype, device)[0] is not torch.bfloat16:
+        return cfg
+    tiny = one_pixel_strided_convs(model, cfg.img_size, cfg.in_chans)
+    if not tiny:
+        return cfg
+    why = (f"at {cfg.img_size} px, {tiny[0]} (a strided convolution) sees a 1x1 map, where oneDNN's bf16 weight "
+           f"gradient is sometimes NaN")
+    if cfg.amp_dtype == "bf16":
+        logger.warning(f"amp_dtype bf16 kept as set, but {why} (a step with NaN gradients is skipped)")
+        return cfg
+    logger.info(f"fp32 on this CPU, not bf16: {why}")
+    return dataclasses.replace(cfg, amp_dtype="fp32")
+
+
 def mixup_off(cfg: CFG, epochs: int) -> int:
     """The epoch from which Mixup/CutMix stop: `mixup_off_epoch` when it is an epoch number, or
     under 1 that share of the epochs the schedule runs (a time-limited run plans them, a refit
@@ -400,6 +451,9 @@ def validate(procs, model, loader, criterion, cfg: CFG, device, targets: np.ndar
     preds, loss, logits = predict(model, loader, cfg, device, criterion, scale=scale, norm=norm)
     loss = procs.mean(loss, len(loader.sampler))
     preds, logits = procs.gather_rows(preds), procs.gather_rows(logits)
+    bad = procs.broadcast(int((~np.isfinite(preds)).any(axis=tuple(range(1, preds.ndim))).sum()) if procs.main else None)
+    if bad or not np.isfinite(loss):
+        raise Diverged(f"the validation loss is {loss:.4g} and {bad} of its rows' predictions are NaN or inf")
     score = procs.broadcast(get_score(cfg.metric, targets, preds, weights=weights) if procs.main else None)
     return loss, score, preds, logits
 
@@ -438,6 +492,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
     if cfg.compile:  # several folds in one process: each compiles afresh, none runs into dynamo's recompile limit
         torch._dynamo.reset()
     model = create_model(cfg, n_out).to(device)
+    cfg = cpu_precision(cfg, model, device, logger)
     nhwc = channels_last(cfg, device)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
@@ -480,7 +535,11 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
              "best_logits": None}
     last_path, best_path = artifacts.checkpoint_path(cfg, fold, "last"), artifacts.checkpoint_path(cfg, fold)
     if last_path.exists() and not cfg.retrain:
-        last = artifacts.load_checkpoint(last_path)
+        try:
+            last = artifacts.load_checkpoint(last_path)
+        except ValueError as e:  # an older version's, or not ours: never loaded, the fold starts over
+            logger.warning(f"{name}: {e}")
+            last = {}
         if last.get("made_from") == artifacts.digest(made_from):  # whatever the number of processes it was made with
             model.load_state_dict(last["model"])
             optimizer.load_state_dict(last["optimizer"])
@@ -489,7 +548,8 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
                 scaler.load_state_dict(last["scaler"])
             if ema is not None:
                 ema.load_state_dict(last["ema"])
-            state = last["state"]
+            state = {**last["state"], **{k: None if last["state"].get(k) is None else np.asarray(last["state"][k])
+                                         for k in ("best_preds", "best_logits")}}
             if state.get("planned_epochs"):  # time_limit: the plan this fold made after its first epoch
                 epochs = state["planned_epochs"]
                 scheduler = schedule(epochs)
@@ -521,17 +581,31 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
         train_loader.sampler.set_epoch(epoch_seed)
         off = mixup_off(cfg, epochs)
         mix = mixup if mixup is not None and not (off and epoch >= off) else None
+        health: dict = {}
         train_loss = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, cfg, device, epoch,
                                      scale, mix, ema, step_model, train_norm, frozen=frozen,
-                                     warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs)
+                                     warm_backbone=cfg.freeze_epochs > 0 and epoch == cfg.freeze_epochs, health=health)
         train_loss = procs.mean(train_loss, len(train_loader.sampler))
         scheduler.step(epoch + 1)
-        valid_start = time.perf_counter()
-        if refit:  # nothing held out: no score, the last epoch's weights are kept
-            valid_loss, score, preds, logits = float("nan"), None, None, None
-        else:
-            valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device,
-                                                         valid_targets, scale, norm, weights)
+        try:
+            why = divergence(model, train_loss, health)
+            if why is None and health.get("skipped"):
+                logger.warning(f"{name} epoch {epoch + 1}: {health['skipped']} of {health['steps']} step(s) had NaN or inf "
+                               f"gradients and were skipped")
+            valid_start = time.perf_counter()
+            if why is not None:
+                raise Diverged(why)
+            if refit:  # nothing held out: no score, the last epoch's weights are kept
+                valid_loss, score, preds, logits = float("nan"), None, None, None
+            else:
+                valid_loss, score, preds, logits = validate(procs, eval_step, valid_loader, criterion, cfg, device,
+                                                             valid_targets, scale, norm, weights)
+        except Diverged as e:
+            amp, _ = precision(cfg.amp_dtype, device)
+            raise Diverged(f"{cfg.experiment} {name} diverged in epoch {epoch + 1}: {e}, at lr {optimizer.param_groups[0]['lr']:.3g} "
+                           f"in {'fp32' if amp is None else str(amp).removeprefix('torch.')}. Nothing of it was kept as trained "
+                           f"(no OOF or test predictions). Lower config key 'lr' (now {cfg.lr:g}), keep 'grad_clip' on (now "
+                           f"{cfg.grad_clip:g}), or train in fp32 (amp_dtype: fp32); then run it again") from None
         valid_s = time.perf_counter() - valid_start
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
                **({} if refit else {"valid_loss": round(valid_loss, 6), "metric": round(score, 6)}),

@@ -35,6 +35,7 @@ import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub
 sys.path.insert(0, package_dir)
+sys.path.append(os.path.join(package_dir, "vendor"))  # skops, for scikit-learn stackers (the kernel's own copy wins)
 
 from helpers.package import run_package
 

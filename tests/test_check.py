@@ -41,7 +41,7 @@ def test_every_problem_is_reported_at_once(bad_comp, tmp_path):
     assert "row 3" in text and "zero-byte file" in text
     assert "row 4" in text and "unreadable image" in text
     assert "row 5" in text and "truncated PNG" in text
-    assert f"{train_csv}: NaN in target column 'label' (rows 7)" in text
+    assert f"{train_csv}: empty cell(s) in target column 'label' (rows 7)" in text
     dup = "\n".join(p for p in problems if "share an id" in p)
     assert "4 rows share an id in 'id':" in dup and "on rows 8, 9;" in dup and "on rows 10, 82" in dup  # 82: the unicorn row
     assert "class 'unicorn' of 'label' has 1 row(s), fewer than n_folds=2" in text
@@ -71,7 +71,7 @@ def test_cli_reports_config_keys_and_data(bad_comp, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "unknown config key 'epoch' (did you mean epochs" in out
     assert "config key 'lr' expects float" in out
-    assert "zero-byte file" in out and "NaN in target column" in out
+    assert "zero-byte file" in out and "empty cell(s) in target column" in out
 
 
 def test_run_check_raises_then_remembers_a_pass(tmp_path):

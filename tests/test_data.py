@@ -65,8 +65,8 @@ def test_resolve_explicit_image_ext(image_dir, tmp_path):
     assert resolve_paths(pd.Series(["a", "d", "d.png"]), image_dir, ".png", tmp_path / "t.csv") == [
         str(image_dir / "a.png"), str(image_dir / "d.png"), str(image_dir / "d.png")]
     assert resolve_paths(pd.Series(["g"]), image_dir, ".gif", tmp_path / "t.csv") == [str(image_dir / "g.gif")]
-    with pytest.raises(FileNotFoundError, match="id=g"):
-        resolve_paths(pd.Series(["g"]), image_dir, "", tmp_path / "t.csv")
+    # without one, the id as it is, then the known extensions (.gif among them: an animated GIF's first frame)
+    assert resolve_paths(pd.Series(["g"]), image_dir, "", tmp_path / "t.csv") == [str(image_dir / "g.gif")]
     with pytest.raises(FileNotFoundError, match="id=b"):
         resolve_paths(pd.Series(["b"]), image_dir, ".png", tmp_path / "t.csv")  # b.jpg exists, b.png does not
 
@@ -235,7 +235,7 @@ def test_read_train_nan_target_names_rows(tmp_path):
     pd.DataFrame({"id": ["a", "b", "c"], "label": ["x", None, "y"]}).to_csv(comp / "train.csv", index=False)
     with pytest.raises(ValueError) as e:
         read_train(comp_cfg(comp, tmp_path))
-    assert "NaN in target column 'label' (rows 3)" in str(e.value)
+    assert "empty cell(s) in target column 'label' (rows 3)" in str(e.value)
 
 
 def test_read_train_missing_image_names_row(comp_dir, tmp_path):

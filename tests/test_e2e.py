@@ -340,6 +340,25 @@ def test_predict_cli(tiny_run, capsys):
     assert bench["single_image_ms"] > 0 and bench["batched_img_per_s"] > 0
 
 
+def test_predict_cli_with_ids_or_no_experiment_says_so(tiny_run, tmp_path, capsys):
+    from helpers import predict
+
+    tmp, comp, _ = tiny_run
+    ids = pd.read_csv(comp / "test.csv", dtype=str)["id"][:3]
+    pd.DataFrame({"id": ids}).to_csv(tmp_path / "ids.csv", index=False)
+    exp = str(tmp / "models" / "tiny_cnn")
+    assert predict.main([exp, "--csv", str(tmp_path / "ids.csv")]) == 2  # was: every row ERROR, exit 0
+    err = capsys.readouterr().err
+    assert "column 'id' names no image file" in err and "--image-dir" in err
+    assert predict.main([exp, "--csv", str(tmp_path / "ids.csv"), "--image-dir", str(comp / "test")]) == 0
+    assert ids[0] in capsys.readouterr().out
+    pd.DataFrame({"id": [*ids, "ghost"]}).to_csv(tmp_path / "ids.csv", index=False)
+    assert predict.main([exp, "--csv", str(tmp_path / "ids.csv"), "--image-dir", str(comp / "test")]) == 1  # one failed
+    assert "1 of 4 item(s) could not be read" in capsys.readouterr().err
+    assert predict.main([str(tmp_path / "nothing_here"), "--image", "x.png"]) == 2
+    assert "no such experiment folder" in capsys.readouterr().err
+
+
 def test_error_analysis_in_the_executed_notebook(tiny_run):
     import nbformat
 
@@ -418,7 +437,8 @@ def test_the_package_holds_the_whole_blended_ensemble(tiny_run, ensemble_package
     kinds = {m["kind"] for m in spec["blend"]["members"]}
     for m in spec["blend"]["members"]:
         if m["kind"] == "stacker":
-            assert (ensemble_package / "stackers" / m["name"] / "fold0.joblib").exists()
+            assert (ensemble_package / "stackers" / m["name"] / "stacker_fold0" / "meta.json").exists()  # no pickle
+    assert not list(ensemble_package.rglob("*.joblib")) and not list(ensemble_package.rglob("*.pkl"))
     assert kinds <= {"cnn", "stacker"} and (ensemble_package / "inference.ipynb").exists()
     assert (ensemble_package / "helpers" / "package.py").exists()
 
@@ -463,6 +483,52 @@ def test_the_package_names_a_missing_column_or_an_empty_test_set(ensemble_packag
     pd.DataFrame({"id": [], "ink": []}).to_csv(other / "test.csv", index=False)
     with pytest.raises(ValueError, match="the test set is empty"):
         run_package(ensemble_package, other)
+
+
+def test_a_package_never_deletes_what_it_did_not_make(tiny_run, ensemble_package, tmp_path, capsys):
+    from helpers.package import main
+
+    tmp, _, _ = tiny_run
+    config = str(tmp / "tiny.yaml")
+    notes = tmp_path / "out" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    assert main(["--config", config, str(notes.parent)]) == 2  # was: removed without a word
+    assert "is not empty and is not a package" in capsys.readouterr().err and notes.read_text() == "mine"
+    assert main(["--config", config, str(notes.parent), "--force"]) == 0  # beside it, nothing deleted
+    assert notes.read_text() == "mine" and (notes.parent / "package.json").exists()
+    assert main(["--config", config, str(notes.parent)]) == 0  # a package now: its entries replaced, notes kept
+    assert notes.read_text() == "mine" and not list(notes.parent.glob(".out.building-*"))
+    for holds in (tmp / "models", tmp, tmp / "comp" / "inside"):  # the models, the project, the competition's data
+        assert main(["--config", config, str(holds)]) == 2
+        assert "not a place for a package" in capsys.readouterr().err
+    assert (tmp / "models" / "tiny_cnn" / "fold0" / "best.pt").exists()
+
+
+def test_an_incomplete_package_names_the_file(ensemble_package, tiny_run, tmp_path):
+    from helpers.package import PackageError, run_package
+
+    _, comp, _ = tiny_run
+    broken = tmp_path / "broken"
+    shutil.copytree(ensemble_package, broken)
+    weights = sorted((broken / "cnn").rglob("fold1.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an upload cut short
+    json_file = sorted((broken / "cnn").rglob("fold0.json"))[0]
+    json_file.unlink()
+    with pytest.raises(PackageError) as e:
+        run_package(broken, comp)
+    assert f"{weights}: unreadable or incomplete" in str(e.value) and f"{json_file}: missing" in str(e.value)
+
+
+def test_a_missing_test_image_is_named_in_the_kernel(ensemble_package, tmp_path, capsys):
+    from helpers.package import predict_package
+
+    other = write_digits(tmp_path / "other", size=24, n=60, string_labels=True, metadata=True, seed=5)
+    gone = sorted((other / "test").glob("*.png"))[1]
+    gone.unlink()
+    predict_package(ensemble_package, other)
+    out = capsys.readouterr().out
+    assert f"test id {gone.stem}" in out and "no image file for this id" in out  # was: array of shape ()
 
 
 def test_one_experiment_can_still_be_packaged_alone(tiny_run, tmp_path):

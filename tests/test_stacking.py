@@ -322,3 +322,36 @@ def test_embeddings_are_never_computed_in_bf16(tmp_path, monkeypatch):
                    model_name="resnet18", img_size=32, num_workers=0, cache_dir=str(tmp_path / "cache"), n_folds=2)
     extract_features(cfg, get_folds(cfg, read_train(cfg)), read_test(cfg))
     assert seen and np.isfinite(np.load(artifacts.feature_path(cfg, "train", None))).all()
+
+
+@pytest.mark.parametrize("stacker", ["lgbm", "svr", "logistic"])
+def test_a_saved_stacker_loads_without_pickle_and_predicts_the_same(stacker, tmp_path):
+    """What the offline package loads: LightGBM's text model, skops files, JSON; never a pickle.
+    Text metadata included (LightGBM's categories, scikit-learn's one-hot)."""
+    from helpers.stacking import FoldStacker
+
+    rng = np.random.default_rng(4)
+    n = 150
+    y = rng.integers(0, 3, n)
+    emb = np.eye(3)[y] * 2 + rng.normal(size=(n, 3))
+    rows = pd.DataFrame({"site": rng.choice(["a", "b", "c"], n), "age": rng.normal(size=n)})
+    cfg = make_cfg(tmp_path, stacker=stacker, metadata_cols=["site", "age"], stack_pca=2)
+    fitted = FoldStacker(cfg, 3).fit(cfg, emb[:100], rows[:100], y[:100], seed=0)
+    fitted.save(tmp_path / "stacker_fold0")
+    files = sorted(p.name for p in (tmp_path / "stacker_fold0").iterdir())
+    assert "meta.json" in files and "pca.skops" in files and not any(f.endswith((".joblib", ".pkl")) for f in files)
+    loaded = FoldStacker.load(tmp_path / "stacker_fold0")
+    np.testing.assert_allclose(loaded.predict(emb[100:], rows[100:].reset_index(drop=True)),
+                               fitted.predict(emb[100:], rows[100:].reset_index(drop=True)), atol=1e-9)
+
+
+def test_a_skops_file_with_a_foreign_type_is_refused(tmp_path):
+    import skops.io as sio
+
+    from helpers.stacking import _skops_load
+
+    import os
+
+    sio.dump({"f": os.system}, tmp_path / "model0.skops")  # a function: what a crafted file would call
+    with pytest.raises(ValueError, match="not loaded: it holds types"):
+        _skops_load(tmp_path / "model0.skops")
