@@ -20,7 +20,8 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     """Resolve the config (YAML + overrides), seed everything, open the experiment's logger
     and save the config snapshot. Builds the demo competition on first use."""
     from . import artifacts
-    from .utils import check_versions, get_logger, seed_everything
+    from .runtime import seed_everything
+    from .utils import check_versions, get_logger
 
     check_versions()
     from .budget import apply_plan
@@ -33,11 +34,11 @@ def setup(config_path: str, experiment: str = "", overrides: dict | None = None,
     if problems:
         raise PermissionError("\n".join(problems))
     if not cfg.path(cfg.train_csv).exists() and cfg.path("") == ROOT / "inputs" / "digits":
-        from .demo import write_digits
+        from .tools.demo import write_digits
 
         write_digits(cfg.path(""))
     if not cfg.path(cfg.train_csv).exists() and cfg.path("") == ROOT / "inputs" / "digits_multilabel":
-        from .demo import write_multilabel_digits
+        from .tools.demo import write_multilabel_digits
 
         write_multilabel_digits(cfg.path(""))
     seed_everything(cfg.seed)

@@ -18,6 +18,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 from . import artifacts, plots
 from .config import CFG
 from .metrics import fit_thresholds
+from .tasks import task_of
 from .utils import atomic_to_csv
 
 
@@ -66,7 +67,7 @@ def multilabel_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir:
     confident misses (a label the image has, predicted least likely) and false alarms."""
     cols = [c for c in oof.columns if c.startswith("prob_")]
     labels = [c[len("prob_"):] for c in cols]
-    y_true, probs = artifacts.oof_targets(cfg, oof)
+    y_true, probs = task_of(cfg).oof_targets(cfg, oof)
     score = artifacts.read_score(artifacts.exp_dir(cfg), missing_ok=True) or {}
     saved = score.get("thresholds") or {}
     thresholds = np.asarray([saved.get(label, 0.5) for label in labels]) if saved else fit_thresholds(cfg.metric, y_true, probs)

@@ -30,22 +30,17 @@ wait ('pending'), and the stages refuse to build from it (`require`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
-import time
-from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from .config import CFG, FIELDS, ROOT, cfg_from_dict, to_dict
+from .config import CFG, ROOT, cfg_from_dict, to_dict
 from .utils import atomic_save, atomic_save_npy, atomic_to_csv, atomic_write_text, read_table
-
 
 # --- roots ------------------------------------------------------------------------------------
 KAGGLE_WORKING = Path("/kaggle/working")  # a Kaggle kernel's output folder
@@ -172,6 +167,11 @@ def stack_cfg(cfg: CFG) -> CFG:
 
 def ensemble_dir(cfg: CFG) -> Path:
     return models_root(cfg) / "ensemble"
+
+
+def output_folder(cfg: CFG, kind: str) -> Path:
+    """Where an output lives: its experiment's folder, its stacker's, or the ensemble's."""
+    return {"experiment": exp_dir, "stacker": lambda c: exp_dir(stack_cfg(c)), "ensemble": ensemble_dir}[kind](cfg)
 
 
 def eda_dir(cfg: CFG) -> Path:
@@ -316,31 +316,12 @@ def read_metrics(cfg: CFG, fold: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def pred_columns(cfg: CFG, classes: list | None) -> list[str]:
-    """Prediction columns of OOF/test files: one probability per class, or `pred`."""
-    return ["pred"] if cfg.task == "regression" else [f"prob_{c}" for c in classes]
-
-
-def frame_predictions(ids: pd.Series, preds: np.ndarray, cfg: CFG, classes: list | None) -> pd.DataFrame:
-    """An OOF/test frame: the id column, then one column per class probability (or `pred`)."""
-    cols = pred_columns(cfg, classes)
-    out = pd.DataFrame(np.asarray(preds).reshape(len(ids), len(cols)), columns=cols)
+def frame_predictions(ids: pd.Series, preds: np.ndarray, cfg: CFG, columns: list[str]) -> pd.DataFrame:
+    """An OOF/test frame: the id column, then the prediction columns (the task's: one probability
+    per class, or `pred`)."""
+    out = pd.DataFrame(np.asarray(preds).reshape(len(ids), len(columns)), columns=columns)
     out.insert(0, cfg.id_col, ids.to_numpy())
     return out
-
-
-def oof_targets(cfg: CFG, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true, y_pred) of an OOF frame: class indices + probabilities, 0/1 per label +
-    probabilities (multi-label), or values."""
-    if cfg.task == "regression":
-        return oof[cfg.target_col].to_numpy(float), oof["pred"].to_numpy(float)
-    cols = [c for c in oof.columns if c.startswith("prob_")]
-    if cfg.task == "multilabel":
-        from .data import label_matrix
-
-        return label_matrix(oof[cfg.target_col], [c[len("prob_"):] for c in cols], cfg.label_sep), oof[cols].to_numpy(float)
-    index = {c[len("prob_"):]: i for i, c in enumerate(cols)}
-    return oof[cfg.target_col].astype(str).map(index).to_numpy(), oof[cols].to_numpy(float)
 
 
 def nonfinite_rows(values) -> np.ndarray:
@@ -470,332 +451,3 @@ def write_submission_files(cfg: CFG, sub: pd.DataFrame, name: str) -> list[Path]
     for p in paths:
         atomic_to_csv(sub, p)
     return paths
-
-
-def trained_folds(folder: Path) -> list[int]:
-    """The folds an experiment's OOF and test predictions were made from (its cv stamp), not
-    every fold*/best.pt on disk: an earlier run's folds 1-4 stay beside a time_limit run's
-    holdout fold. Without the stamp (an experiment from an older version), the checkpoints."""
-    folder = Path(folder)
-    stamp = folder / "stamps" / "cv.json"
-    if stamp.exists():
-        upstream = json.loads(stamp.read_text())["made_from"]["upstream"]
-        return sorted({int(name.rsplit("fold", 1)[1]) for name in upstream if name.startswith("train_fold")})
-    return sorted(int(p.parent.name[4:]) for p in folder.glob("fold*/best.pt") if p.parent.name[4:].isdigit())
-
-
-def experiment_dirs(cfg: CFG) -> list[Path]:
-    """Every experiment of this competition under models/ with its OOF and test predictions
-    and score (CNNs and stackers), matched by the data they were made from."""
-    root, data = models_root(cfg), competition_digest(cfg)
-    if not root.is_dir():
-        return []
-    found = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        if all((d / f).exists() for f in ("oof.csv", "test.csv", "score.json")) and read_score(d).get("data") == data:
-            found.append(d)
-    return found
-
-
-# --- digests ----------------------------------------------------------------------------------
-_file_memo: dict[tuple, str] = {}
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    """A file's content digest ('absent' when there is none); remembered per size and mtime."""
-    if not path.is_file():
-        return "absent"
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _file_memo:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _file_memo[key] = h.hexdigest()[:16]
-    return _file_memo[key]
-
-
-_depth = 0  # > 0 inside a decision(): digests of image lists are remembered until it ends
-
-
-@contextmanager
-def decision():
-    """Within it, each split's images are listed and stat'ed once: wrap the freshness decisions
-    of one step (a notebook cell, a runner job) that ask about many outputs."""
-    global _depth
-    _depth += 1
-    try:
-        yield
-    finally:
-        _depth -= 1
-        if not _depth:
-            _images_memo.clear()
-
-
-def paths_digest(paths: list[str]) -> str:
-    """These files' paths, sizes and mtimes (the decoded-image cache's key)."""
-    rows = []
-    for p in paths:
-        st = os.stat(p)
-        rows.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
-    return _sha("\n".join(rows))
-
-
-_images_memo: dict[tuple, str] = {}
-
-
-def images_digest(cfg: CFG, split: str) -> str:
-    """The images a split's CSV lists (train.csv, or test.csv / sample_submission): each one's
-    path, size and mtime. Only those count: a folder shared by train and test images, or
-    files the CSV does not name, change nothing."""
-    from .data import locate_images  # late: data imports this module's neighbours
-
-    if split == "train":
-        csv, folder = cfg.path(cfg.train_csv), cfg.path(cfg.image_dir_train)
-    else:
-        csv, folder = cfg.path(cfg.test_csv), cfg.path(cfg.image_dir_test)
-        csv = csv if csv.exists() else cfg.path(cfg.sample_submission)
-    key = (str(csv), file_digest(csv), str(folder), cfg.image_ext, cfg.id_col)
-    if _depth and key in _images_memo:
-        return _images_memo[key]
-    if not csv.is_file() or not folder.is_dir():
-        return "absent"
-    try:
-        ids = read_table(csv, cfg.id_col)[cfg.id_col]
-    except (ValueError, KeyError):
-        return "unreadable"
-    rows = []
-    for value, (path, _) in zip(ids.astype(str), locate_images(ids, folder, cfg.image_ext)):
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            st = None
-        rows.append(f"{value}\0{os.path.relpath(path, folder) if path else '-'}\0{st.st_size if st else '-'}\0"
-                    f"{st.st_mtime_ns if st else '-'}")
-    value = _sha("\n".join(rows))
-    if _depth:
-        _images_memo[key] = value
-    return value
-
-
-def competition_digest(cfg: CFG) -> str:
-    """Which data an experiment's predictions belong to: train.csv's content, target and task."""
-    return _sha(f"{file_digest(cfg.path(cfg.train_csv))}\0{cfg.target_col}\0{cfg.task}")
-
-
-# --- what each output is made from ------------------------------------------------------------
-# settings that never change a result: where things are (the data's digests stand for it), what
-# to run now, and speed switches that keep the arithmetic
-RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
-                      "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
-                      "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
-                      "submission_name", "keep_last", "ddp", "quality", "time_limit"})
-FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
-# multi-label keys count only for a multi-label task (so they leave other tasks' outputs alone)
-MULTILABEL_KEYS = ("label_cols", "label_sep", "labels")  # what the label matrix the folds stratify is read from
-MULTILABEL_TRAIN_KEYS = ("label_weights", "pos_weight", "label_pos_weight")
-MULTILABEL_STACK_KEYS = ("metric", "label_weights")  # the stacker's score and thresholds
-MULTILABEL_ENSEMBLE_KEYS = ("allow_empty", "label_weights", "label_sep")  # the blend's score and the submission
-FEATURE_KEYS = ("features_from",)
-STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
-ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters", "refit")
-# everything else changes what a fold's CNN learns
-TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | set(FOLD_KEYS + MULTILABEL_KEYS + MULTILABEL_TRAIN_KEYS + FEATURE_KEYS + STACK_KEYS
-                                                              + MULTILABEL_ENSEMBLE_KEYS)
-                   | {"n_bins", "ensemble_method", "ensemble_iters", "refit"})
-PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
-EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
-CHECK_KEYS = FOLD_KEYS + PRETRAINED_KEYS + ("n_bins", "metadata_cols")
-
-# the files each output is checked against
-OUTPUTS = {"folds": ["folds.csv"], "train": ["fold{k}/best.pt", "oof_fold{k}.csv"], "test": ["test_fold{k}.csv"],
-           "cv": ["oof.csv", "test.csv", "score.json"], "features": ["features/train_{f}.npy", "features/test_{f}.npy"],
-           "stacking": ["oof.csv", "test.csv", "score.json"], "ensemble": ["score.json"], "eda": [], "check": [],
-           "refit": ["refit/best.pt"], "refit_test": ["test_refit.csv"]}
-
-
-def output_name(stage: str, fold: int | None = None) -> str:
-    """'folds', 'train_fold0', 'features_all', ...: the name of one output and of its stamp."""
-    if stage == "features":
-        return f"features_{'all' if fold is None else f'fold{fold}'}"
-    return stage if fold is None else f"{stage}_fold{fold}"
-
-
-def require(cfg: CFG, stage: str, fold: int | None, then: str) -> None:
-    """Raise, saying why and what to run, unless the output a stage is about to use is up to date."""
-    why = stale(cfg, stage, fold)
-    if why:
-        raise RuntimeError(f"{output_name(stage, fold)} of {cfg.experiment} is not up to date ({why}): {then}")
-
-
-def _parse(name: str) -> tuple[str, int | None]:
-    if name in ("refit", "refit_test"):
-        return name, None
-    stage, _, part = name.partition("_")
-    return stage, (int(part[4:]) if part.startswith("fold") else None)
-
-
-def _folder(cfg: CFG, stage: str) -> Path:
-    return exp_dir(stack_cfg(cfg)) if stage == "stacking" else ensemble_dir(cfg) if stage == "ensemble" else exp_dir(cfg)
-
-
-def stamp_path(cfg: CFG, stage: str, fold: int | None = None) -> Path:
-    return _folder(cfg, stage) / "stamps" / f"{output_name(stage, fold)}.json"
-
-
-def stage_keys(cfg: CFG, stage: str) -> tuple:
-    """The config keys an output of `stage` ('folds', 'train', 'stacking', 'ensemble') is made from."""
-    multilabel = cfg.task == "multilabel"
-    if stage == "folds":
-        return FOLD_KEYS + {"regression": ("n_bins",), "multilabel": MULTILABEL_KEYS}.get(cfg.task, ())
-    if stage == "train":
-        return TRAIN_KEYS + (MULTILABEL_TRAIN_KEYS if multilabel else ())
-    if stage == "stacking":
-        return STACK_KEYS + (MULTILABEL_STACK_KEYS if multilabel else ())
-    return ENSEMBLE_KEYS + (MULTILABEL_ENSEMBLE_KEYS if multilabel else ())
-
-
-def _keys(cfg: CFG, names) -> dict:
-    values = to_dict(cfg)
-    return {k: values[k] for k in names}
-
-
-def _test_files(cfg: CFG) -> dict:
-    test_csv = cfg.path(cfg.test_csv)
-    ids = test_csv if test_csv.exists() else cfg.path(cfg.sample_submission)
-    return {ids.name: file_digest(ids), f"{cfg.image_dir_test}/": images_digest(cfg, "test")}
-
-
-def upstream_id(cfg: CFG, stage: str, fold: int | None) -> str:
-    """What an output made from this upstream one records of it: the id of the build on disk
-    when it is up to date (a rebuild, even from the same inputs, gives a new id, so what was
-    made from the old one is redone), else 'pending' (it must be remade first)."""
-    if _stale(cfg, stage, fold) is None:
-        return json.loads(stamp_path(cfg, stage, fold).read_text())["id"]
-    return f"pending {digest(_fingerprint(cfg, stage, fold))}"
-
-
-def fingerprint(cfg: CFG, stage: str, fold: int | None = None) -> dict:
-    """What an output is made from: {'keys': {...}, 'files': {...}, 'upstream': {name: digest}}."""
-    with decision():
-        return _fingerprint(cfg, stage, fold)
-
-
-def _fingerprint(cfg: CFG, stage: str, fold: int | None) -> dict:
-    train_csv = {cfg.train_csv: file_digest(cfg.path(cfg.train_csv))}
-    train_images = {f"{cfg.image_dir_train}/": images_digest(cfg, "train")}
-    up = lambda *parts: {output_name(s, k): upstream_id(cfg, s, k) for s, k in parts}  # noqa: E731
-    if stage == "folds":
-        return {"keys": _keys(cfg, stage_keys(cfg, "folds")), "files": train_csv, "upstream": {}}
-    if stage == "train":
-        return {"keys": {**_keys(cfg, stage_keys(cfg, "train")), "fold": fold}, "files": train_images, "upstream": up(("folds", None))}
-    if stage == "test":
-        return {"keys": {}, "files": _test_files(cfg), "upstream": up(("train", fold))}
-    if stage == "refit":  # the folds' best epochs say how long it trains
-        return {"keys": {**_keys(cfg, stage_keys(cfg, "train")), "fold": REFIT}, "files": train_images,
-                "upstream": up(("folds", None), *[("train", k) for k in cfg.fold_ids])}
-    if stage == "refit_test":
-        return {"keys": {}, "files": _test_files(cfg), "upstream": up(("refit", None))}
-    if stage == "cv":
-        return {"keys": {}, "files": {}, "upstream": up(*[(s, k) for k in cfg.fold_ids for s in ("train", "test")])}
-    if stage == "features":
-        if fold is None:  # a frozen pretrained backbone: made from the images alone, rows in train.csv's order
-            rows = ("debug", "debug_rows", "seed") if cfg.debug else ("debug",)
-            return {"keys": _keys(cfg, FEATURE_KEYS + PRETRAINED_KEYS + rows),
-                    "files": {**train_csv, **train_images, **_test_files(cfg)}, "upstream": {}}
-        return {"keys": _keys(cfg, FEATURE_KEYS), "files": _test_files(cfg), "upstream": up(("train", fold))}
-    if stage == "stacking":
-        test_csv = cfg.path(cfg.test_csv)
-        sources = [("features", None)] if cfg.features_from == "pretrained" else [("features", k) for k in cfg.fold_ids]
-        return {"keys": {**_keys(cfg, stage_keys(cfg, "stacking")), "folds": cfg.fold_ids},
-                "files": {**train_csv, test_csv.name: file_digest(test_csv)}, "upstream": up(("folds", None), *sources)}
-    if stage == "ensemble":
-        upstream = {f"experiment {d.name}": recorded_id(d, refit=bool(cfg.refit)) for d in experiment_dirs(cfg)}
-        files = {name: file_digest(cfg.path(name)) for name in (cfg.train_csv, cfg.sample_submission, cfg.solution_csv)}
-        return {"keys": _keys(cfg, stage_keys(cfg, "ensemble")), "files": files, "upstream": upstream}
-    if stage == "eda":
-        return {"keys": _keys(cfg, EDA_KEYS), "files": {**train_csv, **train_images, **_test_files(cfg)}, "upstream": {}}
-    if stage == "check":
-        files = {**train_csv, **train_images, **_test_files(cfg),
-                 cfg.sample_submission: file_digest(cfg.path(cfg.sample_submission))}
-        return {"keys": _keys(cfg, CHECK_KEYS), "files": files, "upstream": {}}
-    raise ValueError(f"unknown output stage '{stage}'")
-
-
-def digest(made_from: dict) -> str:
-    return _sha(json.dumps(made_from, sort_keys=True, default=str))
-
-
-def recorded_id(folder: Path, refit: bool = False) -> str:
-    """The build id recorded for an experiment folder's final output (a CNN's cv, a stacker's),
-    with `refit`, followed by its refit's test predictions' id, when it has them."""
-    for name in ("cv", "stacking"):
-        path = folder / "stamps" / f"{name}.json"
-        if path.exists():
-            build = json.loads(path.read_text())["id"]
-            refit_stamp = folder / "stamps" / "refit_test.json"
-            return f"{build} {json.loads(refit_stamp.read_text())['id']}" if refit and refit_stamp.exists() else build
-    return "unrecorded"
-
-
-def record(cfg: CFG, stage: str, fold: int | None = None, made_from: dict | None = None) -> str:
-    """Write an output's stamp, after the output itself: from now on it counts as up to date
-    while nothing it was made from changes. Returns its digest."""
-    made_from = made_from if made_from is not None else fingerprint(cfg, stage, fold)
-    d = digest(made_from)
-    build = _sha(f"{d}\0{time.time_ns()}\0{os.getpid()}\0{os.urandom(8).hex()}")  # this build, unlike any other
-    atomic_write_text(stamp_path(cfg, stage, fold), json.dumps(
-        {"output": output_name(stage, fold), "digest": d, "id": build, "made_from": made_from,
-         "time": datetime.now().isoformat(timespec="seconds")}, indent=1, default=str))
-    return d
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def stale(cfg: CFG, stage: str, fold: int | None = None) -> str | None:
-    """None when the output is up to date; else why it must be (re)made."""
-    with decision():
-        return _stale(cfg, stage, fold)
-
-
-def _stale(cfg: CFG, stage: str, fold: int | None) -> str | None:
-    folder, name = _folder(cfg, stage), output_name(stage, fold)
-    for pattern in OUTPUTS[stage]:
-        path = folder / pattern.format(k=fold, f="all" if fold is None else f"fold{fold}")
-        if not path.exists():
-            return f"{path.relative_to(folder.parent)} not made yet"
-    path = stamp_path(cfg, stage, fold)
-    if not path.exists():
-        return "not made yet" if not OUTPUTS[stage] else f"{name} has no record of what it was made from"
-    old = json.loads(path.read_text())["made_from"]
-    new = json.loads(json.dumps(fingerprint(cfg, stage, fold), default=str))
-    if old == new:
-        return None
-    return explain(cfg, old, new) or f"{name} was made by another version of this code"
-
-
-def explain(cfg: CFG, old: dict, new: dict) -> str:
-    """The differences between two fingerprints, the root cause of an upstream change included."""
-    changes = []
-    for k in sorted(set(old.get("keys", {})) | set(new["keys"])):
-        a, b = old.get("keys", {}).get(k, "(unset)"), new["keys"].get(k, "(unset)")
-        if a != b:
-            changes.append(f"{k} {_short(a)} -> {_short(b)}")
-    for f in sorted(set(old.get("files", {})) | set(new["files"])):
-        if old.get("files", {}).get(f) != new["files"].get(f):
-            changes.append(f"{f} changed")
-    for u in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
-        if old.get("upstream", {}).get(u) != new["upstream"].get(u):
-            stage, fold = _parse(u)
-            pending = str(new["upstream"].get(u, "")).startswith("pending")
-            why = stale(cfg, stage, fold) if pending and stage in OUTPUTS else None
-            changes.append(f"{u} must be remade first ({why})" if why else f"{u} was remade")
-    return "; ".join(dict.fromkeys(changes))

@@ -19,9 +19,10 @@ import albumentations as A
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts
+from . import artifacts, freshness
 from .config import CFG
-from .data import create_resize, read_image
+from .images import read_image
+from .transforms import create_resize
 from .utils import atomic_write_text
 
 
@@ -84,7 +85,7 @@ def create_cache(cfg: CFG, paths: list[str], logger: logging.Logger | None = Non
     root = artifacts.cache_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     resize = create_resize(cfg)
-    key = f"{artifacts.paths_digest(paths)}_{cfg.img_size}_{cfg.in_chans}_{resize.interpolation}"
+    key = f"{freshness.paths_digest(paths)}_{cfg.img_size}_{cfg.in_chans}_{resize.interpolation}"
     file, meta = root / f"images_{key}.u8", root / f"images_{key}.json"
     if file.exists() and meta.exists():
         return ImageCache(file, paths, shape)

@@ -14,6 +14,7 @@ data or the keys it reads change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -22,12 +23,15 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from . import artifacts
-from .config import CFG, experiment_names, parse_set, resolve
-from .data import (DataError, column_problems, get_classes, locate_images, missing_images, no_test_metadata, read_image, test_problems,
-                   train_problems, transform_problems)
+from . import artifacts, freshness
+from .config import CFG, experiment_names, resolve
+from .configfile import parse_set
+from .data import DataError, column_problems, no_test_metadata, test_problems, train_problems
+from .images import locate_images, missing_images, read_image
 from .models import model_problems
 from .submission import submission_format
+from .tasks import task_of
+from .transforms import transform_problems
 from .utils import read_table
 
 
@@ -81,7 +85,7 @@ def table_problems(cfg: CFG) -> tuple[list[str], list[tuple[str, pd.DataFrame, P
     target_known = all(c in train for c in (cfg.label_cols or [cfg.target_col])) if train is not None else False
     if sample is not None and target_known and cfg.id_col in sample and len(train):
         try:
-            submission_format(cfg, sample, None if cfg.task == "regression" else get_classes(train, cfg))
+            submission_format(cfg, sample, task_of(cfg).classes(train, cfg))
         except ValueError as e:
             problems.append(str(e))
     return problems, frames
@@ -115,7 +119,7 @@ def image_problem(path: str) -> tuple[str | None, tuple]:
 
 def image_problems(cfg: CFG, frames: list[tuple[str, pd.DataFrame, Path]]) -> list[str]:
     """Missing and broken image files (headers read), and one image of every format and mode
-    decoded by the reader training uses (helpers.data.read_image)."""
+    decoded by the reader training uses (helpers.images.read_image)."""
     problems = []
     for split, df, csv_path in frames:
         image_dir = cfg.path(cfg.image_dir_train if split == "train" else cfg.image_dir_test)
@@ -191,19 +195,20 @@ def runtime_problems(cfg: CFG) -> list[str]:
 
 def run_check(cfgs: CFG | list[CFG], logger: logging.Logger | None = None) -> None:
     """The check before any work: raises DataError listing every problem of every experiment.
-    A pass is recorded (helpers.artifacts) and not repeated while the data and the keys it
+    A pass is recorded (helpers.freshness) and not repeated while the data and the keys it
     reads are unchanged."""
     logger = logger or logging.getLogger("kaggle")
     cfgs = [cfgs] if isinstance(cfgs, CFG) else cfgs
-    todo = [cfg for cfg in cfgs if artifacts.stale(cfg, "check")]
+    todo = [cfg for cfg in cfgs if freshness.stale(cfg, "check")]
     if not todo:
         logger.info("pre-flight check: passed before, data unchanged")
         return
-    problems = check_all(todo)
-    if problems:
-        raise DataError(f"pre-flight check found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    for cfg in todo:
-        artifacts.record(cfg, "check")
+    with contextlib.ExitStack() as passed:  # a pass is recorded as made from what the check read
+        for cfg in todo:
+            passed.enter_context(freshness.build(cfg, "check"))
+        problems = check_all(todo)
+        if problems:
+            raise DataError(f"pre-flight check found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     logger.info("pre-flight check: CSVs, images and model settings look right")
 
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository root: relative paths start here
+from .configfile import ROOT, parse_duration, read_yaml
+from .presets import with_quality
+
 ARCHS = ("timm", "hybrid")  # the model registry's keys (helpers.models.MODELS checks it has exactly these)
 
 
@@ -119,7 +120,7 @@ class CFG:
     retrain: bool = False  # train a fold again even if it finished with this config
     time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be fewer folds, one holdout fold + a refit on all rows, a smaller image size, are planned to fit (helpers.budget)
     refit: str = ""  # after the CV: one more model on all rows for the folds' mean best epoch, test predictions only (no CV score): 'blend' (half the experiment's test predictions, the folds' mean the other half) | 'alone' (it replaces the folds') | '' (off); the same for every experiment
-    quality: str = ""  # a preset of defaults: 'fast' | 'medium' | 'best' (QUALITY in helpers/config.py; '' = none, 'medium' when time_limit is set); your keys win
+    quality: str = ""  # a preset of defaults: 'fast' | 'medium' | 'best' (QUALITY in helpers/presets.py; '' = none, 'medium' when time_limit is set); your keys win
     debug: bool = False  # tiny data, 1 epoch: check the whole path quickly
     debug_rows: int = 64  # rows kept in debug mode
     # --- stacking ---------------------------------------------------------------------
@@ -239,81 +240,6 @@ def check_value(key: str, value: Any) -> Any:
     raise TypeError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
-def parse_set(items: list[str]) -> dict:
-    """`key=value` strings (values read as YAML: 3, 0.1, true, [a, b]) to a dict. A string
-    without '=', a value that is not YAML (`folds=[0`) or a key given twice raises ValueError
-    naming it."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got '{item}' (e.g. --set {item.strip() or 'epochs'}=20)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ValueError(f"--set expects key=value, got '{item}' (no key before '=')")
-        if key in out:
-            raise ValueError(f"--set gives config key '{key}' twice ({key}={out[key]!r} and '{item}'): give it once")
-        try:
-            out[key] = load_yaml(value, f"--set {key}") if value != "" else ""
-        except ValueError as e:
-            raise ValueError(f"{str(e).splitlines()[0]}; cannot read {value!r} as a value (lists are written "
-                             f"[0, 1], text with spaces in quotes)") from None
-    return out
-
-
-def duplicate_keys(node, where: str = "") -> list[str]:
-    """Every key given twice in a mapping of a composed YAML document (PyYAML keeps the last
-    silently): the same experiment twice under `experiments:`, a top-level key twice, a key twice
-    in model_kwargs; each named with its place and both lines."""
-    out = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            name, line = key_node.value, key_node.start_mark.line + 1
-            if name in seen:
-                out.append(f"key '{where}{name}' is given twice, on line {seen[name]} and on line {line}: keep one")
-            else:
-                seen[name] = line
-            out += duplicate_keys(value_node, f"{where}{name}.")
-    elif isinstance(node, yaml.SequenceNode):
-        for value_node in node.value:
-            out += duplicate_keys(value_node, where)
-    return out
-
-
-def load_yaml(text, what: str):
-    """A YAML document (a string or a stream) read safely, refusing keys given twice: raises
-    ValueError naming `what`, the key and its lines, or YAML's own error."""
-    loader = yaml.SafeLoader(text)  # a stream keeps its name for YAML's own messages
-    try:
-        node = loader.get_single_node()
-        duplicates = duplicate_keys(node)
-        if duplicates:
-            raise ValueError(f"{what}: " + "; ".join(duplicates))
-        return None if node is None else loader.construct_document(node)
-    except yaml.YAMLError as e:  # a typo in the file: say where, without a traceback
-        raise ValueError(f"{what}: not valid YAML: {e}") from None
-    finally:
-        loader.dispose()
-
-
-def read_yaml(path: str | Path) -> dict:
-    """The raw mapping of a config file; a key given twice in any mapping is an error naming
-    the key and both lines."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = ROOT / path
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = load_yaml(f, str(path)) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
-    return data
-
-
 def experiment_names(path: str | Path) -> list[str]:
     """The experiments a config file defines (one when it has no `experiments:` mapping)."""
     data = read_yaml(path)
@@ -361,66 +287,6 @@ def resolve(path: str | Path | None = None, experiment: str = "", overrides: dic
     cfg = CFG(**with_quality(values))
     problems += [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
     return cfg, problems
-
-
-# AutoGluon-style presets: defaults under the user's own keys. What each picks, and why:
-# - fast: resnet18 at 128 px, 3 folds, 12 epochs: a strong, cheap CNN; 3 folds leave most of
-#   the time to each model. Light augmentation suits few epochs.
-# - medium: resnet50d at 224 px (timm's ImageNet size), 5 folds, 20 epochs, medium augmentation.
-# - best: convnext_small at 288 px, 5 folds, 30 epochs, heavy augmentation with Mixup/CutMix
-#   switched off for the last fifth (of the epochs each model runs: 24 of 30, or of what
-#   time_limit plans), stochastic depth: long runs need the regularisation.
-# All: AdamW with one warm-up epoch then cosine, EMA of the weights (timm's warm-up, so short
-# runs are not averaged with their untrained start), label smoothing 0.1 for classification.
-# Without a GPU (QUALITY_CPU), the models and sizes a CPU trains in minutes: resnet18 at 64 px
-# (fast, medium) or resnet34 at 96 px (best). resnet18 from scratch learns at fast's 2e-3, not
-# at the 1e-3 medium gives resnet50d: one model on the recipe benchmark's rows, 48 epochs, scored
-# 0.983 on its test set at 2e-3 against 0.978 at 1e-3, ahead at every epoch of the way.
-QUALITY = {
-    "fast": {"model_name": "resnet18", "img_size": 128, "n_folds": 3, "epochs": 12, "lr": 2e-3, "augment": "light"},
-    "medium": {"model_name": "resnet50d", "img_size": 224, "n_folds": 5, "epochs": 20, "lr": 1e-3, "augment": "medium"},
-    "best": {"model_name": "convnext_small", "img_size": 288, "n_folds": 5, "epochs": 30, "lr": 4e-4, "augment": "heavy",
-             "drop_path": 0.2, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 0.5, "mixup_off_epoch": 0.8},
-}
-QUALITY_CPU = {"fast": {"img_size": 64, "batch_size": 64}, "medium": {"model_name": "resnet18", "img_size": 64, "batch_size": 64, "lr": 2e-3},
-               "best": {"model_name": "resnet34", "img_size": 96, "drop_path": 0.1}}
-QUALITY_COMMON = {"warmup_epochs": 1, "scheduler": "cosine", "optimizer": "adamw", "weight_decay": 0.05, "ema": True,
-                  "ema_decay": 0.998}
-
-
-def with_quality(values: dict) -> dict:
-    """The settings with their quality preset's defaults under them ('medium' when only
-    time_limit is set); label smoothing for classification only; with time_limit, the epochs
-    are what fits (at most `epochs` when you set it) and no early stop."""
-    quality = values.get("quality") or ("medium" if values.get("time_limit") else "")
-    if quality not in QUALITY:
-        return values
-    import torch
-
-    preset = {**QUALITY_COMMON, **QUALITY[quality], **({} if torch.cuda.is_available() else QUALITY_CPU[quality])}
-    if values.get("task", "classification") == "classification":
-        preset["label_smoothing"] = 0.1
-    if values.get("time_limit"):  # the budget sets the epochs (your `epochs`, if any, is the most) and the
-        preset.update(epochs=1000, patience=1000)  # cosine schedule runs to its planned end
-    return {**preset, **values, "quality": quality}
-
-
-def parse_duration(text: str | float | int, key: str = "time_limit") -> float:
-    """Seconds in '20min', '8h', '1h30m', '90s' or '600' (seconds); 0 for ''."""
-    import re
-
-    if isinstance(text, (int, float)):
-        return float(text)
-    text = str(text).strip().lower().replace(" ", "")
-    if not text:
-        return 0.0
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    units = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
-    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]+)", text)
-    if not parts or "".join(n + u for n, u in parts) != text or any(u not in units for _, u in parts):
-        raise ValueError(f"config key '{key}': cannot read {text!r} as a duration (e.g. '20min', '8h', '1h30m', '600s')")
-    return sum(float(n) * units[u] for n, u in parts)
 
 
 def _qualify(message: str, key: str, prefix: str) -> str:

@@ -131,6 +131,11 @@ def start() -> DDPProcesses:
     return DDPProcesses(device)
 
 
+def stop() -> None:
+    """Leave the process group (the end of a process the launcher started)."""
+    dist.destroy_process_group()
+
+
 def quiet_logger(rank: int, logger: logging.Logger) -> logging.Logger:
     """Rank 0 logs; the other processes stay silent."""
     if rank == 0:

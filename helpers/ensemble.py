@@ -9,10 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import artifacts
+from . import artifacts, freshness
 from .config import CFG
+from .data import read_train
+from .metrics import HIGHER_IS_BETTER, cross_fitted, fit_thresholds, get_score
+from .results import finalize_experiment
+from .submission import classes_of, create_submission, local_lb, write_submission
+from .tasks import task_of
 from .utils import read_table
-from .metrics import HIGHER_IS_BETTER, cross_fitted, fit_thresholds, get_score, label_weights
 
 
 @dataclass
@@ -41,13 +45,13 @@ def with_refit(folds_test: np.ndarray, refit_test: np.ndarray, mode: str) -> np.
 
 
 def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: set[str] | None = None) -> Collection:
-    """Every experiment under models/ of this competition (helpers.artifacts.experiment_dirs:
+    """Every experiment under models/ of this competition (helpers.freshness.experiment_dirs:
     CNNs and stackers made from the same data) with OOF and test predictions. Ids are aligned
     to the first experiment; a mismatch is an error naming the experiment. The experiments
     named in `refits` have their refit's test predictions in theirs (`cfg.refit`, with_refit);
     their OOF rows, and so every score, are the folds' alone."""
     logger = logger or logging.getLogger("kaggle")
-    found = artifacts.experiment_dirs(cfg)
+    found = freshness.experiment_dirs(cfg)
     if not found:
         raise FileNotFoundError(f"no experiment with oof.csv and test.csv for {cfg.competition_dir} under "
                                 f"{artifacts.models_root(cfg)}")
@@ -81,8 +85,9 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: 
             logger.info(f"experiment '{name}': test predictions {'from its refit alone' if cfg.refit == 'alone' else 'blended with its refit'}")
         if (oof["fold"].to_numpy() != ref_oof["fold"].to_numpy()).any():
             logger.warning(f"experiment '{name}' used other folds than '{found[0].name}': its held-out scores are optimistic")
-        y_true, y_pred = artifacts.oof_targets(cfg, oof)
-        weights = label_weights(cfg.label_weights, [c[len("prob_"):] for c in cols]) if cfg.task == "multilabel" else None
+        task = task_of(cfg)
+        y_true, y_pred = task.oof_targets(cfg, oof)
+        weights = task.label_weights(cfg, [c[len("prob_"):] for c in cols])
         experiments.append(Experiment(name, y_pred.reshape(len(oof), -1), test_pred,
                                       get_score(cfg.metric, y_true, y_pred, weights=weights)))
         ref_y = y_true if ref_y is None else ref_y  # rows are aligned: every experiment's y_true is the same
@@ -217,7 +222,7 @@ def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
     epochs, CV, CV mean ± std over folds, wall time), plus the ensemble's in-sample and
     held-out CV; written to models/results.csv."""
     rows = []
-    for d in artifacts.experiment_dirs(cfg):
+    for d in freshness.experiment_dirs(cfg):
         score = artifacts.read_score(d)
         rows.append({"experiment": d.name, "model": score.get("model"), "img_size": score.get("img_size"),
                      "epochs": score.get("epochs"), "metric": score["metric"], "cv": score["cv"],
@@ -241,20 +246,20 @@ def unfinished(members: list[CFG]) -> list[str]:
     out of date), stacking not done, each with the command that does it."""
     problems = []
     for m in members:
-        with artifacts.decision():
-            waiting = [k for k in m.fold_ids if artifacts.stale(m, "train", k) or artifacts.stale(m, "test", k)]
+        with freshness.decision():
+            waiting = [k for k in m.fold_ids if freshness.stale(m, "train", k) or freshness.stale(m, "test", k)]
         if waiting and m.features_from == "folds":
             problems.append(f"experiment '{m.experiment}': folds {waiting} of {m.fold_ids} are not trained (or out of date); "
                             f"train them: python -m helpers.pipeline --config <config> --experiments {m.experiment} "
                             f"--stages 02_train --set folds={waiting} (or ensemble fewer folds with folds=[...])")
         if artifacts.refit_on(m) and not waiting and not m.time_limit and (
-                why := artifacts.stale(m, "refit") or artifacts.stale(m, "refit_test")):
+                why := freshness.stale(m, "refit") or freshness.stale(m, "refit_test")):
             problems.append(f"experiment '{m.experiment}': its refit (refit: {m.refit}) is not up to date ({why}); train it: "
                             f"python -m helpers.pipeline --config <config> --experiments {m.experiment} --stages 02_train "
                             f"(or set refit off)")
         stacker = artifacts.exp_dir(artifacts.stack_cfg(m))
         made = (stacker / "score.json").exists()
-        if (made or m.features_from == "pretrained") and (why := artifacts.stale(m, "stacking")):
+        if (made or m.features_from == "pretrained") and (why := freshness.stale(m, "stacking")):
             problems.append(f"experiment '{m.experiment}': its stacker {stacker.name} is "
                             f"{'out of date (' + why + ')' if made else 'not made'}; run 03_features and 04_stacking for it"
                             + (f" or delete {stacker}" if made else ""))
@@ -267,27 +272,39 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
     `members`, the config's experiments, must be finished first (an error says what is
     missing and how to make it). Returns what the notebook shows: collection, result,
     weights, results, correlation, submission, local_lb, paths."""
-    from .data import read_train
-    from .submission import classes_of, create_submission, local_lb, write_submission
-    from .train import finalize_experiment
-
     logger = logger or logging.getLogger("kaggle")
-    for m in members or [cfg]:
+    members = members or [cfg]
+    for m in members:
         if m.features_from == "folds":
             finalize_experiment(m, logger)  # the experiment's OOF once its folds are done (kept if up to date)
-    problems = unfinished(members or [cfg])
+    problems = unfinished(members)
     if problems:
         raise RuntimeError("the ensemble needs every experiment of the config finished:\n  " + "\n  ".join(problems))
-    made_from = artifacts.fingerprint(cfg, "ensemble")
+    with freshness.build(cfg, "ensemble"):
+        made = _blend_and_submit(cfg, blended_refits(members, logger), logger)
+    result, lb = made["result"], made["local_lb"]
+    logger.info(f"ensemble ({result['method']}): {cfg.metric} {result['in_sample']:.5f} in-sample, "
+                f"{result['held_out']:.5f} held-out; wrote {made['paths'][0]}" + (f"; local LB {lb:.5f}" if lb is not None else ""))
+    return made
+
+
+def blended_refits(members: list[CFG], logger: logging.Logger) -> set[str]:
+    """The experiments whose refit (the model on all rows) is up to date, so blended into their
+    test predictions; a time-limited run may have left one out (it says so)."""
     refits = set()
-    for m in members or [cfg]:
+    for m in members:
         if artifacts.refit_on(m):
-            why = artifacts.stale(m, "refit") or artifacts.stale(m, "refit_test")
+            why = freshness.stale(m, "refit") or freshness.stale(m, "refit_test")
             if why is None:
                 refits.add(artifacts.exp_dir(m).name)
             else:  # time_limit only (unfinished() stops the others): the budget left it out
                 logger.warning(f"experiment '{m.experiment}': its refit is not in the blend ({why}): "
                                f"the time limit left too little for it; its folds alone")
+    return refits
+
+
+def _blend_and_submit(cfg: CFG, refits: set[str], logger: logging.Logger) -> dict:
+    """The blend of every experiment, its results table, the submission and the ensemble's score."""
     collection = collect_experiments(cfg, logger, refits)
     experiments = collection.experiments
     classes = classes_of(cfg, read_train(cfg))
@@ -299,7 +316,7 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
                     f"{parts} parts of its {len(collection.oof)} rows")
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
                           method, cfg.ensemble_iters,
-                          label_weights(cfg.label_weights, classes) if cfg.task == "multilabel" else None)
+                          task_of(cfg).label_weights(cfg, classes))
     weights = pd.DataFrame({"experiment": [e.name for e in experiments], "cv": [e.score for e in experiments],
                             "weight": result["weights"]})
     results = results_table(cfg, result)
@@ -315,8 +332,5 @@ def run_ensemble(cfg: CFG, logger: logging.Logger | None = None, members: list[C
                                          **({"thresholds": dict(zip(map(str, classes), map(float, thresholds)))}
                                             if thresholds is not None else {}),
                                          "submission": str(paths[0])})
-    artifacts.record(cfg, "ensemble", made_from=made_from)
-    logger.info(f"ensemble ({result['method']}): {cfg.metric} {result['in_sample']:.5f} in-sample, "
-                f"{result['held_out']:.5f} held-out; wrote {paths[0]}" + (f"; local LB {lb:.5f}" if lb is not None else ""))
     return {"collection": collection, "result": result, "weights": weights, "results": results,
             "correlation": correlation(experiments), "submission": submission, "local_lb": lb, "paths": paths}

@@ -1,4 +1,4 @@
-"""Losses and the regression target scale.
+"""Losses and the regression target scale (each task picks its own: helpers.tasks).
 
 Classification: cross-entropy (label smoothing, class weights) or focal loss (alpha, gamma);
 both take hard class indices or the soft targets that timm's Mixup/CutMix produce.
@@ -78,12 +78,6 @@ class RegressionLoss(nn.Module):
         return F.mse_loss(outputs, target01.float())
 
 
-def loss_kind(cfg: CFG) -> str:
-    if cfg.loss != "auto":
-        return cfg.loss
-    return {"regression": "mse", "multilabel": "bce"}.get(cfg.task, "ce")
-
-
 class MultiLabelLoss(nn.Module):
     """Multi-label losses on logits [B, labels] and 0/1 (or mixed) targets: BCE with an
     optional per-label pos_weight, sigmoid focal loss (torchvision's), or timm's asymmetric
@@ -107,40 +101,6 @@ class MultiLabelLoss(nn.Module):
 
             return sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="mean")
         return self.asl(logits, target) / len(logits)  # timm sums over the batch: a mean, like the others
-
-
-def create_criterion(cfg: CFG, train_targets: np.ndarray, n_outputs: int, labels: list | None = None) -> nn.Module:
-    """The loss cfg.loss names ('auto': ce for classification, mse for regression, bce for
-    multilabel). Multi-label `labels` name the outputs, for cfg.label_pos_weight."""
-    kind = loss_kind(cfg)
-    if cfg.task == "multilabel":
-        if kind not in ("bce", "focal", "asl"):
-            raise ValueError(f"config key 'loss': multilabel takes 'bce', 'focal' or 'asl', got {kind!r}")
-        weights = np.ones(n_outputs)
-        if cfg.pos_weight == "balanced":  # each label's negatives per positive, so rare labels count
-            matrix = np.stack(train_targets)
-            pos = matrix.sum(0)
-            weights = np.clip((len(matrix) - pos) / np.maximum(pos, 1), 1.0, 100.0)
-        if cfg.label_pos_weight:
-            names = [str(label) for label in (labels or [])]
-            unknown = sorted(set(map(str, cfg.label_pos_weight)) - set(names))
-            if unknown:
-                raise ValueError(f"config key 'label_pos_weight' names labels the training data does not have: {unknown}")
-            for label, w in cfg.label_pos_weight.items():
-                weights[names.index(str(label))] = float(w)
-        pos_weight = torch.tensor(weights, dtype=torch.float32) if (weights != 1).any() else None
-        alpha = cfg.focal_alpha if 0 < cfg.focal_alpha < 1 else -1.0  # torchvision: -1 weighs positives as negatives
-        return MultiLabelLoss(kind, pos_weight, alpha, cfg.focal_gamma)
-    if cfg.task == "regression":
-        if kind not in ("bce", "mse"):
-            raise ValueError(f"config key 'loss': regression takes 'bce' or 'mse', got {kind!r}")
-        return RegressionLoss(kind)
-    weight = class_weights(cfg, train_targets, n_outputs)
-    if kind == "ce":
-        return SoftCrossEntropy(weight, cfg.label_smoothing)
-    if kind == "focal":
-        return FocalLoss(cfg.focal_alpha, cfg.focal_gamma, weight, cfg.label_smoothing)
-    raise ValueError(f"config key 'loss': classification takes 'ce' or 'focal', got {kind!r}")
 
 
 class TargetScale:

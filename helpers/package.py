@@ -50,11 +50,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import artifacts
-from .config import ROOT, CFG, cfg_from_dict, experiment_names, load_cfg, parse_set, to_dict
-from .data import get_classes, label_sets, locate_images, read_csv, read_train
-from .ensemble import blend, normalise_rows, rank_transform, with_refit
+from . import artifacts, freshness
+from .config import CFG, ROOT, cfg_from_dict, experiment_names, load_cfg, to_dict
+from .configfile import parse_set
+from .data import read_csv, read_train
+from .ensemble import blend, rank_transform, with_refit
+from .images import locate_images
 from .stacking import FoldStacker
+from .tasks import task_of
 from .utils import atomic_to_csv, atomic_write_text, get_logger
 
 TEMPLATE = ROOT / "notebooks" / "kaggle_inference.ipynb"
@@ -98,7 +101,7 @@ def _pack_backbone(source_cfg: CFG, out: Path, fp16: bool) -> None:
     from .models import TimmModel
 
     model = TimmModel(source_cfg, 1)  # a one-output head: only its features are used
-    classes = None if source_cfg.task == "regression" else ["_"]
+    classes = ["_"] if task_of(source_cfg).named_outputs else None
     ckpt = {"model": model.state_dict(), "cfg": to_dict(source_cfg), "classes": classes, "target_range": None}
     _save_weights(ckpt, out / "backbones" / source_cfg.experiment, "fold0", fp16)
 
@@ -111,7 +114,7 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
 
     cfg = apply_plan(load_cfg(config, experiment_names(config)[0], overrides))
     score = artifacts.read_ensemble_score(cfg)
-    why = artifacts.stale(cfg, "ensemble")
+    why = freshness.stale(cfg, "ensemble")
     if score is None or why:
         raise PackageError(f"the ensemble is not up to date ({why}): run 05_ensemble first (python -m helpers.pipeline "
                            f"--config {config}), so that the package rebuilds the submission it wrote")
@@ -125,7 +128,7 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
         manifest = artifacts.read_stacker_manifest(folder)
         if manifest is None:
             refit = score.get("refit", {}).get(name)  # blend / alone: the refit's test predictions were in its
-            folds = [] if refit == "alone" else artifacts.trained_folds(folder)  # alone: the fold models are not run
+            folds = [] if refit == "alone" else freshness.trained_folds(folder)  # alone: the fold models are not run
             members.append({"name": name, "kind": "cnn", "weight": weight, "folds": folds, **({"refit": refit} if refit else {})})
             if folds:
                 cnn_folds.setdefault(name, set()).update(folds)
@@ -149,7 +152,7 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
     for name, folds in cnn_folds.items():
         _pack_cnn(root / name, out, sorted(folds), fp16)
     train = read_train(cfg)
-    classes = None if cfg.task == "regression" else get_classes(train, cfg)
+    classes = task_of(cfg).classes(train, cfg)
     spec = {"cfg": to_dict(cfg), "classes": classes, "fallback": _fallback(cfg, train, classes),
             "blend": {"method": score["method"], "members": members}, "cnn": {n: sorted(f) for n, f in cnn_folds.items()},
             "backbones": sorted(backbones), "cv": {"in_sample": score["in_sample"], "held_out": score["held_out"]},
@@ -162,7 +165,7 @@ def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False,
     exp_dir = Path(exp_dir)
     if not exp_dir.is_absolute() and not exp_dir.exists():
         exp_dir = artifacts.under_root(str(exp_dir))
-    folds = artifacts.trained_folds(exp_dir)
+    folds = freshness.trained_folds(exp_dir)
     if not folds:
         raise PackageError(f"{exp_dir}: no trained fold (fold*/best.pt): train the experiment first (02_train)")
     target, out = Path(out), _fresh(out, force, ([artifacts.output_root(), exp_dir.parent], []))
@@ -179,17 +182,9 @@ def package_experiment(exp_dir: str | Path, out: str | Path, fp16: bool = False,
 
 
 def _fallback(cfg: CFG, train: pd.DataFrame | None, classes: list | None) -> list[float]:
-    """The prediction for an image that cannot be read: the training classes' shares, or the
-    training target's mean."""
-    if train is None:
-        return [1.0 / len(classes)] * len(classes) if classes else [0.0]
-    if cfg.task == "regression":
-        return [float(train[cfg.target_col].mean())]
-    if cfg.task == "multilabel":  # each label's share of the training rows
-        sets = label_sets(train[cfg.target_col], cfg.label_sep)
-        return [float(np.mean([str(c) in s for s in sets])) for c in classes]
-    counts = train[cfg.target_col].astype(str).value_counts()
-    return [float(counts.get(str(c), 0) / counts.sum()) for c in classes]
+    """The prediction for an image that cannot be read (the task's: the training classes' shares,
+    each label's, or the training target's mean)."""
+    return task_of(cfg).fallback(cfg, train, classes)
 
 
 def _mkdir(path: Path) -> Path:
@@ -400,64 +395,80 @@ def predict_package(package_dir: str | Path, competition_dir: str | Path, device
     spec = json.loads((package_dir / "package.json").read_text())
     cfg = cfg_from_dict(spec["cfg"])
     cfg.competition_dir = str(competition_dir)
-    classes, members = spec["classes"], spec["blend"]["members"]
-    metadata_cols = sorted({c for m in members if m["kind"] == "stacker" for c in m["metadata_cols"]})
-    test, test_path = read_test_rows(cfg, metadata_cols)
+    members = spec["blend"]["members"]
+    test, test_path = read_test_rows(cfg, sorted({c for m in members if m["kind"] == "stacker" for c in m["metadata_cols"]}))
     items = [p if isinstance(p, str) else f"{cfg.path(cfg.image_dir_test)}/{i} (no image file for this id: {why})"
              for i, p, why in zip(test[cfg.id_col], test["path"], test["why"])]
     logger.info(f"{len(test)} test images from {test_path}; {len(members)} blended model(s), {spec['blend']['method']}")
     start = time.perf_counter()
-    outputs, failed = {}, set()
-    needs_embeddings = {m["source"] for m in members if m["kind"] == "stacker"}
-    for name, folds in spec["cnn"].items():
-        out = _predictor(package_dir / "cnn" / name, folds, device).run(items, progress=True, embeddings=name in needs_embeddings, eta=logger)
-        outputs[name] = {**out, "folds": folds}
-        failed |= set(out["errors"])
-    for name in spec["backbones"]:
-        out = _predictor(package_dir / "backbones" / name, [0], device).run(items, progress=True, embeddings=True, eta=logger)
-        outputs[name] = {**out, "folds": [None]}
-        failed |= set(out["errors"])
-    preds = []
-    for m in members:
+    kernel = _Kernel(package_dir, spec, items, device, logger)
+    preds = [kernel.member(m, test) for m in members]
+    rows = sorted(kernel.errors)
+    blended = _blend(cfg, spec, preds, rows)
+    for i in rows[:20]:
+        logger.warning(f"test id {test[cfg.id_col].iloc[i]}: {kernel.errors[i]}; it gets the fallback prediction")
+    seconds = time.perf_counter() - start
+    logger.info(f"{len(test)} test images in {seconds:.1f}s ({len(test) / max(seconds, 1e-9):.1f} images/s); "
+                f"{len(rows)} could not be read and got the fallback prediction")
+    return cfg, test, blended, spec["classes"], seconds
+
+
+class _Kernel:
+    """The package's models run on the test items: each CNN's folds (with the embeddings its
+    stacker reads) and each frozen backbone once; then each blend member's prediction."""
+
+    def __init__(self, package_dir: Path, spec: dict, items: list, device: str, logger: logging.Logger):
+        self.package_dir, self.items, self.device, self.logger = package_dir, items, device, logger
+        self.outputs, self.errors = {}, {}
+        needs_embeddings = {m["source"] for m in spec["blend"]["members"] if m["kind"] == "stacker"}
+        for name, folds in spec["cnn"].items():
+            self.outputs[name] = {**self.run("cnn", name, folds, embeddings=name in needs_embeddings), "folds": folds}
+        for name in spec["backbones"]:
+            self.outputs[name] = {**self.run("backbones", name, [0], embeddings=True), "folds": [None]}
+
+    def run(self, kind: str, name: str, folds: list, embeddings: bool = False, progress: bool = True) -> dict:
+        out = _predictor(self.package_dir / kind / name, folds, self.device).run(self.items, progress=progress,
+                                                                                embeddings=embeddings, eta=self.logger)
+        self.errors.update(out["errors"])
+        return out
+
+    def member(self, m: dict, test: pd.DataFrame) -> np.ndarray:
+        """A blend member's test predictions: a CNN's folds (and its refit, as 05_ensemble blended
+        it), or a stacker's folds on the embeddings of the CNN or backbone it reads."""
         if m["kind"] == "cnn":
-            source = outputs.get(m["name"], {"folds": None})
+            source = self.outputs.get(m["name"], {"folds": None})
             if not m["folds"]:  # refit alone
                 pred = None
             elif m["folds"] == source["folds"]:
                 pred = source["preds"]
             else:  # the CNN's own folds, not all those its stacker also read
-                pred = _predictor(package_dir / "cnn" / m["name"], m["folds"], device).run(items)["preds"]
+                pred = self.run("cnn", m["name"], m["folds"], progress=False)["preds"]
             if m.get("refit"):  # as 05_ensemble did: the refit on all rows with (or instead of) the folds
-                refit = _predictor(package_dir / "cnn" / m["name"], [artifacts.REFIT], device).run(items, progress=True, eta=logger)
-                failed |= set(refit["errors"])
-                pred = refit["preds"] if pred is None else with_refit(pred, refit["preds"], m["refit"])
-            preds.append(pred)
-            continue
-        source = outputs[m["source"]]
+                refit = self.run("cnn", m["name"], [artifacts.REFIT])["preds"]
+                pred = refit if pred is None else with_refit(pred, refit, m["refit"])
+            return pred
+        source = self.outputs[m["source"]]
         fold_preds = []
         for k in m["folds"]:
             emb = source["embeddings"][source["folds"].index(None if m["features_from"] == "pretrained" else k)]
-            stacker = FoldStacker.load(package_dir / "stackers" / m["name"] / f"stacker_fold{k}")
+            stacker = FoldStacker.load(self.package_dir / "stackers" / m["name"] / f"stacker_fold{k}")
             fold_preds.append(np.asarray(stacker.predict(np.nan_to_num(emb.astype(np.float32)), test)).reshape(len(test), -1))
-        preds.append(np.mean(fold_preds, axis=0))
+        return np.mean(fold_preds, axis=0)
+
+
+def _blend(cfg: CFG, spec: dict, preds: list[np.ndarray], rows: list[int]) -> np.ndarray:
+    """The members blended as 05_ensemble did; unreadable images' rows get the fallback (the
+    blend never sees their NaN)."""
     fallback = np.asarray(spec["fallback"], dtype=float)
-    rows = sorted(failed)
-    for p in preds:  # the blend never sees an unreadable image's NaN
+    for p in preds:
         p[rows] = fallback
-    weights = np.asarray([m["weight"] for m in members], dtype=float)
+    weights = np.asarray([m["weight"] for m in spec["blend"]["members"]], dtype=float)
     if spec["blend"]["method"] == "rank":
-        blended = blend([rank_transform(p) for p in preds], weights)
-        blended = blended if cfg.task == "multilabel" else normalise_rows(blended)
+        blended = task_of(cfg).rank_rows(blend([rank_transform(p) for p in preds], weights))
     else:
         blended = blend(preds, weights)
     blended[rows] = fallback
-    for i in rows[:20]:
-        reason = next(o["errors"][i] for o in outputs.values() if i in o["errors"])
-        logger.warning(f"test id {test[cfg.id_col].iloc[i]}: {reason}; it gets the fallback prediction")
-    seconds = time.perf_counter() - start
-    logger.info(f"{len(test)} test images in {seconds:.1f}s ({len(test) / max(seconds, 1e-9):.1f} images/s); "
-                f"{len(rows)} could not be read and got the fallback prediction")
-    return cfg, test, blended, classes, seconds
+    return blended
 
 
 def main(argv: list[str] | None = None) -> int:

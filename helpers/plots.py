@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .data import label_sets, read_thumbnail
+from .images import read_thumbnail
+from .tasks import label_sets
 from .utils import save_figure
 
 

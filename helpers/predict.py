@@ -28,7 +28,6 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -39,14 +38,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import artifacts
+from . import artifacts, freshness
 from .config import CFG
-from .data import InputNorm, create_transforms, input_stats, locate_images, read_image
+from .engine import load_model, predict_batch, rules_of
 from .ensemble import REFIT_SHARE
+from .images import locate_images, read_image
 from .losses import TargetScale
-from .submission import multilabel_decisions
-from .train import autocast, load_model, predict_batch
-from .utils import atomic_to_csv, atomic_write_text, channels_last, get_device, get_logger, read_table
+from .runtime import amp_context, channels_last, get_device
+from .tasks import task_of
+from .transforms import InputNorm, create_transforms, input_stats
+from .utils import atomic_to_csv, atomic_write_text, get_logger, read_table
 
 
 def _as_image(item, in_chans: int) -> np.ndarray:
@@ -79,17 +80,19 @@ class Predictor:
                  device: torch.device, logger: logging.Logger | None = None, thresholds: list[float] | None = None,
                  weights: list[float] | None = None):
         self.cfg, self.models, self.classes, self.scale, self.device = cfg, models, classes, scale, device
+        self.task = task_of(cfg)
         self.weights = weights or [1 / len(models)] * len(models)  # each model's share of the prediction
         self.thresholds = thresholds  # multilabel: one per class (None: 0.5)
         self.transform = create_transforms(cfg, train=False)  # the model's own preprocessing, from its checkpoint's config
         self.norm = InputNorm(input_stats(cfg), device, channels_last(cfg, device))
+        self.rules = rules_of(cfg, device)
         self.logger = logger or get_logger("kaggle.predict")
 
     @classmethod
     def from_experiment(cls, exp_dir: str | Path, device: str = "auto", folds: list[int] | None = None,
                         refit: str | None = None) -> "Predictor":
         """The fold models of an experiment folder (those its OOF and test predictions were made
-        from: artifacts.trained_folds), each rebuilt from the config stored in its checkpoint
+        from: freshness.trained_folds), each rebuilt from the config stored in its checkpoint
         (no download: the weights are in the checkpoints), with its
         refit (refit/best.pt, the model on all rows) as the ensemble used it: `refit` None
         reads that from the ensemble's score.json beside the experiment (blend: half the
@@ -102,7 +105,7 @@ class Predictor:
             raise FileNotFoundError(f"{exp_dir}: no such experiment folder (give models/<experiment>, e.g. "
                                     f"{artifacts.under_root('models')}/<experiment>)")
         # the folds the experiment's predictions were made from, not every fold*/best.pt on disk
-        paths = [exp_dir / f"fold{k}" / "best.pt" for k in (artifacts.trained_folds(exp_dir) if folds is None else folds)]
+        paths = [exp_dir / f"fold{k}" / "best.pt" for k in (freshness.trained_folds(exp_dir) if folds is None else folds)]
         paths = [p for p in paths if p.exists()]
         if not paths:
             raise FileNotFoundError(f"no fold*/best.pt under {exp_dir}: train the experiment first (02_train)")
@@ -122,7 +125,7 @@ class Predictor:
         if mode:
             predictor.logger.info(f"{exp_dir.name}: the refit on all rows " + (
                 "alone" if mode == "alone" else f"with the {len(paths) - 1} fold model(s), {REFIT_SHARE:.0%} of the prediction"))
-        if predictor.cfg.task == "multilabel":
+        if predictor.task.uses_thresholds:
             predictor.thresholds = artifacts.score_thresholds(artifacts.read_score(exp_dir, missing_ok=True), predictor.classes)
             if predictor.thresholds is None:
                 predictor.logger.warning(f"{exp_dir} has no tuned thresholds (score.json): labels are those at 0.5 or above")
@@ -157,7 +160,7 @@ class Predictor:
         embeddings (with embeddings=True): each fold model's [n, width] float16, NaN rows for
         unreadable items; errors: {index: reason}. With `eta`, logs an estimate of the whole
         run's time after its first batches."""
-        width = 1 if self.cfg.task == "regression" else len(self.classes)
+        width = self.task.n_outputs(self.classes)
         preds = np.full((len(items), width), np.nan)
         embs = [np.full((len(items), m.num_features), np.nan, dtype=np.float16) for m in self.models] if embeddings else None
         errors: dict[int, str] = {}
@@ -173,9 +176,9 @@ class Predictor:
                 images = self.norm(images)
                 total = 0
                 for k, (model, weight) in enumerate(zip(self.models, self.weights)):
-                    total = total + weight * predict_batch(model, images, self.cfg, self.device, self.scale)[0].float()
+                    total = total + weight * predict_batch(model, images, self.device, self.rules, self.scale)[0].float()
                     if embeddings:
-                        with torch.no_grad(), autocast(self.cfg, self.device, bf16=False):
+                        with torch.no_grad(), amp_context(self.rules.embed_amp, self.device):
                             embs[k][index] = model.features(images).float().cpu().numpy().astype(np.float16)
                 preds[index] = total.cpu().numpy().reshape(len(index), width)
                 artifacts.finite_or_raise(preds[index], f"{self.cfg.experiment}: the model's predictions of items "
@@ -190,35 +193,20 @@ class Predictor:
         """One result per item, in order (see the module docstring)."""
         start = time.perf_counter()
         preds, errors = self.predict_array(list(items), progress)
+        hits = self.task.decisions(self.cfg, preds, self.thresholds)  # multi-label: the labels each row has
         results = []
-        if self.cfg.task == "multilabel":
-            good = np.nan_to_num(preds)
-            hits = multilabel_decisions(self.cfg, good, self.thresholds).astype(bool)
         for i, item in enumerate(items):
             rid = str(item) if isinstance(item, (str, Path)) else i
             if i in errors:
                 results.append({"id": rid, "label": "ERROR", "confidence": None, "error": errors[i]})
-            elif self.cfg.task == "regression":
-                results.append({"id": rid, "label": float(preds[i, 0]), "confidence": None, "value": float(preds[i, 0])})
-            elif self.cfg.task == "multilabel":
-                labels = [self.classes[k] for k in np.flatnonzero(hits[i])]
-                results.append({"id": rid, "label": self.cfg.label_sep.join(map(str, labels)), "labels": labels,
-                                "confidence": float(preds[i, hits[i]].min()) if labels else None,
-                                "probs": {str(c): float(p) for c, p in zip(self.classes, preds[i])}})
             else:
-                probs = preds[i]
-                k = int(np.argmax(probs))
-                results.append({"id": rid, "label": self.classes[k], "confidence": float(probs[k]),
-                                "probs": {str(c): float(p) for c, p in zip(self.classes, probs)}})
+                results.append({"id": rid, **self.task.result(self.cfg, preds[i], None if hits is None else hits[i], self.classes)})
         seconds = time.perf_counter() - start
         ok = len(items) - len(errors)
-        dist = Counter(str(r["label"]) for r in results if r["label"] != "ERROR") if self.cfg.task == "classification" else {}
-        if self.cfg.task == "multilabel":
-            dist = Counter(str(label) for r in results for label in r.get("labels", []))
-            dist.update({"(none)": sum(1 for r in results if r["label"] == "")} if any(r["label"] == "" for r in results) else {})
+        dist = self.task.tally([r for r in results if r["label"] != "ERROR"])
         self.logger.info(f"predicted {len(items)} item(s) with {len(self.models)} model(s) in {seconds:.2f}s "
                          f"({1000 * seconds / max(len(items), 1):.1f} ms/image): {ok} ok, {len(errors)} failed"
-                         + (f"; {'labels' if self.cfg.task == 'multilabel' else 'classes'} {dict(dist.most_common())}" if dist else ""))
+                         + (f"; {self.task.label_plural} {dict(dist.most_common())}" if dist else ""))
         return results
 
 
@@ -276,7 +264,7 @@ def latency(predictor: Predictor, n: int = 64, size: int | None = None) -> dict:
 def csv_items(csv: str, image_dir: str | None, image_ext: str) -> list[str]:
     """The items of a CSV: its 'path' column (or its first), each an image file (absolute, or
     relative to the working folder or to the CSV's); with `image_dir`, ids found in that folder
-    as training finds them (helpers.data.locate_images). Values that name no file at all are an
+    as training finds them (helpers.images.locate_images). Values that name no file at all are an
     error before any model is loaded, naming the column and what was tried."""
     path = Path(csv)
     try:

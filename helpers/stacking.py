@@ -10,7 +10,6 @@ same CNN. No row's stacker prediction comes from a model that saw or was tuned o
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -33,14 +32,18 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.svm import SVC, SVR
 
-from . import artifacts
+from . import artifacts, freshness, stages
 from .cache import create_cache
 from .config import CFG
-from .data import get_classes
-from .metrics import HIGHER_IS_BETTER, get_score
+from .engine import load_model, predict, rules_of
+from .metrics import HIGHER_IS_BETTER
 from .models import TimmModel
-from .train import create_loader, load_model, predict, write_score
-from .utils import atomic_write_text, get_device
+from .results import write_score
+from .runtime import channels_last, get_device
+from .tasks import TASKS, task_of
+from .data import create_loader
+from .transforms import InputNorm, input_stats
+from .utils import atomic_write_text
 
 # LightGBM's settings unless cfg.lgbm_params says otherwise (early_stopping_round: rounds without
 # improvement of the competition metric on the fold's held-out rows)
@@ -52,41 +55,43 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
     """Embeddings (float16) of every train row (folds.csv order) and the test set: from fold
     k's best model (its own config from its checkpoint), or from a frozen pretrained backbone
     (features_from 'pretrained'). Embeddings that are up to date are kept. Where training runs
-    in bf16 they are computed in fp32 (train.autocast's bf16=False)."""
+    in bf16 they are computed in fp32 (engine.Rules.embed_amp)."""
     logger = logger or logging.getLogger("kaggle")
     device = get_device(cfg.device)
     parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids
-    with artifacts.decision():
-        why = {k: "retrain is set" if cfg.retrain else artifacts.stale(cfg, "features", k) for k in parts}
-        for k in parts:
-            if k is not None and why[k]:  # never embed with a model that is itself out of date
-                artifacts.require(cfg, "train", k, "train the fold first (02_train)")
-    todo = [k for k in parts if why[k]]
+    todo = freshness.todo(cfg, "features", parts, cfg.retrain)  # never embed with a model that is itself out of date
     for k in parts:
-        logger.info(f"{artifacts.output_name('features', k)}: {why[k] or 'up to date'}")
+        logger.info(f"{stages.output_name('features', k)}: {todo.get(k, 'up to date')}")
     if not todo:
         return
     train_loader = create_loader(cfg, folds, train=False, cache=create_cache(cfg, folds["path"].tolist(), logger))
     test_loader = create_loader(cfg, test, train=False, cache=create_cache(cfg, test["path"].tolist(), logger))
+    rules, norm = rules_of(cfg, device), InputNorm(input_stats(cfg), device, channels_last(cfg, device))
     for k in todo:
-        made_from = artifacts.fingerprint(cfg, "features", k)
-        if k is None:
-            if cfg.arch != "timm":
-                raise ValueError("config key 'features_from': 'pretrained' needs a timm backbone (arch 'timm')")
-            if not cfg.pretrained:
-                logger.warning("features_from 'pretrained' with pretrained=False: embeddings of random weights")
-            model, what = TimmModel(cfg, 1).to(device).eval(), f"frozen {cfg.model_name}"
-        else:
-            ckpt = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))
-            trained = artifacts.checkpoint_config(ckpt)
-            if (trained.img_size, trained.in_chans) != (cfg.img_size, cfg.in_chans):
-                raise ValueError(f"fold {k} was trained at img_size {trained.img_size}, in_chans {trained.in_chans}; "
-                                 f"the config now says {cfg.img_size}, {cfg.in_chans}: train the folds again (02_train)")
-            model, what = load_model(ckpt, device, cfg), f"fold {k}"
-        for split, loader in (("train", train_loader), ("test", test_loader)):
-            artifacts.save_features(cfg, split, k, predict(model, loader, cfg, device, features=True))
-        artifacts.record(cfg, "features", k, made_from)
+        with freshness.build(cfg, "features", k):
+            model, what = _embedder(cfg, k, device, logger)
+            for split, loader in (("train", train_loader), ("test", test_loader)):
+                artifacts.save_features(cfg, split, k, predict(model, loader, device, rules, norm, features=True))
         logger.info(f"{what}: embeddings {model.num_features} wide for {len(folds)} train and {len(test)} test rows")
+
+
+def _embedder(cfg: CFG, k: int | None, device, logger: logging.Logger) -> tuple[torch.nn.Module, str]:
+    """The model that embeds for the fold-k stacker: fold k's best (its own config from its
+    checkpoint), or a frozen pretrained backbone (k None)."""
+    if k is None:
+        if cfg.arch != "timm":
+            raise ValueError("config key 'features_from': 'pretrained' needs a timm backbone (arch 'timm')")
+        if not cfg.pretrained:
+            logger.warning("features_from 'pretrained' with pretrained=False: embeddings of random weights")
+        model, what = TimmModel(cfg, 1).to(device).eval(), f"frozen {cfg.model_name}"
+    else:
+        ckpt = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, k))
+        trained = artifacts.checkpoint_config(ckpt)
+        if (trained.img_size, trained.in_chans) != (cfg.img_size, cfg.in_chans):
+            raise ValueError(f"fold {k} was trained at img_size {trained.img_size}, in_chans {trained.in_chans}; "
+                             f"the config now says {cfg.img_size}, {cfg.in_chans}: train the folds again (02_train)")
+        model, what = load_model(ckpt, device, cfg), f"fold {k}"
+    return model, what
 
 
 def _text_columns(X: pd.DataFrame) -> list[str]:
@@ -170,38 +175,27 @@ class FoldStacker:
             self.categories = {c: sorted(X[c].dropna().unique().tolist()) for c in _text_columns(X)}
             X = self.frame(emb, rows)
         fit = (lambda c, X_, y_, n: _fit_lgbm(c, X_, y_, n, seed)) if cfg.stacker == "lgbm" else (lambda c, X_, y_, n: _fit_sklearn(c, X_, y_))
-        if self.task == "multilabel":  # one binary head per label, early-stopped on its own ROC AUC
-            binary = dataclasses.replace(cfg, task="classification", metric="roc_auc")
-            Y = np.asarray(y, dtype=float)
-            self.model, importances = [], []
-            for j in range(Y.shape[1]):
-                yj = Y[:, j].astype(int)
-                if yj.min() == yj.max():  # a label these rows never (or always) show: its share
-                    self.model.append(float(yj[0]))
-                    continue
-                fitted = fit(binary, X, yj, 2)
-                self.model.append(fitted[0])
-                if fitted[1] is not None:
-                    importances.append(fitted[1])
-                self.trees = max(self.trees, fitted[2])
-            self.importance = pd.concat(importances, axis=1).mean(axis=1) if importances else None
+        task = task_of(cfg)
+        models, importances = [], []
+        for head_cfg, head_y in task.stacker_heads(cfg, y):  # multi-label: one binary head per label
+            if task.stacker_per_output and head_y.min() == head_y.max():  # a label these rows never (or always) show: its share
+                models.append(float(head_y[0]))
+                continue
+            model, importance, trees = fit(head_cfg, X, head_y, 2 if task.stacker_per_output else self.n_classes)
+            models.append(model)
+            importances += [] if importance is None else [importance]
+            self.trees = max(self.trees, trees)
+        if task.stacker_per_output:
+            self.model, self.importance = models, pd.concat(importances, axis=1).mean(axis=1) if importances else None
         else:
-            self.model, self.importance, self.trees = fit(cfg, X, y, self.n_classes)
+            self.model, self.importance = models[0], importances[0] if importances else None
         return self
 
     def predict(self, emb: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
         """Regression values, or probabilities with a column for every class (also those absent
-        from the fold's training rows)."""
-        X = self.frame(emb, rows)
-        if self.task == "regression":
-            return np.asarray(self.model.predict(X))
-        if self.task == "multilabel":
-            return np.column_stack([np.full(len(X), m) if isinstance(m, float)
-                                    else m.predict_proba(X)[:, list(m.classes_).index(1)] for m in self.model])
-        proba = self.model.predict_proba(X)
-        full = np.zeros((len(X), self.n_classes))
-        full[:, np.asarray(self.model.classes_).astype(int)] = proba
-        return full
+        from the fold's training rows), or for every label."""
+        models = self.model if isinstance(self.model, list) else [self.model]
+        return TASKS[self.task].stacker_predict(models, self.frame(emb, rows), self.n_classes)
 
     # --- a folder that loads without running code ---------------------------------------------
     def save(self, folder: Path) -> None:
@@ -260,15 +254,10 @@ class FoldStacker:
 
 def _metric_eval(cfg: CFG, classes_present: np.ndarray, n_classes: int):
     """LightGBM eval on the competition metric, so early stopping follows it."""
+    task = task_of(cfg)
+
     def evaluate(y_true, y_pred):
-        if cfg.task == "regression":
-            value = get_score(cfg.metric, y_true, y_pred)
-        else:
-            proba = y_pred if y_pred.ndim == 2 else np.column_stack([1 - y_pred, y_pred])
-            full = np.zeros((len(y_true), n_classes))
-            full[:, classes_present] = proba
-            value = get_score(cfg.metric, y_true.astype(int), full)
-        return cfg.metric, value, HIGHER_IS_BETTER[cfg.metric]
+        return cfg.metric, task.stacker_score(cfg, y_true, y_pred, classes_present, n_classes), HIGHER_IS_BETTER[cfg.metric]
     return evaluate
 
 
@@ -282,11 +271,12 @@ def _fit_lgbm(cfg: CFG, X_trn, y_trn, n_classes: int, seed: int):
     params = {**LGBM_DEFAULTS, "random_state": cfg.seed, "verbose": -1, "n_jobs": max(torch.get_num_threads(), 1),
               **cfg.lgbm_params, "metric": "None"}
     rounds = params.pop("early_stopping_round")
-    create = lgb.LGBMRegressor if cfg.task == "regression" else lgb.LGBMClassifier
+    classifies = task_of(cfg).stacker_classifies
+    create = lgb.LGBMClassifier if classifies else lgb.LGBMRegressor
     trees = params["n_estimators"]
     if rounds:
         y_trn = np.asarray(y_trn)
-        stratify = y_trn if cfg.task == "classification" and np.bincount(y_trn.astype(int)).min(initial=2) >= 2 else None
+        stratify = y_trn if classifies and np.bincount(y_trn.astype(int)).min(initial=2) >= 2 else None
         try:
             fit, stop = train_test_split(np.arange(len(X_trn)), test_size=EARLY_STOPPING_SHARE, random_state=seed,
                                          stratify=stratify)
@@ -312,7 +302,7 @@ def _fit_sklearn(cfg: CFG, X_trn, y_trn):
     numeric = [c for c in X_trn.columns if c not in text]
     prep = ColumnTransformer([("num", make_pipeline(SimpleImputer(), StandardScaler()), numeric),
                               ("cat", OneHotEncoder(handle_unknown="ignore"), text)])
-    if cfg.task == "regression":  # the target standardised: C and epsilon mean the same on any scale
+    if not task_of(cfg).stacker_classifies:  # the target standardised: C and epsilon mean the same on any scale
         head = TransformedTargetRegressor(SVR(C=cfg.stack_c) if cfg.stacker == "svr" else Ridge(alpha=1.0 / cfg.stack_c),
                                           transformer=StandardScaler())
     elif cfg.stacker == "svr":
@@ -338,20 +328,23 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
     scikit-learn heads). Kept as it is while up to date."""
     logger = logger or logging.getLogger("kaggle")
     out_cfg = artifacts.stack_cfg(cfg)
-    with artifacts.decision():
-        why = "retrain is set" if cfg.retrain else artifacts.stale(cfg, "stacking")
-        for k in [None] if cfg.features_from == "pretrained" else cfg.fold_ids:
-            if why:
-                artifacts.require(cfg, "features", k, "extract the embeddings first (03_features)")
+    why = freshness.todo(cfg, "stacking", [None], cfg.retrain).get(None)
     if why is None:
         logger.info(f"{out_cfg.experiment}: up to date")
         return {**artifacts.read_score(artifacts.exp_dir(out_cfg)), "importance": artifacts.read_importance(out_cfg)}
     logger.info(f"{out_cfg.experiment}: stacking: {why}")
-    made_from = artifacts.fingerprint(cfg, "stacking")
+    with freshness.build(cfg, "stacking"):
+        return _stack(cfg, folds, test, logger)
+
+
+def _stack(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger) -> dict:
+    """run_stacking's work: every fold's stacker, the stacker experiment's files and score."""
+    out_cfg = artifacts.stack_cfg(cfg)
     start = time.perf_counter()
-    classes = None if cfg.task == "regression" else get_classes(folds, cfg)
+    task = task_of(cfg)
+    classes = task.classes(folds, cfg)
     n_classes = len(classes) if classes else 1
-    y = np.stack(folds["target"].to_numpy()) if cfg.task == "multilabel" else folds["target"].to_numpy()
+    y = task.targets(folds)
     oof_parts, test_preds, importances = [], [], []
     for k in cfg.fold_ids:
         emb, emb_test = _embeddings(cfg, "train", k, len(folds)), _embeddings(cfg, "test", k, len(test))
@@ -361,7 +354,7 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
         stacker.save(artifacts.stacker_path(out_cfg, k))
         if stacker.importance is not None:
             importances.append(stacker.importance)
-        part = artifacts.frame_predictions(rows_val[cfg.id_col], stacker.predict(emb[val], rows_val), cfg, classes)
+        part = artifacts.frame_predictions(rows_val[cfg.id_col], stacker.predict(emb[val], rows_val), cfg, task.pred_columns(classes))
         part.insert(1, cfg.target_col, rows_val[cfg.target_col].to_numpy())
         part.insert(2, "fold", k)
         oof_parts.append(part)
@@ -370,7 +363,8 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
         logger.info(f"{cfg.stacker} stacker fold {k}: {n_features} features" + (f", {stacker.trees} trees" if stacker.trees else ""))
     oof = pd.concat(oof_parts, ignore_index=True)
     artifacts.save_config(out_cfg)
-    artifacts.write_predictions(out_cfg, "test", artifacts.frame_predictions(test[cfg.id_col], np.mean(test_preds, axis=0), cfg, classes))
+    artifacts.write_predictions(out_cfg, "test", artifacts.frame_predictions(test[cfg.id_col], np.mean(test_preds, axis=0), cfg,
+                                                                             task.pred_columns(classes)))
     artifacts.write_predictions(out_cfg, "oof", oof)
     importance = None
     if importances:
@@ -381,5 +375,4 @@ def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logg
     artifacts.write_stacker_manifest(out_cfg, {"source": cfg.experiment, "features_from": cfg.features_from,
                                                "folds": cfg.fold_ids, "metadata_cols": cfg.metadata_cols})
     score = write_score(out_cfg, oof, logger, wall_s=time.perf_counter() - start, model=cfg.stacker)
-    artifacts.record(cfg, "stacking", made_from=made_from)
     return {**score, "importance": importance}

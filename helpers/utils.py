@@ -1,18 +1,21 @@
-"""Small utilities: seeding, an idempotent logger, a timer, the device, reading CSVs with their
-ids as text, and atomic writes (a killed run never leaves half a file behind)."""
+"""Small utilities: library versions, reading CSVs with their ids as text, atomic writes (a
+killed run never leaves half a file behind), a timer and an idempotent logger. The device,
+precision and seeding rules are helpers.runtime's."""
 from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 # --- library versions --------------------------------------------------------------------
@@ -61,6 +64,10 @@ def check_versions() -> None:
         raise ImportError("\n".join(problems))
 
 
+class DataError(ValueError):
+    """Problems of the competition's data, one per line, each naming its file, row or column."""
+
+
 # --- reading CSVs ------------------------------------------------------------------------
 # pandas' default missing-value markers, kept for every column but the id column
 NA_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
@@ -89,6 +96,22 @@ def read_table(path: str | Path, id_col: str | None = None, text_cols: tuple | l
         raise ValueError(f"{path}: the file is empty (no header row)") from None
     except pd.errors.ParserError as e:
         raise ValueError(f"{path}: cannot be read as CSV ({str(e).strip()})") from None
+
+
+def column_problems(df: pd.DataFrame, path: Path, columns: list[str]) -> list[str]:
+    return [f"{path}: missing column '{c}' (it has {list(df.columns)})" for c in dict.fromkeys(columns) if c and c not in df.columns]
+
+
+def read_csv(path: Path, required: list[str], what: str, id_col: str | None = None, text_cols: tuple | list = ()) -> pd.DataFrame:
+    """Read a CSV (its id column and `text_cols` as text) and check it has the required columns
+    (an error names file and column)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    df = read_table(path, id_col, text_cols)
+    missing = column_problems(df, path, required)
+    if missing:
+        raise KeyError("; ".join(missing))
+    return df
 
 
 # --- atomic writes ----------------------------------------------------------------------
@@ -138,98 +161,7 @@ def save_figure(fig, path: str | Path) -> None:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
 
 
-# --- seeding, device, timing --------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    import torch
-
-    random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively: AVX512-BF16 or AMX (Intel Cooper Lake and
-    Sapphire Rapids on, AMD Zen 4 on). Older AVX-512 CPUs (the Xeons of Kaggle's CPU kernels)
-    only emulate it, slower than fp32."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
-
-
-def precision(amp_dtype: str, device) -> tuple[object, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed): the one place that
-    decides. On CUDA, 'auto' is bf16 where the card computes it natively (compute capability
-    8.0+: A100, H100, RTX 30xx/40xx) and fp16 with a GradScaler elsewhere (T4, P100, V100:
-    `torch.cuda.is_bf16_supported()` also counts emulation, which cuDNN convolutions lack).
-    On a CPU, 'auto' is bf16 where it computes bf16 natively (cpu_bf16: resnet18 at 64 px
-    trained at 270 img/s in fp32, 458 in bf16 + channels_last on the 2-core AMD EPYC with
-    AVX512-BF16), else fp32; 'bf16' asks for it anyway. With 'fp32', or on MPS, no autocast.
-    An explicit 'bf16' on an older card is an error."""
-    import torch
-
-    kind = getattr(device, "type", str(device))
-    if amp_dtype == "fp32" or kind not in ("cuda", "cpu"):
-        return None, False
-    if kind == "cpu":
-        return (torch.bfloat16 if amp_dtype == "bf16" or (amp_dtype == "auto" and cpu_bf16()) else None), False
-    major, _ = torch.cuda.get_device_capability(device)
-    if amp_dtype == "bf16" and major < 8:
-        raise ValueError(f"config key 'amp_dtype': bf16 needs compute capability 8.0+ (this GPU, "
-                         f"{torch.cuda.get_device_name(device)}, has {major}.x); use 'auto' or 'fp16'")
-    if amp_dtype == "bf16" or (amp_dtype == "auto" and major >= 8):
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-def channels_last(cfg, device) -> bool:
-    """Whether the model and its batches are channels_last: as `channels_last` says, or, left
-    unset, wherever autocast runs on a CUDA card with tensor cores (compute capability 7.0+:
-    V100, T4, A100, H100; their convolutions want NHWC: on an H200, efficientnet_b0 at 224 px
-    trains at 1,922 img/s in bf16 NCHW, below fp32's 2,051, and at 3,555 img/s in bf16
-    channels_last). A P100 has none and stays NCHW."""
-    import torch
-
-    if cfg.channels_last is not None:
-        return cfg.channels_last
-    if precision(cfg.amp_dtype, device)[0] is None:
-        return False
-    if getattr(device, "type", str(device)) == "cpu":  # oneDNN's bf16 convolutions want NHWC too (1.5x -> 1.7x fp32's speed)
-        return True
-    return torch.cuda.get_device_capability(device)[0] >= 7
-
-
-def setup_device(device) -> None:
-    """Fast defaults for a CUDA card: cuDNN picks the fastest kernels for the fixed input
-    size, and matmuls/convolutions use TF32 on Ampere and later (float32 ones only)."""
-    import torch
-
-    if getattr(device, "type", str(device)) != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True
-    if torch.cuda.get_device_capability(device)[0] >= 8:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def get_device(name: str = "auto"):
-    """cuda if visible, else mps, else cpu (or the explicit name)."""
-    import torch
-
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
+# --- timing ------------------------------------------------------------------------------
 class Timer:
     """`with Timer() as t: ...; t.seconds`, or `Timer(logger, 'what')` to log the time."""
 

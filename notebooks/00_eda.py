@@ -33,11 +33,12 @@ if helpers_path:  # a copy of the repository added to a Kaggle kernel as a datas
 import pandas as pd
 from IPython.display import display
 
-from helpers import artifacts, plots, setup
-from helpers.data import image_header, read_test, read_train
+from helpers import artifacts, freshness, plots, setup
+from helpers.data import read_test, read_train
+from helpers.images import image_header
 
 cfg, logger = setup(config_path, experiment, overrides, log_name="eda.log")
-made_from = artifacts.fingerprint(cfg, "eda")
+made_from = freshness.fingerprint(cfg, "eda")
 out = artifacts.eda_dir(cfg)
 
 # %% [markdown]
@@ -93,4 +94,4 @@ if cfg.metadata_cols:
         display(train.groupby(cfg.target_col)[numeric].mean())
 else:
     print("no metadata columns (config key metadata_cols)")
-artifacts.record(cfg, "eda", made_from=made_from)
+freshness.record(cfg, "eda", made_from=made_from)

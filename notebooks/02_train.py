@@ -44,7 +44,8 @@ from helpers.analysis import error_analysis
 from helpers.check import run_check
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
-from helpers.train import finalize_experiment, train_fold, train_refit
+from helpers.train import train_fold, train_refit
+from helpers.results import finalize_experiment
 
 cfg, logger = setup(config_path, experiment, overrides)
 

@@ -43,7 +43,7 @@ from helpers import artifacts, setup
 from helpers.data import read_test, read_train
 from helpers.folds import get_folds
 from helpers.stacking import extract_features
-from helpers.train import finalize_experiment
+from helpers.results import finalize_experiment
 
 cfg, logger = setup(config_path, experiment, overrides)
 

@@ -7,7 +7,7 @@ import pandas as pd
 from helpers import artifacts
 from helpers.analysis import error_analysis
 from helpers.config import CFG
-from helpers.demo import write_digits
+from helpers.tools.demo import write_digits
 from helpers.data import read_train
 
 

@@ -17,10 +17,11 @@ from PIL import Image
 from helpers import artifacts, check
 from helpers.cache import create_cache
 from helpers.config import CFG, load_cfg
-from helpers.data import DataError, read_image, read_test, read_thumbnail, read_train
-from helpers.demo import write_digits
+from helpers.data import DataError, read_test, read_train
 from helpers.folds import get_folds
+from helpers.images import read_image, read_thumbnail
 from helpers.submission import create_submission, write_submission
+from helpers.tools.demo import write_digits
 
 
 @pytest.fixture

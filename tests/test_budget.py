@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from helpers import artifacts, budget, pipeline
-from helpers.config import CFG, ROOT, load_cfg, parse_duration
-from helpers.demo import write_digits
+from helpers import artifacts, budget, pipeline, planning, stages
+from helpers.config import CFG, ROOT, load_cfg
+from helpers.configfile import parse_duration
+from helpers.tools.demo import write_digits
 
 
 @pytest.mark.parametrize("text, seconds", [("20min", 1200), ("8h", 28800), ("1h30m", 5400), ("90s", 90), ("600", 600),
@@ -45,8 +46,8 @@ def test_quality_presets_sit_under_the_users_keys(tmp_path):
 
 def test_time_limit_is_not_what_a_fold_is_made_from(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), time_limit="1h")
-    assert "time_limit" not in artifacts.stage_keys(cfg, "train")  # 8h -> 7h must not retrain (nor refuse a last.pt)
-    assert "quality" not in artifacts.stage_keys(cfg, "train")  # what a preset sets is recorded key by key
+    assert "time_limit" not in stages.output_keys(cfg, "train")  # 8h -> 7h must not retrain (nor refuse a last.pt)
+    assert "quality" not in stages.output_keys(cfg, "train")  # what a preset sets is recorded key by key
     with pytest.raises(ValueError, match="'time_limit' must be more than 0"):
         load_cfg(None, overrides={"competition_dir": str(tmp_path), "time_limit": "0"})
 
@@ -120,11 +121,11 @@ def test_the_stackers_time_is_measured_on_this_machine(tmp_path):
     the embeddings' width (a constant tuned on 2 cores kept 60 s for 8 folds a 16-core machine
     stacked in 10)."""
     cfg = ledger_cfg(tmp_path, n_folds=5)
-    small = budget.stack_fold_s(cfg, 1000, 10, 64)
-    wide = budget.stack_fold_s(cfg, 1000, 10, 512)
+    small = planning.stack_fold_s(cfg, 1000, 10, 64)
+    wide = planning.stack_fold_s(cfg, 1000, 10, 512)
     assert 0 < small < wide
-    assert budget.stack_fold_s(cfg, 20000, 10, 64) > 2 * small  # more rows than the probe's: scaled
-    assert budget.stack_fold_s(ledger_cfg(tmp_path, stacker="svr"), 1000, 10, 64) == budget.STACK_FOLD_S
+    assert planning.stack_fold_s(cfg, 20000, 10, 64) > 2 * small  # more rows than the probe's: scaled
+    assert planning.stack_fold_s(ledger_cfg(tmp_path, stacker="svr"), 1000, 10, 64) == planning.STACK_FOLD_S
 
 
 def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
@@ -140,19 +141,19 @@ def test_a_notebooks_start_is_measured_on_this_machine(tmp_path, monkeypatch):
     ledger["after_work"] = {"e/03_features": 0.5, "e/04_stacking": 4.0, "f/04_stacking": 4.0, "05_ensemble": 0.0}
     ledger["spent"]["e/03_features"] = 18.5
     assert budget.notebook_s(ledger) == pytest.approx((13.5 + 13.0 + 15.0 + 18.0) / 4)
-    assert budget.time_imports() is None  # imported already (here): the runner says nothing rather than 0 s
-    fresh = subprocess.run([sys.executable, "-c", "from helpers import budget; print(budget.time_imports())"],
+    assert pipeline.time_imports() is None  # imported already (here): the runner says nothing rather than 0 s
+    fresh = subprocess.run([sys.executable, "-c", "from helpers import pipeline; print(pipeline.time_imports())"],
                            capture_output=True, text=True, cwd=str(ROOT), check=True)
     assert 0.1 < float(fresh.stdout.split()[-1]) < 120  # a fresh process: what a notebook's first cell imports
 
-    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    monkeypatch.setattr(planning, "probe", fake_probe([]))
     plans = {}
     for start in (9.0, 14.0):
         cfg = ledger_cfg(tmp_path / str(start), img_size=64, n_folds=5, time_limit="4min")
         ledger = budget.open_ledger([cfg], [])
         ledger.update(notebook_s=start, kernels="per_experiment")
         budget.write_ledger(cfg, ledger)
-        plans[start] = budget.plan_run([cfg], (2000, 500), [10])
+        plans[start] = planning.plan_run([cfg], (2000, 500), [10])
         assert budget.read_ledger(cfg)["after_s"] == pytest.approx(sum(budget.read_ledger(cfg)["after_work"].values()) + 3 * start, abs=0.1)
     assert plans[14.0]["expected_epochs"]["e"] < plans[9.0]["expected_epochs"]["e"]  # slower starts: less for the folds
 
@@ -194,29 +195,29 @@ def test_the_plan_keeps_the_first_probes_start_up_and_counts_gpus_in_parallel(tm
         result = plain(cfg, n_out, steps)  # appends to calls
         return {**result, "start_s": 6.0 if len(calls) == 1 else 0.0}
 
-    monkeypatch.setattr(budget, "probe", probe)
+    monkeypatch.setattr(planning, "probe", probe)
     cfg = ledger_cfg(tmp_path, img_size=256, n_folds=5, time_limit="10min")
     budget.open_ledger([cfg], [])
-    budget.plan_run([cfg], (2000, 500), [10])
+    planning.plan_run([cfg], (2000, 500), [10])
     assert len(calls) > 1 and budget.read_ledger(cfg)["rates"]["e"]["start_s"] == 6.0  # re-probed at a smaller size
     fits = {}
     for gpus in (1, 2):
-        fits[gpus] = budget._epochs_that_fit([cfg], {"e": probe(cfg, 10)}, (2000, 500), 3600.0, "e", "per_job", 9.0, gpus)
+        fits[gpus] = planning._epochs_that_fit([cfg], {"e": probe(cfg, 10)}, (2000, 500), 3600.0, "e", "per_job", 9.0, gpus)
     assert fits[2] > 1.5 * fits[1]  # two folds at a time: nearly twice the epochs each
 
 
 def test_a_budget_too_short_for_any_plan_says_what_would_do(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    monkeypatch.setattr(planning, "probe", fake_probe([]))
     cfg = ledger_cfg(tmp_path, img_size=64, n_folds=5, time_limit="70s")
     budget.open_ledger([cfg], [])
-    plan = budget.plan_run([cfg], (2000, 500), [10])
+    plan = planning.plan_run([cfg], (2000, 500), [10])
     assert plan["folds"]["e"] == [0] and plan["img_size"]["e"] == 32  # everything cut, still short
     note = plan["notes"][-1]
     assert note.startswith(f"too short: e gets about {plan['expected_epochs']['e']:.1f} epochs per model, under the 20")
     needed = float(note.split("(about ")[1].split("s would")[0])
     enough = ledger_cfg(tmp_path / "enough", img_size=64, n_folds=5, time_limit=f"{needed + 1:.0f}s")
     budget.open_ledger([enough], [])
-    assert budget.plan_run([enough], (2000, 500), [10])["expected_epochs"]["e"] >= 20  # what it names is enough
+    assert planning.plan_run([enough], (2000, 500), [10])["expected_epochs"]["e"] >= 20  # what it names is enough
     assert "is too short: e gets about" in caplog.text
 
 
@@ -287,45 +288,45 @@ def fake_probe(calls):
 
 def test_the_plan_drops_folds_then_holds_out_one_then_shrinks_images_when_the_budget_is_short(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(budget, "probe", fake_probe(calls))
+    monkeypatch.setattr(planning, "probe", fake_probe(calls))
     cfg = ledger_cfg(tmp_path, img_size=256, n_folds=5, time_limit="10min")
     budget.open_ledger([cfg], [budget.train_key(cfg, k) for k in range(5)])
-    plan = budget.plan_run([cfg], (2000, 500), [10])
+    plan = planning.plan_run([cfg], (2000, 500), [10])
     assert calls[0] == 256 and plan["img_size"]["e"] < 256 and plan["notes"]
     assert plan["notes"][0].startswith("e: folds [0, 1, 2, 3, 4] -> [0, 1, 2, 3]") and "folds [0, 1, 2, 3] -> [0, 1, 2]" in plan["notes"][1]
     assert "folds -> [0] (a holdout of 1/5 of the rows" in plan["notes"][2] and "img_size 256 -> 128" in plan["notes"][3]
     assert plan["folds"]["e"] == [0] and plan["refit"]["e"] == "alone"  # one fold for the CV, a refit on all rows
     assert plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
     halvings = (256 // plan["img_size"]["e"]).bit_length() - 1
-    assert plan["batch_size"]["e"] == min(budget.MAX_BATCH, 32 * 2 ** halvings)  # a quarter of the pixels, twice the batch
+    assert plan["batch_size"]["e"] == min(planning.MAX_BATCH, 32 * 2 ** halvings)  # a quarter of the pixels, twice the batch
     planned = budget.apply_plan(cfg)
     assert planned.batch_size == plan["batch_size"]["e"] and planned.fold_ids == [0] and planned.refit == "alone"
     tiny = ledger_cfg(tmp_path / "b", img_size=64, n_folds=5, time_limit="90s")
     budget.open_ledger([tiny], [])
-    plan = budget.plan_run([tiny], (2000, 500), [10])
+    plan = planning.plan_run([tiny], (2000, 500), [10])
     assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0]  # 32 px is the floor
 
 
 def test_another_time_limit_plans_again(tmp_path, monkeypatch):
     """A 10-minute holdout plan is no plan for 9 hours: a finished run's plan is kept for the
     same settings and time_limit only."""
-    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    monkeypatch.setattr(planning, "probe", fake_probe([]))
     cfg = ledger_cfg(tmp_path, img_size=64, n_folds=5, time_limit="90s")
     budget.open_ledger([cfg], [])
-    assert budget.plan_run([cfg], (2000, 500), [10])["folds"]["e"] == [0]
+    assert planning.plan_run([cfg], (2000, 500), [10])["folds"]["e"] == [0]
     budget.finish(cfg)
     assert budget.open_ledger([cfg], [])["plan"]["folds"]["e"] == [0]  # the same time: the same plan
     budget.finish(cfg)
     longer = ledger_cfg(tmp_path, img_size=64, n_folds=5, time_limit="9h")
     assert budget.open_ledger([longer], [])["plan"] is None
-    assert budget.plan_run([longer], (2000, 500), [10])["folds"]["e"] == [0, 1, 2, 3, 4]
+    assert planning.plan_run([longer], (2000, 500), [10])["folds"]["e"] == [0, 1, 2, 3, 4]
 
 
 def test_folds_the_user_chose_are_never_replaced_by_a_holdout(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    monkeypatch.setattr(planning, "probe", fake_probe([]))
     tiny = ledger_cfg(tmp_path, img_size=64, n_folds=5, folds=[0, 1, 2, 3, 4], time_limit="90s")
     budget.open_ledger([tiny], [])
-    plan = budget.plan_run([tiny], (2000, 500), [10])
+    plan = planning.plan_run([tiny], (2000, 500), [10])
     # nor dropped (apply_plan keeps them: a plan that counted on fewer would overspend): the image
     # size is halved, and the plan says the budget is too short for them
     assert plan["img_size"]["e"] == 32 and plan["folds"]["e"] == [0, 1, 2, 3, 4]
@@ -337,15 +338,15 @@ def test_folds_the_user_chose_are_never_replaced_by_a_holdout(tmp_path, monkeypa
 def test_folds_that_fit_but_stay_undertrained_become_a_holdout_and_a_refit(tmp_path, monkeypatch):
     """Every fold would get its MIN_EPOCHS but not WELL_TRAINED's: one model on every row (the
     refit) with the epochs instead; a `refit` the user set is kept."""
-    monkeypatch.setattr(budget, "probe", fake_probe([]))
+    monkeypatch.setattr(planning, "probe", fake_probe([]))
     for refit, limit, expected in (("", "75min", "alone"), ("blend", "75min", "blend"), ("", "3h", "")):
         cfg = ledger_cfg(tmp_path / (refit + limit), img_size=128, n_folds=3, time_limit=limit, refit=refit)
         budget.open_ledger([cfg], [])
-        plan = budget.plan_run([cfg], (2000, 500), [10])
+        plan = planning.plan_run([cfg], (2000, 500), [10])
         if expected:
             assert plan["folds"]["e"] == [0] and plan["refit"]["e"] == expected and plan["img_size"]["e"] == 128
             assert "under the 40 a model from scratch wants" in plan["notes"][0]
-            assert budget.well_trained(cfg) > plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
+            assert planning.well_trained(cfg) > plan["expected_epochs"]["e"] >= budget.min_epochs(cfg)
         else:  # time for well-trained folds: the fold ensemble
             assert plan["folds"]["e"] == [0, 1, 2] and not plan["notes"] and plan["expected_epochs"]["e"] >= 40
 

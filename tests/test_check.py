@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import artifacts
+from helpers import freshness
 from helpers import check
 from helpers.config import CFG
-from helpers.demo import write_digits
+from helpers.tools.demo import write_digits
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_run_check_raises_then_remembers_a_pass(tmp_path):
     comp = write_digits(tmp_path / "comp", size=16, n=60)
     cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), n_folds=2)
     check.run_check(cfg)
-    assert artifacts.stale(cfg, "check") is None  # the pass is recorded
+    assert freshness.stale(cfg, "check") is None  # the pass is recorded
     (comp / "test" / sorted(p.name for p in (comp / "test").iterdir())[0]).write_bytes(b"")
     pd.read_csv(comp / "test.csv").to_csv(comp / "test.csv", index=False)  # data changed: checked again
     with pytest.raises(check.DataError, match="zero-byte file"):

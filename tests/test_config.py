@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import artifacts
+from helpers import artifacts, freshness
 from helpers.artifacts import read_config, save_config
-from helpers.config import CFG, experiment_names, load_cfg, parse_set
+from helpers.config import CFG, experiment_names, load_cfg
+from helpers.configfile import parse_set
 
 
 def write_yaml(path, data) -> str:
@@ -203,7 +204,7 @@ def test_mixup_off_epoch_is_an_epoch_or_a_share_of_the_schedule():
 
     epoch = load_cfg(overrides={"competition_dir": "comp", "mixup_off_epoch": 17})
     assert epoch.mixup_off_epoch == 17 and isinstance(epoch.mixup_off_epoch, int)
-    assert artifacts.digest(CFG(competition_dir="comp").mixup_off_epoch) == artifacts.digest(0)
+    assert freshness.digest(CFG(competition_dir="comp").mixup_off_epoch) == freshness.digest(0)
     assert (mixup_off(epoch, 30), mixup_off(epoch, 50)) == (17, 17)
     share = load_cfg(overrides={"competition_dir": "comp", "mixup_off_epoch": 0.8})
     assert (mixup_off(share, 30), mixup_off(share, 50), mixup_off(share, 1)) == (24, 40, 1)

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from helpers.config import CFG
-from helpers.data import read_image, read_test, read_train, resolve_paths
-from helpers.demo import NAMES, write_digits
+from helpers.data import read_test, read_train
+from helpers.images import read_image, resolve_paths
+from helpers.tools.demo import NAMES, write_digits
 
 
 def touch_image(path, value: int = 128, size: int = 4) -> str:

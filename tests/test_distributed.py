@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import artifacts, distributed, pipeline
+from helpers import artifacts, distributed, freshness, pipeline
 from helpers.config import CFG
 from helpers.data import EpochSampler, read_train
-from helpers.demo import write_digits
+from helpers.tools.demo import write_digits
 from helpers.folds import get_folds
 from helpers.train import train_fold
 
@@ -74,11 +74,11 @@ def test_two_processes_train_what_one_trains_and_write_the_same_files(two_runs):
 def test_a_checkpoint_resumes_with_another_number_of_processes(comp, tmp_path):
     cfg = fold_cfg(comp, tmp_path, epochs=2, keep_last=True)
     train_fold(cfg, get_folds(cfg, read_train(cfg)), 0, None)
-    artifacts.stamp_path(cfg, "train", 0).unlink()  # as if killed after its last epoch, before it was recorded
+    freshness.stamp_path(cfg, "train", 0).unlink()  # as if killed after its last epoch, before it was recorded
     again = fold_cfg(comp, tmp_path, epochs=2, keep_last=True, ddp=2)
     result = train_fold(again, get_folds(again, read_train(again)), 0, None)
     assert "resuming from" in artifacts.log_path(cfg).read_text() and "after epoch 2" in artifacts.log_path(cfg).read_text()
-    assert len(result["history"]) == 2 and artifacts.stale(again, "train", 0) is None
+    assert len(result["history"]) == 2 and freshness.stale(again, "train", 0) is None
 
 
 def test_settings_that_cannot_work_with_several_processes_are_named(comp, tmp_path):

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import pipeline
-from helpers.demo import write_digits
+from helpers import executors, freshness, pipeline
+from helpers.tools.demo import write_digits
 
 
 def write_config(tmp_path: Path, comp: Path, **extra) -> Path:
@@ -153,17 +153,16 @@ def test_a_training_key_retrains_but_keeps_the_folds(tiny_run, capsys, change, w
 
 
 def test_n_bins_counts_for_a_regression_target_only(tiny_run):
-    from helpers import artifacts
     from helpers.config import load_cfg
 
     tmp, comp, _ = tiny_run
     classification = load_cfg(tmp / "tiny.yaml")
     rebinned = load_cfg(tmp / "tiny.yaml", overrides={"n_bins": 3})
-    assert artifacts.fingerprint(rebinned, "folds") == artifacts.fingerprint(classification, "folds")  # bins unused
+    assert freshness.fingerprint(rebinned, "folds") == freshness.fingerprint(classification, "folds")  # bins unused
     regression = {"task": "regression", "metric": "rmse"}
-    before = artifacts.fingerprint(load_cfg(tmp / "tiny.yaml", overrides=regression), "folds")
-    after = artifacts.fingerprint(load_cfg(tmp / "tiny.yaml", overrides={**regression, "n_bins": 3}), "folds")
-    assert artifacts.explain(classification, before, after) == "n_bins 10 -> 3"
+    before = freshness.fingerprint(load_cfg(tmp / "tiny.yaml", overrides=regression), "folds")
+    after = freshness.fingerprint(load_cfg(tmp / "tiny.yaml", overrides={**regression, "n_bins": 3}), "folds")
+    assert freshness.explain(classification, before, after) == "n_bins 10 -> 3"
 
 
 def test_a_stacker_key_redoes_only_stacking_and_the_ensemble(tiny_run, capsys):
@@ -181,29 +180,28 @@ def test_a_stacker_key_redoes_only_stacking_and_the_ensemble(tiny_run, capsys):
 
 
 def test_a_changed_image_retrains_and_a_changed_test_set_only_predicts_again(tiny_run, capsys):
-    from helpers import artifacts
     from helpers.config import load_cfg
 
     tmp, comp, _ = tiny_run
     cfg = load_cfg(tmp / "tiny.yaml")
-    assert artifacts.stale(cfg, "train", 0) is None and artifacts.stale(cfg, "test", 0) is None
+    assert freshness.stale(cfg, "train", 0) is None and freshness.stale(cfg, "test", 0) is None
     test_image = sorted((comp / "test").glob("*.png"))[0]
     before = test_image.stat()
     os.utime(test_image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     try:
-        assert artifacts.stale(cfg, "train", 0) is None  # the model is made from the training images only
-        assert artifacts.stale(cfg, "test", 0) == "test/ changed"
-        assert "test/ changed" in artifacts.stale(cfg, "features", 0) and artifacts.stale(cfg, "folds") is None
+        assert freshness.stale(cfg, "train", 0) is None  # the model is made from the training images only
+        assert freshness.stale(cfg, "test", 0) == "test/ changed"
+        assert "test/ changed" in freshness.stale(cfg, "features", 0) and freshness.stale(cfg, "folds") is None
     finally:
         os.utime(test_image, ns=(before.st_atime_ns, before.st_mtime_ns))
     train_image = sorted((comp / "train").glob("*.png"))[0]
     before = train_image.stat()
     os.utime(train_image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     try:
-        assert artifacts.stale(cfg, "train", 1) == "train/ changed"
+        assert freshness.stale(cfg, "train", 1) == "train/ changed"
     finally:
         os.utime(train_image, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert artifacts.stale(cfg, "train", 1) is None
+    assert freshness.stale(cfg, "train", 1) is None
 
 
 def test_folds_train_in_parallel_one_process_per_gpu(tiny_run, capsys):
@@ -226,8 +224,8 @@ def test_runner_reports_the_failing_notebook_and_cell(tmp_path):
     config = write_config(tmp_path, comp, metadata_cols=[])
     job = pipeline.plan(str(config), {}, None, ["00_eda"])[0]
     config.write_text("competition_dir: [not, closed\n")  # the notebook's own setup cell fails on it
-    with pytest.raises(pipeline.NotebookFailed) as e:
-        pipeline.execute(job)
+    with pytest.raises(executors.NotebookFailed) as e:
+        executors.execute(job)
     err = str(e.value)
     assert "notebook 00_eda.ipynb failed" in err and "at cell" in err
     assert "not valid YAML" in err and "tiny.yaml" in err
@@ -236,13 +234,12 @@ def test_runner_reports_the_failing_notebook_and_cell(tmp_path):
 
 
 def test_the_ensemble_names_the_folds_that_are_missing(tiny_run):
-    from helpers import artifacts
     from helpers.config import load_cfg
     from helpers.ensemble import run_ensemble
 
     tmp, comp, _ = tiny_run
     cfg, hybrid = load_cfg(tmp / "tiny.yaml"), load_cfg(tmp / "tiny.yaml", "tiny_hybrid")
-    stamp = artifacts.stamp_path(hybrid, "train", 1)
+    stamp = freshness.stamp_path(hybrid, "train", 1)
     stamp.rename(stamp.with_suffix(".away"))  # as if only fold 0 of tiny_hybrid had been trained
     try:
         with pytest.raises(RuntimeError) as e:
@@ -290,7 +287,6 @@ def test_predictor_api_serves_every_fold(tiny_run):
 def test_the_predictor_loads_the_folds_the_predictions_were_made_from(tiny_run):
     """An earlier run's fold checkpoints beside this run's (a time_limit holdout trains fold 0
     of 5, folds 1-4 stay on disk) are not loaded: the folds are the experiment's cv stamp's."""
-    from helpers import artifacts
     from helpers.predict import Predictor
 
     tmp, _, _ = tiny_run
@@ -298,7 +294,7 @@ def test_the_predictor_loads_the_folds_the_predictions_were_made_from(tiny_run):
     stale = exp / "fold7"
     shutil.copytree(exp / "fold1", stale)
     try:
-        assert artifacts.trained_folds(exp) == [0, 1]
+        assert freshness.trained_folds(exp) == [0, 1]
         assert len(Predictor.from_experiment(exp, device="cpu").models) == 2  # not fold7's
         assert len(Predictor.from_experiment(exp, device="cpu", folds=[1]).models) == 1
     finally:

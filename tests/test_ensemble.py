@@ -10,7 +10,7 @@ from helpers.config import CFG
 from helpers.ensemble import Experiment, blend, collect_experiments, fit_ensemble, hill_climb
 from helpers.metrics import get_score
 from helpers.submission import check_submission, create_submission, local_lb
-from helpers.train import write_score
+from helpers.results import write_score
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -16,11 +16,13 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import artifacts, check, pipeline
-from helpers.config import CFG, load_cfg, parse_set, read_yaml
-from helpers.data import DataError, read_image, read_test, read_train
-from helpers.demo import NAMES, write_digits, write_multilabel_digits
+from helpers import artifacts, check, executors, freshness, pipeline
+from helpers.config import CFG, load_cfg
+from helpers.configfile import parse_set, read_yaml
+from helpers.data import read_test, read_train
 from helpers.folds import get_folds
+from helpers.images import read_image
+from helpers.tools.demo import NAMES, write_digits, write_multilabel_digits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,7 +48,8 @@ def write_config(tmp_path, comp, **extra) -> Path:
 
 # --- 1. NaN ------------------------------------------------------------------------------------------
 def test_a_diverging_fold_stops_naming_itself_and_writes_nothing(comp, tmp_path):
-    from helpers.train import Diverged, train_fold
+    from helpers.engine import Diverged
+    from helpers.train import train_fold
 
     cfg = cfg_for(comp, tmp_path, lr=1e30, warmup_epochs=0)
     with pytest.raises(Diverged) as e:
@@ -56,14 +59,17 @@ def test_a_diverging_fold_stops_naming_itself_and_writes_nothing(comp, tmp_path)
     fold = artifacts.exp_dir(cfg)
     assert not (fold / "fold0" / "best.pt").exists()  # was an all-NaN best.pt
     assert not list(fold.glob("oof_fold0.csv")) and not list(fold.glob("test_fold0.csv"))
-    assert artifacts.stale(cfg, "train", 0) is not None  # not recorded as trained
+    assert freshness.stale(cfg, "train", 0) is not None  # not recorded as trained
 
 
 def test_a_step_with_nan_gradients_is_skipped_on_the_cpu(comp, tmp_path):
     """What oneDNN's bf16 kernel did now and then: one step's gradients NaN. Skipped, as a
     GradScaler skips one; the weights stay finite and the epoch says so."""
+    from helpers.data import create_loader
+    from helpers.engine import divergence, rules_of, train_one_epoch
     from helpers.models import create_model
-    from helpers.train import create_loader, create_scaler, divergence, train_one_epoch
+    from helpers.runtime import create_scaler
+    from helpers.transforms import InputNorm, input_stats
 
     cfg = cfg_for(comp, tmp_path, amp_dtype="fp32", grad_clip=0.0)
     folds = get_folds(cfg, read_train(cfg))
@@ -77,7 +83,8 @@ def test_a_step_with_nan_gradients_is_skipped_on_the_cpu(comp, tmp_path):
     scheduler = create_scheduler_v2(optimizer, num_epochs=1, step_on_epochs=False, updates_per_epoch=4)[0]
     health = {}
     loss = train_one_epoch(model, create_loader(cfg, folds, train=True), torch.nn.CrossEntropyLoss(), optimizer, scheduler,
-                           create_scaler(cfg, torch.device("cpu")), cfg, torch.device("cpu"), 0, health=health)
+                           create_scaler(cfg, torch.device("cpu")), torch.device("cpu"), 0, rules_of(cfg, torch.device("cpu")),
+                           InputNorm(input_stats(cfg), "cpu"), health=health)
     assert health["skipped"] == 1 and health["steps"] > 1 and np.isfinite(loss)
     assert divergence(model, loss, health) is None  # one step of two skipped: the fold goes on
     assert divergence(model, loss, {"skipped": 2, "steps": 2}).startswith("every one of its 2 steps")
@@ -86,14 +93,14 @@ def test_a_step_with_nan_gradients_is_skipped_on_the_cpu(comp, tmp_path):
 def test_tiny_images_train_in_fp32_on_a_bf16_cpu(comp, tmp_path, monkeypatch, caplog):
     """The cause of the NaN folds: at 16 px a ResNet's layer4 convolution (stride 2) sees a 1x1
     map, whose bf16 weight gradient oneDNN sometimes computes from memory it never wrote."""
-    from helpers import utils
+    from helpers import runtime
     from helpers.models import create_model, one_pixel_strided_convs
-    from helpers.train import cpu_precision
+    from helpers.runtime import cpu_precision
 
     model = create_model(cfg_for(comp, tmp_path, model_name="resnet18"), 3)
     assert one_pixel_strided_convs(model, 16, 3) == ["backbone.layer4.0.conv1", "backbone.layer4.0.downsample.0"]
     assert one_pixel_strided_convs(model, 32, 3) == []
-    monkeypatch.setattr(utils, "cpu_bf16", lambda: True)  # a CPU with native bf16, as this machine
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: True)  # a CPU with native bf16, as this machine
     cpu = torch.device("cpu")
     with caplog.at_level(logging.INFO):
         assert cpu_precision(cfg_for(comp, tmp_path), model, cpu, logging.getLogger("t")).amp_dtype == "fp32"
@@ -123,7 +130,7 @@ def test_no_nan_is_written_scored_saved_or_blended(comp, tmp_path):
     pd.DataFrame({"id": ["a", "b"], "label": ["x", "y"], "fold": [0, 1], "prob_x": [0.9, np.nan], "prob_y": [0.1, 0.5]}
                  ).to_csv(exp / "oof.csv", index=False)
     pd.DataFrame({"id": ["c"], "prob_x": [0.5], "prob_y": [0.5]}).to_csv(exp / "test.csv", index=False)
-    (exp / "score.json").write_text(json.dumps({"data": artifacts.competition_digest(cfg), "cv": 1.0}))
+    (exp / "score.json").write_text(json.dumps({"data": freshness.competition_digest(cfg), "cv": 1.0}))
     with pytest.raises(ValueError, match=r"experiment 'exp': .*oof.csv: 1 row\(s\) of predictions are NaN"):
         collect_experiments(cfg)
 
@@ -246,17 +253,17 @@ def test_labels_named_na_none_null_are_labels(comp, tmp_path):
     assert {"NA", "None", "null", "nan"} <= set(df["label"])
     folds = get_folds(cfg, df)
     assert set(artifacts.read_folds(cfg)["label"]) == set(df["label"])  # read back as text too
-    from helpers.data import get_classes
     from helpers.submission import create_submission
+    from helpers.tasks import task_of
 
-    classes = get_classes(df, cfg)
+    classes = task_of(cfg).classes(df, cfg)
     test = read_test(cfg)
     sub = create_submission(cfg, test["id"], np.eye(len(classes))[np.arange(len(test)) % len(classes)], classes)
     assert {"NA", "None"} <= set(sub["label"])
-    oof = artifacts.frame_predictions(folds["id"], np.eye(len(classes))[folds["target"]], cfg, classes)
+    oof = artifacts.frame_predictions(folds["id"], np.eye(len(classes))[folds["target"]], cfg, task_of(cfg).pred_columns(classes))
     oof.insert(1, "label", folds["label"].to_numpy())
     artifacts.write_predictions(cfg, "oof", oof)
-    y_true, _ = artifacts.oof_targets(cfg, artifacts.read_predictions(cfg, "oof"))
+    y_true, _ = task_of(cfg).oof_targets(cfg, artifacts.read_predictions(cfg, "oof"))
     np.testing.assert_array_equal(y_true, folds["target"].to_numpy())
 
 
@@ -273,7 +280,7 @@ def test_only_an_empty_cell_is_a_missing_label_and_look_alikes_are_named(comp, t
 
 
 def test_numeric_classes_keep_their_order(tmp_path):
-    from helpers.data import sort_labels
+    from helpers.tasks import sort_labels
 
     assert sort_labels(["10", "2", "1", "0"]) == ["0", "1", "2", "10"]
     assert sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
@@ -327,24 +334,24 @@ def test_executor_ray_without_ray_stops_before_any_notebook(comp, tmp_path, monk
 
 def test_a_second_runner_on_the_same_models_folder_stops_at_once(comp, tmp_path, capsys):
     config = write_config(tmp_path, comp)
-    with pipeline.run_lock([tmp_path / "models"], "first.yaml"):  # a run in progress
+    with executors.run_lock([tmp_path / "models"], "first.yaml"):  # a run in progress
         assert pipeline.main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "another run is using" in err and "config first.yaml" in err
     assert not (tmp_path / "models" / "exp" / "notebooks").exists()
-    with pipeline.run_lock([tmp_path / "models"], "again.yaml"):  # released when the first ended
+    with executors.run_lock([tmp_path / "models"], "again.yaml"):  # released when the first ended
         pass
 
 
 def test_solution_labels_the_training_never_saw_give_no_local_lb(comp, tmp_path, caplog):
-    from helpers.data import get_classes
     from helpers.submission import create_submission, local_lb
+    from helpers.tasks import task_of
 
     cfg = cfg_for(comp, tmp_path)
     solution = pd.read_csv(comp / "solution.csv", dtype=str)
     solution.loc[0, "label"] = "eleven"
     solution.to_csv(comp / "solution.csv", index=False)
-    classes = get_classes(read_train(cfg), cfg)
+    classes = task_of(cfg).classes(read_train(cfg), cfg)
     test = read_test(cfg)
     sub = create_submission(cfg, test["id"], np.eye(len(classes))[np.arange(len(test)) % len(classes)], classes)
     with caplog.at_level(logging.WARNING):

@@ -11,15 +11,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import artifacts, pipeline
+from helpers import artifacts, executors, pipeline
 from helpers.config import CFG
-from helpers.data import DeviceAffine, InputNorm, create_resize, input_stats, read_train
-from helpers.demo import write_digits
+from helpers.data import read_train
 from helpers.folds import get_folds
 from helpers.models import create_model
-from helpers.train import (autocast, create_loader, create_scaler, param_groups, train_fold, train_one_epoch)
-from helpers.utils import channels_last, precision, version_problems
-
+from helpers.runtime import autocast, channels_last, create_scaler, precision
+from helpers.tools.demo import write_digits
+from helpers.data import create_loader
+from helpers.engine import rules_of, train_one_epoch
+from helpers.train import param_groups, train_fold
+from helpers.transforms import DeviceAffine, InputNorm, create_resize, input_stats
+from helpers.utils import version_problems
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,7 +71,7 @@ def test_a_p100_has_no_tensor_cores_and_keeps_nchw(monkeypatch):
 
 
 def test_adam_is_fused_on_cuda_so_the_scaler_never_reads_back():
-    from helpers.train import optimizer_kwargs
+    from helpers.runtime import optimizer_kwargs
 
     assert optimizer_kwargs(CFG(optimizer="adamw"), torch.device("cuda")) == {"fused": True}
     assert optimizer_kwargs(CFG(optimizer="adamw"), torch.device("cpu")) == {}
@@ -122,7 +125,7 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
         scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1, step_on_epochs=False, updates_per_epoch=steps)
         calls.update(item=0, tensor=0)
         train_one_epoch(model, DataLoader(data, batch_size=4), torch.nn.CrossEntropyLoss(), optimizer, scheduler,
-                        create_scaler(cfg, torch.device("cpu")), cfg, torch.device("cpu"), 0, norm=norm)
+                        create_scaler(cfg, torch.device("cpu")), torch.device("cpu"), 0, rules_of(cfg, torch.device("cpu")), norm)
         counts.append(dict(calls))
     assert counts[0] == counts[1] and counts[0]["tensor"] == 0 and counts[0]["item"] <= 2  # the mean loss (+ the loader's seed)
 
@@ -185,7 +188,7 @@ def test_the_presets_warp_on_the_device_as_albumentations_would(sx, sy, rotate, 
 
     import albumentations as A
 
-    from helpers.data import warp_affine
+    from helpers.transforms import warp_affine
 
     img = np.zeros((64, 64, 3), np.float32)
     img[20:44, 10:30] = 1.0
@@ -263,7 +266,8 @@ def test_the_backbone_lr_ramps_up_in_the_epoch_after_unfreezing():
     optimizer.step = lambda *a, **k: (step(*a, **k), seen.append([g["lr"] for g in optimizer.param_groups if g.get("backbone")][0]))
     data = TensorDataset(torch.randint(0, 255, (16, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 3, (16,)))
     train_one_epoch(model, DataLoader(data, batch_size=4), torch.nn.CrossEntropyLoss(), optimizer, scheduler,
-                    create_scaler(cfg, torch.device("cpu")), cfg, torch.device("cpu"), 1, warm_backbone=True)
+                    create_scaler(cfg, torch.device("cpu")), torch.device("cpu"), 1, rules_of(cfg, torch.device("cpu")),
+                    InputNorm(input_stats(cfg), "cpu"), warm_backbone=True)
     heads = [g["lr"] for g in optimizer.param_groups if not g.get("backbone")]
     assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1]) and heads[0] == pytest.approx(0.1)
 
@@ -291,14 +295,14 @@ def test_the_cache_goes_to_kaggle_scratch_space(tmp_path, monkeypatch):
 
 def test_parallel_folds_share_the_cores_and_respect_cuda_visible_devices(comp, tmp_path, monkeypatch):
     cfg = tiny(comp, tmp_path, num_workers=8)
-    job = pipeline.Job("02_train", cfg, {"overrides": {"epochs": 1}, "fold": 0})
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 4)
-    shared = pipeline.share_workers(job, 2)
+    job = executors.Job("02_train", cfg, {"overrides": {"epochs": 1}, "fold": 0})
+    monkeypatch.setattr(executors.os, "cpu_count", lambda: 4)
+    shared = executors.share_workers(job, 2)
     assert shared.parameters["overrides"] == {"epochs": 1, "num_workers": 2} and job.parameters["overrides"] == {"epochs": 1}
-    monkeypatch.setattr(pipeline, "visible_gpus", lambda: ["2", "5"])  # CUDA_VISIBLE_DEVICES=2,5
-    assert pipeline.choose_gpus(None) == ["2", "5"] and pipeline.choose_gpus(1) == ["2"]
+    monkeypatch.setattr(executors, "visible_gpus", lambda: ["2", "5"])  # CUDA_VISIBLE_DEVICES=2,5
+    assert executors.choose_gpus(None) == ["2", "5"] and executors.choose_gpus(1) == ["2"]
     with pytest.raises(ValueError, match="--gpus 3: only 2 GPU"):
-        pipeline.choose_gpus(3)
+        executors.choose_gpus(3)
     pipeline.prepare_folds([cfg])  # the caches, built once before the fold processes start
     assert len(list(artifacts.cache_dir(cfg).glob("images_*.u8"))) == 2
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 import yaml
 
-from helpers import artifacts, pipeline
+from helpers import artifacts, pipeline, stages
 from helpers.config import CFG
 from helpers.data import DataError, read_train
-from helpers.demo import NAMES, write_multilabel_digits
+from helpers.tools.demo import NAMES, write_multilabel_digits
 from helpers.ensemble import fit_ensemble, hill_climb
-from helpers.folds import multilabel_folds
-from helpers.losses import create_criterion
+from helpers.tasks import TASKS
+from helpers.tasks import create_criterion
 from helpers.metrics import cross_fitted, fit_thresholds, get_score, label_weights
-from helpers.submission import check_submission, create_submission, local_lb, multilabel_decisions
+from helpers.submission import check_submission, create_submission, local_lb
+from helpers.tasks.multilabel import decisions as multilabel_decisions
 
 LABELS = ["cloudy", "primary", "water"]
 
@@ -151,7 +152,7 @@ def test_multilabel_folds_spread_every_label(tmp_path):
     train = multilabel_frame()
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "m"), task="multilabel", metric="f1_micro", n_folds=5)
 
-    fold = multilabel_folds(cfg, train)
+    fold = TASKS['multilabel'].assign_folds(cfg, train)
     matrix = np.stack(train["target"])
     assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
     per_fold = np.array([matrix[fold == k].sum(0) for k in range(5)])  # positives of each label per fold
@@ -164,7 +165,7 @@ def test_multilabel_folds_keep_groups_together(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "m"), task="multilabel", metric="f1_micro",
               n_folds=4, group_col="site")
 
-    fold = multilabel_folds(cfg, train)
+    fold = TASKS['multilabel'].assign_folds(cfg, train)
     assert (pd.Series(fold).groupby(train["site"]).nunique() == 1).all()
     matrix = np.stack(train["target"])
     shares = np.array([matrix[fold == k].mean(0) for k in range(4)])
@@ -390,7 +391,7 @@ def test_numeric_labels_and_label_none_survive_csv_round_trips(tmp_path):
     assert np.stack(train["target"]).tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 0, 1]]
     oof = train[["id", "tags"]].assign(fold=0, prob_0=0.9, prob_3=0.1, prob_None=0.2)
     artifacts.write_predictions(cfg, "oof", oof)
-    y_true, _ = artifacts.oof_targets(cfg, artifacts.read_predictions(cfg, "oof"))  # "3" is not the number 3.0
+    y_true, _ = TASKS["multilabel"].oof_targets(cfg, artifacts.read_predictions(cfg, "oof"))  # "3" is not the number 3.0
     np.testing.assert_array_equal(y_true, np.stack(train["target"]))
     np.testing.assert_array_equal(label_weights(cfg.label_weights, ["0", "3", "None"]), [5.0, 1.0, 1.0])
 
@@ -420,9 +421,9 @@ def test_thresholds_on_ties_and_on_a_hopeless_label():
 def test_allow_empty_redoes_only_the_ensemble(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "m"), task="multilabel", metric="f1_micro")
     other = CFG(**{**cfg.__dict__, "allow_empty": False})
-    keys = {stage: artifacts.stage_keys(cfg, stage) for stage in ("folds", "train", "stacking", "ensemble")}
+    keys = {stage: stages.output_keys(cfg, stage) for stage in ("folds", "train", "stacking", "ensemble")}
     assert [s for s, k in keys.items() if "allow_empty" in k] == ["ensemble"]
     assert [s for s, k in keys.items() if "label_cols" in k] == ["folds"]  # the label matrix: folds, then all that follows
     assert "label_weights" in keys["train"] and "label_weights" in keys["stacking"] and "metric" in keys["stacking"]
-    assert "allow_empty" not in artifacts.stage_keys(CFG(), "ensemble")  # other tasks' outputs keep their keys
+    assert "allow_empty" not in stages.output_keys(CFG(), "ensemble")  # other tasks' outputs keep their keys
     assert other.allow_empty is False

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import artifacts, budget, pipeline
+from helpers import artifacts, budget, freshness, pipeline, planning, stages
 from helpers.config import CFG, load_cfg
 from helpers.data import read_test, read_train
-from helpers.demo import write_digits
+from helpers.tools.demo import write_digits
 from helpers.ensemble import REFIT_SHARE, Experiment, run_ensemble, with_refit
 from helpers.folds import get_folds
 from helpers.train import train_fold, train_refit
@@ -29,8 +29,8 @@ def test_refit_values_and_where_it_may_be_set(tmp_path):
     with pytest.raises(KeyError, match="'experiments.a.refit' applies to every experiment of the run"):
         load_cfg(path)
     cfg = CFG(competition_dir=str(tmp_path))
-    assert "refit" not in artifacts.stage_keys(cfg, "train")  # turning it on retrains no fold
-    assert "refit" in artifacts.stage_keys(cfg, "ensemble")  # but re-blends
+    assert "refit" not in stages.output_keys(cfg, "train")  # turning it on retrains no fold
+    assert "refit" in stages.output_keys(cfg, "ensemble")  # but re-blends
 
 
 def test_with_refit_blends_half_or_replaces():
@@ -59,7 +59,6 @@ def test_a_budget_keeps_time_for_the_refit(tmp_path):
 def test_a_holdout_plans_refit_gets_twice_the_folds_epochs(tmp_path):
     """In a holdout plan (one fold and a refit, on a budget) the fold gives the CV score and the
     refit the submission: the refit is planned for HOLDOUT_REFIT times the fold's epochs."""
-    from helpers import train
 
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="e", time_limit="100s",
               epochs=1000, n_folds=5, folds=[0], refit="alone")
@@ -77,13 +76,13 @@ def test_a_holdout_plans_refit_gets_twice_the_folds_epochs(tmp_path):
     # has them, so the fold gets 20 (40 s) and the refit the rest
     assert budget.fold_epochs(cfg, 0, elapsed_s=2.0, epoch_s=2.0, test_s=0.0) == 20
     assert budget.fold_epochs(cfg, 0, elapsed_s=4.0, epoch_s=4.0, test_s=0.0) == 1 + 10  # an even split: 46.4 s
-    fold, refit = budget.holdout_split(cfg, 15.0)  # the plan's, from the fold's epochs at the refit's weight of 2
+    fold, refit = planning.holdout_split(cfg, 15.0)  # the plan's, from the fold's epochs at the refit's weight of 2
     assert fold == 20 and refit == pytest.approx((15 * (1 + 30 / 13) - 20) * 13 / 15)
-    assert budget.holdout_split(cfg, 25.0) == pytest.approx((25.0, 50.0))
+    assert planning.holdout_split(cfg, 25.0) == pytest.approx((25.0, 50.0))
     (artifacts.fold_dir(cfg, 0)).mkdir(parents=True)
     (artifacts.fold_dir(cfg, 0) / "metrics.jsonl").write_text("{}\n" * 30)
-    assert train.refit_epochs(cfg) == 60
-    assert train.refit_epochs(CFG(**{**cfg.__dict__, "epochs": 45})) == 45  # your epochs stay the most
+    assert budget.refit_epochs(cfg) == 60
+    assert budget.refit_epochs(CFG(**{**cfg.__dict__, "epochs": 45})) == 45  # your epochs stay the most
 
 
 def test_a_refit_waiting_with_another_experiments_folds_gets_its_weighted_share(tmp_path):
@@ -99,12 +98,12 @@ def test_a_refit_waiting_with_another_experiments_folds_gets_its_weighted_share(
 
 
 def test_the_planner_drops_the_same_fold_from_every_experiment(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "probe", lambda cfg, n_out, steps=3: {"train_img_s": 2000.0 / cfg.img_size * (
+    monkeypatch.setattr(planning, "probe", lambda cfg, n_out, steps=3: {"train_img_s": 2000.0 / cfg.img_size * (
         0.5 if cfg.experiment == "slow" else 1.0), "infer_img_s": 5000.0, "img_size": cfg.img_size})
     cfgs = [CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment=name, time_limit="4min",
                 n_folds=5, img_size=64) for name in ("fast", "slow")]
     budget.open_ledger(cfgs, [])
-    plan = budget.plan_run(cfgs, (2000, 500), [10, 10])
+    plan = planning.plan_run(cfgs, (2000, 500), [10, 10])
     assert plan["folds"]["fast"] == plan["folds"]["slow"] and len(plan["folds"]["slow"]) < 5  # the ensemble needs shared OOF rows
     assert "(every experiment)" in plan["notes"][0]
 
@@ -132,9 +131,9 @@ def test_the_refit_trains_on_every_row_for_the_folds_mean_best_epoch(refitted):
     assert best["score"] is None and best["epoch"] == mean_best
     preds = artifacts.read_predictions(cfg, "test", "refit")
     assert preds[cfg.id_col].tolist() == test[cfg.id_col].tolist()
-    assert artifacts.stale(cfg, "refit") is None and artifacts.stale(cfg, "refit_test") is None
+    assert freshness.stale(cfg, "refit") is None and freshness.stale(cfg, "refit_test") is None
     assert train_refit(cfg, folds, test).get("skipped")  # up to date: kept
-    assert artifacts.stale(CFG(**{**cfg.__dict__, "lr": 1e-4}), "refit").startswith("lr 0.001 -> 0.0001")  # retrained
+    assert freshness.stale(CFG(**{**cfg.__dict__, "lr": 1e-4}), "refit").startswith("lr 0.001 -> 0.0001")  # retrained
 
 
 def test_the_ensemble_blends_the_refit_and_the_package_does_the_same(refitted, tmp_path):
@@ -162,8 +161,8 @@ def test_the_ensemble_blends_the_refit_and_the_package_does_the_same(refitted, t
     assert again[cfg.target_col].astype(str).tolist() == labels.tolist()
 
     alone = CFG(**{**cfg.__dict__, "refit": "alone"})
-    assert "refit" in artifacts.stale(alone, "ensemble")  # blend -> alone: the ensemble again, no training
-    assert artifacts.stale(alone, "refit") is None and artifacts.stale(alone, "train", 0) is None
+    assert "refit" in freshness.stale(alone, "ensemble")  # blend -> alone: the ensemble again, no training
+    assert freshness.stale(alone, "refit") is None and freshness.stale(alone, "train", 0) is None
     out = run_ensemble(alone)
     alone_labels = np.array([c[len("prob_"):] for c in cols])[refit_test[cols].to_numpy().argmax(1)]
     assert out["submission"][cfg.target_col].astype(str).tolist() == alone_labels.tolist()
@@ -192,7 +191,6 @@ def test_the_runner_trains_the_refit_after_the_folds(tmp_path):
 def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(refitted, tmp_path, monkeypatch, caplog):
     import shutil
 
-    from helpers import train
 
     cfg, folds, test, results, refit = refitted
     timed = CFG(**{**cfg.__dict__, "models_dir": str(tmp_path / "models"), "time_limit": "100s"})
@@ -202,11 +200,11 @@ def test_a_refit_the_time_left_cuts_short_is_skipped_and_the_folds_blend_alone(r
     ledger.update(rows=[len(folds), len(test)], rates={"r": {"train_img_s": 1.0, "infer_img_s": 1.0}})  # slow epochs foretold
     budget.write_ledger(timed, ledger)
     budget.spend(timed, "r/earlier", 80.0)  # 20 s left, less the later stages: not enough
-    monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
-    monkeypatch.setattr(train, "folds_epochs", lambda c: 4.0)  # the CV chose 4
+    monkeypatch.setattr(budget, "refit_epochs", lambda c: 4)
+    monkeypatch.setattr(budget, "folds_epochs", lambda c: 4.0)  # the CV chose 4
     assert train_refit(timed, folds, test) is None
     assert "refit: skipped, the time left gives it 1 epoch(s), less than 75% of the 4 the folds ran" in caplog.text
-    assert not artifacts.checkpoint_path(timed, "refit").exists() and artifacts.stale(timed, "refit")
+    assert not artifacts.checkpoint_path(timed, "refit").exists() and freshness.stale(timed, "refit")
     out = run_ensemble(timed)  # with time_limit a missing refit is no error: the folds alone
     assert json.loads((artifacts.ensemble_dir(timed) / "score.json").read_text())["refit"] == {}
     assert "its refit is not in the blend" in caplog.text and len(out["submission"]) == len(test)
@@ -240,8 +238,8 @@ def test_a_refit_whose_first_epoch_paid_for_start_up_is_judged_on_its_second(ref
         return plain(*a, **k)
 
     monkeypatch.setattr(train, "train_one_epoch", start_up)
-    monkeypatch.setattr(train, "refit_epochs", lambda c: 4)
-    monkeypatch.setattr(train, "folds_epochs", lambda c: 4.0)  # the CV chose 4
+    monkeypatch.setattr(budget, "refit_epochs", lambda c: 4)
+    monkeypatch.setattr(budget, "folds_epochs", lambda c: 4.0)  # the CV chose 4
     from helpers.utils import get_logger
 
     assert train_refit(timed, folds, test, get_logger("kaggle", artifacts.log_path(timed))) is not None

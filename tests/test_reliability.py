@@ -18,9 +18,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from helpers.config import CFG, ROOT
-from helpers.data import read_image
-from helpers.demo import write_digits
+from helpers.images import read_image
 from helpers.submission import check_submission, create_submission, write_submission
+from helpers.tools.demo import write_digits
 
 REF = np.zeros((40, 60, 3), np.uint8)
 REF[..., 0] = np.linspace(0, 255, 60)[None]
@@ -73,7 +73,7 @@ def test_exif_rotated_jpeg(tmp_path):
 
 def test_image_header_reports_size_mode_and_unreadable_files(tmp_path):
     """What 00_eda shows of each image: its displayed size and mode, or why it cannot be read."""
-    from helpers.data import image_header
+    from helpers.images import image_header
 
     Image.fromarray(REF).convert("CMYK").save(tmp_path / "c.jpg")
     cv2.imwrite(str(tmp_path / "s.png"), np.zeros((40, 60), np.uint16))

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import artifacts
+from helpers import artifacts, freshness
 from helpers.artifacts import read_config
 from helpers.config import CFG
 from helpers.metrics import get_score
@@ -33,7 +33,7 @@ def write_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, train_embs
     for k in cfg.fold_ids:
         artifacts.save_features(cfg, "train", k, train_embs[k])
         artifacts.save_features(cfg, "test", k, test_embs[k])
-        artifacts.record(cfg, "features", k)
+        freshness.record(cfg, "features", k)
 
 
 def fold_embeddings(signal: np.ndarray, rng, dim: int, noise: float = 1.0) -> list[np.ndarray]:
@@ -275,7 +275,7 @@ def test_pca_is_fitted_per_fold_and_keeps_the_signal(classification_data):
 
 def test_frozen_pretrained_backbone_features(tmp_path):
     from helpers.data import read_test, read_train
-    from helpers.demo import write_digits
+    from helpers.tools.demo import write_digits
     from helpers.folds import get_folds
     from helpers.stacking import extract_features
 
@@ -296,27 +296,28 @@ def test_embeddings_are_never_computed_in_bf16(tmp_path, monkeypatch):
     Predictor embed in fp32; fp16 autocast (a T4) stays."""
     import torch
 
-    import helpers.train as train
+    import helpers.engine as engine
+    from helpers import runtime
     from helpers.data import read_test, read_train
-    from helpers.demo import write_digits
     from helpers.folds import get_folds
     from helpers.stacking import extract_features
+    from helpers.tools.demo import write_digits
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     cpu = torch.device("cpu")
-    assert train.autocast(CFG(), cpu).fast_dtype == torch.bfloat16  # what training runs in
-    assert not isinstance(train.autocast(CFG(), cpu, bf16=False), torch.autocast)
+    assert runtime.autocast(CFG(), cpu).fast_dtype == torch.bfloat16  # what training runs in
+    assert not isinstance(runtime.autocast(CFG(), cpu, bf16=False), torch.autocast)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert train.autocast(CFG(), torch.device("cuda"), bf16=False).fast_dtype == torch.float16
+    assert runtime.autocast(CFG(), torch.device("cuda"), bf16=False).fast_dtype == torch.float16
     seen = []
-    real = train.autocast
+    real = engine.amp_context
 
-    def spy(cfg, device, bf16=True):
-        if bf16:
+    def spy(dtype, device):
+        if dtype is torch.bfloat16:
             pytest.fail("embeddings under training's autocast")
         seen.append(1)
-        return real(cfg, device, bf16)
-    monkeypatch.setattr(train, "autocast", spy)
+        return real(dtype, device)
+    monkeypatch.setattr(engine, "amp_context", spy)
     comp = write_digits(tmp_path / "comp", size=16, n=120)
     cfg = make_cfg(tmp_path, competition_dir=str(comp), features_from="pretrained", pretrained=False, arch="timm",
                    model_name="resnet18", img_size=32, num_workers=0, cache_dir=str(tmp_path / "cache"), n_folds=2)

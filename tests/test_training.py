@@ -17,20 +17,23 @@ import yaml
 from helpers import artifacts
 from helpers.cache import create_cache, resize_image
 from helpers.config import CFG, ROOT, load_cfg
-from helpers.data import InputNorm, create_resize, create_transforms, input_stats, read_train
+from helpers.data import read_train
 from helpers.folds import get_folds
-from helpers.losses import FocalLoss, SoftCrossEntropy, TargetScale, create_criterion
+from helpers.losses import FocalLoss, SoftCrossEntropy, TargetScale
+from helpers.tasks import create_criterion
 from helpers.models import create_model
-from helpers.train import create_loader, param_groups, set_backbone_trainable, train_fold
-from helpers.utils import seed_everything
-
+from helpers.runtime import seed_everything
+from helpers.data import create_loader
+from helpers.engine import set_backbone_trainable
+from helpers.train import param_groups, train_fold
+from helpers.transforms import InputNorm, create_resize, create_transforms, input_stats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def comp(tmp_path_factory):
-    from helpers.demo import write_digits
+    from helpers.tools.demo import write_digits
 
     return write_digits(tmp_path_factory.mktemp("train") / "comp", size=16, n=200, string_labels=True)
 

@@ -1,0 +1,237 @@
+"""The recipe benchmark: a harder 10-class digit competition, and the minimal plain PyTorch loop
+the workflow is compared against under the same wall-clock budget.
+
+    python -m helpers.recipe [--out /tmp/recipe_comp] [--n-train 3000] [--n-test 1000] [--plain SECONDS]
+
+The competition is made from scikit-learn's bundled digits, each drawn scaled, rotated and
+placed at random on a noisy, tinted background with distractor strokes and blobs; train and
+test renderings come from disjoint digit samples. Layout as in helpers.demo: train.csv (id,
+label "zero".."nine"), test.csv, sample_submission.csv, solution.csv and train/, test/ PNGs.
+Prints the accuracy of a pixel baseline (logistic regression on 32x32 grayscale), and with
+--plain the accuracy, epochs and time of the plain loop in that many seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import timm
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from ..runtime import seed_everything
+from ..utils import Timer, atomic_to_csv, read_table
+from .demo import NAMES
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _render(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One size x size BGR image of an 8x8 digit (values 0..16): scaled to 40-75% of the side,
+    rotated up to +-20 degrees, shifted up to 6% of the side off centre (staying inside), over a
+    noisy, graded background with 2-4 distractor strokes or blobs; random contrast, brightness
+    and colour tint."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    canvas = rng.uniform(30, 110) + rng.uniform(0, 50) * (np.cos(angle) * xx + np.sin(angle) * yy)
+    for _ in range(rng.integers(2, 5)):  # distractors, under the digit
+        level = float(rng.uniform(0, 230))
+        if rng.random() < 0.6:
+            p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
+            cv2.line(canvas, (int(p1[0]), int(p1[1])), (int(p2[0]), int(p2[1])), level,
+                     int(rng.integers(1, max(1, size // 32) + 1)), cv2.LINE_AA)
+        else:
+            center = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+            radius = int(rng.integers(max(2, size // 32), max(3, size // 10) + 1))
+            cv2.circle(canvas, center, radius, level, -1 if rng.random() < 0.5 else max(1, size // 64), cv2.LINE_AA)
+    side = size * rng.uniform(0.40, 0.75)
+    glyph = cv2.resize((digit / 16.0).astype(np.float32), (32, 32), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    shift = min(0.06 * size, max(0.0, size / 2 - side * 0.575))  # 0.575: half the rotated glyph, about
+    cx, cy = size / 2 + rng.uniform(-shift, shift, 2)
+    matrix = cv2.getRotationMatrix2D((16.0, 16.0), rng.uniform(-20, 20), side / 32.0)
+    matrix[:, 2] += (cx - 16.0, cy - 16.0)
+    mask = cv2.warpAffine(glyph, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    canvas = canvas * (1 - mask) + rng.uniform(170, 255) * mask
+    canvas += rng.normal(0, rng.uniform(8, 25), canvas.shape)
+    canvas = (canvas - 128) * rng.uniform(0.7, 1.2) + 128 + rng.uniform(-25, 25)
+    tint = rng.uniform(0.6, 1.0, 3)
+    return (canvas[..., None] * (tint / tint.max())).clip(0, 255).astype(np.uint8)
+
+
+def write_recipe_competition(out_dir: str | Path, n_train: int = 3000, n_test: int = 1000, size: int = 64,
+                             seed: int = 0) -> Path:
+    """Write the recipe competition to out_dir: n_train and n_test renderings of the 1797 digits,
+    train from 70% of the samples and test from the other 30% (stratified), each sample drawn
+    several times with different randomness."""
+    out = Path(out_dir)
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    pool_train, pool_test = train_test_split(np.arange(len(digits.target)), test_size=0.3,
+                                             stratify=digits.target, random_state=seed)
+    frames, start = {}, 0
+    for split, pool, n in (("train", pool_train, n_train), ("test", pool_test, n_test)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        picks = np.concatenate([rng.permutation(pool) for _ in range(math.ceil(n / len(pool)))])[:n]
+        ids = [f"img_{start + i:05d}" for i in range(n)]
+        for image_id, k in zip(ids, picks):
+            cv2.imwrite(str(out / split / f"{image_id}.png"), _render(digits.images[k], size, rng))
+        frames[split] = pd.DataFrame({"id": ids, "label": [NAMES[y] for y in digits.target[picks]]})
+        start += n
+    train, solution = frames["train"], frames["test"]
+    for name, df in (("train", train), ("test", solution[["id"]]), ("solution", solution),
+                     ("sample_submission", solution[["id"]].assign(label=NAMES[0]))):
+        atomic_to_csv(df, out / f"{name}.csv")
+    return out
+
+
+def _read_images(folder: Path, ids, size: int | None = None, gray: bool = False) -> np.ndarray:
+    """Images folder/<id>.png as one uint8 array (N, H, W[, 3]; RGB), resized to size x size."""
+    images = []
+    for image_id in ids:
+        image = cv2.imread(str(folder / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+        if image is None:
+            raise FileNotFoundError(folder / f"{image_id}.png")
+        if size is not None and image.shape[:2] != (size, size):
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        images.append(image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    return np.stack(images)
+
+
+def pixel_baseline(out_dir: str | Path) -> float:
+    """Test accuracy of a logistic regression on the grayscale pixels (32x32, in [0, 1])."""
+    from sklearn.linear_model import LogisticRegression
+
+    out = Path(out_dir)
+    train, solution = read_table(out / "train.csv", "id"), read_table(out / "solution.csv", "id")
+    x_train = _read_images(out / "train", train["id"], 32, gray=True).reshape(len(train), -1) / 255.0
+    x_test = _read_images(out / "test", solution["id"], 32, gray=True).reshape(len(solution), -1) / 255.0
+    model = LogisticRegression(max_iter=2000).fit(x_train, train["label"].astype(str))
+    return float((model.predict(x_test) == solution["label"].astype(str).to_numpy()).mean())
+
+
+class _PlainLoop:
+    """The plain loop's data (all of it on the device), model, optimizer and steps."""
+
+    lr, batch_size, div_factor = 2e-3, 64, 25.0
+
+    def __init__(self, comp: Path, img_size: int | None, seed: int):
+        train, self.solution = read_table(comp / "train.csv", "id"), read_table(comp / "solution.csv", "id")
+        self.classes = sorted(train["label"].astype(str).unique())
+        x_train = _read_images(comp / "train", train["id"], img_size)
+        x_test = _read_images(comp / "test", self.solution["id"], img_size)
+        self.img_size = x_train.shape[1]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.x_train, self.x_test = self.to_tensor(x_train), self.to_tensor(x_test)
+        self.y_train = torch.tensor([self.classes.index(y) for y in train["label"].astype(str)], device=self.device)
+        self.model = timm.create_model("resnet18", pretrained=False, num_classes=len(self.classes)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr / self.div_factor, weight_decay=0.05)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.steps = max(1, len(self.x_train) // self.batch_size)  # drop the last partial batch (BatchNorm)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        return ((torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0) - self.mean) / self.std
+
+    def augment(self, batch: torch.Tensor) -> torch.Tensor:
+        """Flips and 4px-padded random crops."""
+        flip = torch.rand(len(batch), generator=self.generator) < 0.5
+        batch = torch.where(flip.to(self.device).view(-1, 1, 1, 1), batch.flip(3), batch)
+        padded = F.pad(batch, (4, 4, 4, 4))
+        offsets = torch.randint(0, 9, (len(batch), 2), generator=self.generator).tolist()
+        size = self.img_size
+        return torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
+
+    def run_epoch(self, scheduler=None) -> None:
+        self.model.train()
+        order = torch.randperm(len(self.x_train), generator=self.generator).to(self.device)
+        for b in range(self.steps):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            loss = self.criterion(self.model(self.augment(self.x_train[idx])), self.y_train[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return torch.cat([self.model(images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
+
+
+def plain_loop(comp_dir: str | Path, budget_s: float, img_size: int | None = None, seed: int = 0,
+               threads: int | None = None) -> dict:
+    """The minimal plain PyTorch loop: timm resnet18 from scratch on all of train (in memory),
+    AdamW + OneCycleLR, label smoothing, flips and 4px-padded random crops, batch 64. Epoch 1
+    runs at OneCycleLR's starting rate and is timed; the schedule then covers as many more
+    epochs as fit, so that training and predicting test end within budget_s (loading included;
+    should epochs slow down, it stops before one that would not fit, its schedule unfinished).
+    Returns {"accuracy", "wall_s", "epochs", "img_size"}."""
+    start = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    loop = _PlainLoop(Path(comp_dir), img_size, seed)
+    bar = tqdm(total=1, desc="plain loop", unit="epoch")
+    with Timer() as first:
+        loop.run_epoch()  # the warm-up epoch, at the schedule's starting rate
+    bar.update()
+    with Timer() as probe:  # the cost of one prediction batch, to reserve time for test
+        loop.predict(loop.x_test[:256])
+    predict_s = probe.seconds * math.ceil(len(loop.x_test) / 256)
+    left = budget_s - (time.perf_counter() - start) - predict_s - 0.02 * budget_s
+    more, epochs, last_s = max(0, int(left // first.seconds)), 1, first.seconds
+    if more:
+        bar.total = 1 + more
+        bar.refresh()
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(loop.optimizer, max_lr=loop.lr, total_steps=more * loop.steps,
+                                                        div_factor=loop.div_factor)
+        for _ in range(more):
+            if time.perf_counter() - start + last_s + predict_s > budget_s:
+                break
+            with Timer() as epoch:
+                loop.run_epoch(scheduler)
+            epochs, last_s = epochs + 1, epoch.seconds
+            bar.update()
+    bar.close()
+    pred = loop.predict(loop.x_test).cpu().numpy()
+    accuracy = float((np.array(loop.classes)[pred] == loop.solution["label"].astype(str).to_numpy()).mean())
+    return {"accuracy": accuracy, "wall_s": time.perf_counter() - start, "epochs": epochs, "img_size": loop.img_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="/tmp/recipe_comp", help="competition folder to write")
+    parser.add_argument("--n-train", type=int, default=3000, help="train images")
+    parser.add_argument("--n-test", type=int, default=1000, help="test images")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", type=float, default=None, metavar="SECONDS",
+                        help="also run the plain PyTorch loop within this budget")
+    parser.add_argument("--img-size", type=int, default=None, help="plain loop's image size (default: native)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the plain loop")
+    args = parser.parse_args()
+    with Timer() as made:
+        out = write_recipe_competition(args.out, args.n_train, args.n_test, args.size, args.seed)
+    print(f"recipe competition written to {out} in {made.seconds:.1f}s: {args.n_train} train, {args.n_test} test images")
+    with Timer() as fitted:
+        accuracy = pixel_baseline(out)
+    print(f"pixel baseline (logistic regression, 32x32 gray): accuracy {accuracy:.4f} ({fitted.seconds:.1f}s)")
+    if args.plain is not None:
+        result = plain_loop(out, args.plain, img_size=args.img_size, seed=args.seed, threads=args.threads)
+        print("plain loop: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
