@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -277,9 +278,7 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint saved by save_checkpoint, loaded with torch.load(weights_only=True): tensors,
     numbers, text, lists and dicts only. A file that holds anything else (an older version's
     checkpoint, or one crafted to run code) is refused, not loaded."""
-    import pickle
-
-    import torch
+    import torch  # here, as in save_checkpoint: the runner reads this module without torch
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (train the fold with 02_train first)")
@@ -287,8 +286,8 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: not loaded: it holds objects other than weights, numbers and text "
-                         f"({str(e).strip().splitlines()[-1][:200]}), and loading those could run code. A checkpoint "
-                         f"of an older version of helpers: train the fold again (retrain: true)") from None
+                         f"({str(e).strip().splitlines()[-1][:200]}), and loading those could run code (a checkpoint "
+                         f"of an older version of helpers is trained again)") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).strip()[:200]}): train the "
                          f"fold again (retrain: true)") from None

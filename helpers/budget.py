@@ -59,7 +59,6 @@ NOTEBOOK_S = 9.0  # a notebook's kernel start and imports, until measured (on th
 # notebook ran 3.1-4.0 s longer than its cells, whose first (the imports) took 11-12 s there
 KERNEL_S = 3.5
 PLAN_AGAIN_AFTER = (2, 5)  # a budgeted fold plans its epochs after its first, then again after these
-QUICK_NOTEBOOKS = ("01_folds",)  # little work beyond its start: it measures it (00_eda reads image headers)
 
 
 # --- the ledger ------------------------------------------------------------------------------
@@ -218,7 +217,7 @@ def refit_cost(n_folds: int) -> float:
 
 def notebook_s(ledger: dict | None) -> float:
     """A notebook's kernel start and imports on this machine: the mean of what the notebooks this
-    run has timed took beyond their work (QUICK_NOTEBOOKS do little else; 03_features,
+    run has timed took beyond their work (stages.QUICK do little else; 03_features,
     04_stacking and 05_ensemble less the work the plan foretold them, after_work), else what
     the runner measured before the run (its imports + KERNEL_S), else NOTEBOOK_S. 01_folds
     alone is too quick a sample: on an H100 machine it took 8.6-9.5 s where 03_features,
@@ -228,9 +227,9 @@ def notebook_s(ledger: dict | None) -> float:
     seen = []
     for key, seconds in ledger.get("spent", {}).items():
         stage = key.rsplit("/", 1)[-1]
-        if stage in QUICK_NOTEBOOKS:
+        if stage in stages.QUICK:
             seen.append(float(seconds))
-        elif key in work or (stage == "05_ensemble" and stage in work):
+        elif key in work or (stage == stages.FINAL and stage in work):
             seen.append(float(seconds) - work.get(key, work.get(stage, 0.0)))
     seen = [s for s in seen if s > 0]
     return sum(seen) / len(seen) if seen else float(ledger.get("notebook_s") or NOTEBOOK_S)
@@ -245,8 +244,8 @@ def later_s(ledger: dict, notebook: float, heavy: float | None = None) -> float:
     work = ledger.get("after_work")
     if work is None:  # no plan (a notebook run by hand), or one made before these estimates
         return ledger.get("after_s", 3 * notebook)
-    done = set(ledger["spent"]) | {k.rsplit("/", 1)[-1] for k in ledger["spent"] if k.endswith("/05_ensemble")}
-    start = lambda k: max(notebook, heavy or 0.0) if k.endswith("/03_features") else notebook  # noqa: E731
+    done = set(ledger["spent"]) | {k.rsplit("/", 1)[-1] for k in ledger["spent"] if k.endswith(f"/{stages.FINAL}")}
+    start = lambda k: max(notebook, heavy or 0.0) if k.endswith(f"/{stages.EMBED}") else notebook  # noqa: E731
     return sum(w + start(k) for k, w in work.items() if k not in done)
 
 

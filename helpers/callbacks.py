@@ -133,7 +133,7 @@ class EmaReport(Callback):
     def on_row(self, run: FoldRun, row: dict) -> None:
         _, raw_score, _, _ = run.validate(run.model)
         row.update(metric_raw=round(raw_score, 6), metric_ema=round(run.score, 6),
-                   ema_decay=round(run.ema.get_decay(run.steps * run.state["epoch"]), 6))
+                   ema_decay=round(run.ema.get_decay(run.steps * row["epoch"]), 6))  # the decay after this epoch's steps
 
 
 class MetricsLog(Callback):

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -177,10 +179,6 @@ def check_all(cfgs: list[CFG], images: bool = True) -> list[str]:
 def runtime_problems(cfg: CFG) -> list[str]:
     """What this machine cannot run as set: more ddp processes than it has GPUs (or, without a
     GPU, CPU cores)."""
-    import os
-
-    import torch
-
     if cfg.ddp <= 1:
         return []
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():

@@ -147,7 +147,7 @@ class CFG:
     def label_text(self) -> list[str]:
         """The columns every reader keeps as text: a class or multi-label target ('NA', 'None',
         'null' and '0007' are labels, not NaN or numbers; only an empty cell is missing)."""
-        return [] if self.task == "regression" else [self.target_col]
+        return [self.target_col] if TASKS.get(self.task, {}).get("text_target", True) else []
 
     @property
     def fold_ids(self) -> list[int]:
@@ -322,8 +322,14 @@ def check_config(cfg: CFG) -> None:
         raise ValueError("\n".join(problems))
 
 
+# what the config knows of each task (helpers.tasks owns the rest): the metrics it takes, whether its
+# target is text (class or label names: 'NA' is a class), whether Mixup/CutMix and rank averaging apply
+TASKS = {"classification": {"metrics": ("accuracy", "f1_macro", "roc_auc"), "text_target": True, "mixes": True, "ranks": True},
+         "regression": {"metrics": ("rmse",), "text_target": False, "mixes": False, "ranks": False},
+         "multilabel": {"metrics": ("f1_micro", "f1_macro", "map", "roc_auc", "f2_ciw"), "text_target": True, "mixes": True,
+                        "ranks": True}}
 CHOICES = {
-    "task": ("classification", "regression", "multilabel"),
+    "task": tuple(TASKS),
     "metric": ("accuracy", "f1_macro", "rmse", "roc_auc", "f1_micro", "map", "f2_ciw"),
     "arch": ARCHS,
     "in_chans": (1, 3),
@@ -374,12 +380,9 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
         if getattr(cfg, key) > 1 and not float(getattr(cfg, key)).is_integer():
             out.append((key, f"config key '{key}' is an epoch number (a whole one) or a share of the epochs under 1, "
                              f"got {getattr(cfg, key)!r}"))
-    task_metrics = {"classification": ("accuracy", "f1_macro", "roc_auc"), "regression": ("rmse",),
-                    "multilabel": ("f1_micro", "f1_macro", "map", "roc_auc", "f2_ciw")}[cfg.task] if cfg.task in CHOICES["task"] else ()
-    if cfg.task != "regression" and cfg.metric in CHOICES["metric"] and cfg.metric not in task_metrics:
-        out.append(("metric", f"config key 'metric': {cfg.task} takes {task_metrics}, got {cfg.metric!r}"))
-    if cfg.task == "regression" and cfg.metric != "rmse":
-        out.append(("metric", f"config key 'metric': regression supports 'rmse', got {cfg.metric!r}"))
+    task = TASKS.get(cfg.task, {"metrics": CHOICES["metric"], "mixes": True, "ranks": True})
+    if cfg.metric in CHOICES["metric"] and cfg.metric not in task["metrics"]:
+        out.append(("metric", f"config key 'metric': {cfg.task} takes {task['metrics']}, got {cfg.metric!r}"))
     for key in ("label_weights", "label_pos_weight"):
         bad = {k: v for k, v in getattr(cfg, key).items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
         if bad:
@@ -392,10 +395,10 @@ def value_problems(cfg: CFG) -> list[tuple[str, str]]:
     bad_tta = [t for t in cfg.tta if t not in ("hflip", "vflip")]
     if bad_tta:
         out.append(("tta", f"config key 'tta' takes 'hflip' and 'vflip', got {bad_tta}"))
-    if cfg.task == "regression" and (cfg.mixup_alpha or cfg.cutmix_alpha):
-        out.append(("mixup_alpha", "config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix are for classification"))
-    if cfg.ensemble_method == "rank" and cfg.task == "regression":
-        out.append(("ensemble_method", "config key 'ensemble_method': rank averaging loses a regression target's scale; "
+    if not task["mixes"] and (cfg.mixup_alpha or cfg.cutmix_alpha):
+        out.append(("mixup_alpha", f"config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix mix classes; {cfg.task} has none"))
+    if cfg.ensemble_method == "rank" and not task["ranks"]:
+        out.append(("ensemble_method", f"config key 'ensemble_method': rank averaging loses a {cfg.task} target's scale; "
                                        "use 'hill' or 'mean'"))
     if cfg.min_lr > cfg.lr:
         out.append(("min_lr", f"config key 'min_lr' ({cfg.min_lr}) is above 'lr' ({cfg.lr})"))

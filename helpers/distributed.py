@@ -20,6 +20,8 @@ import uuid
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.nn.parallel import DistributedDataParallel
 
 
 class Processes:
@@ -61,8 +63,6 @@ class DDPProcesses(Processes):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
@@ -103,8 +103,6 @@ def _free_port() -> int:
 def launch(worker, processes: int, *args) -> None:
     """Run `worker(*args)` in `processes` processes with torchrun's launcher (rendezvous on
     this machine; a failed process fails the whole run with its traceback)."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex[:8],
                           rdzv_backend="c10d", rdzv_endpoint=f"localhost:{_free_port()}", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from . import artifacts, freshness
 from .config import CFG
 from .data import read_train
 from .metrics import HIGHER_IS_BETTER, cross_fitted, fit_thresholds, get_score
-from .results import finalize_experiment
+from .results import finalize_experiment, with_refit
 from .submission import classes_of, create_submission, local_lb, write_submission
 from .tasks import task_of
 from .utils import read_table
@@ -33,15 +34,6 @@ class Collection:
     oof: pd.DataFrame  # id, target, fold of the OOF rows, in the order of every experiment's arrays
     y_true: np.ndarray  # class indices or values of those rows
     test_ids: pd.Series  # test ids, in the order of every experiment's test arrays
-
-
-REFIT_SHARE = 0.5  # `refit: blend`: the refit's share of its experiment's test predictions
-
-
-def with_refit(folds_test: np.ndarray, refit_test: np.ndarray, mode: str) -> np.ndarray:
-    """An experiment's test predictions with its refit's: `blend` gives the refit (one model on
-    all rows) REFIT_SHARE and the folds' mean the rest; `alone` keeps the refit's only."""
-    return refit_test if mode == "alone" else (1 - REFIT_SHARE) * folds_test + REFIT_SHARE * refit_test
 
 
 def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: set[str] | None = None) -> Collection:
@@ -166,8 +158,6 @@ def holdout_parts(y_true: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     plan), hill climbing's weights are judged on HOLDOUT_PARTS parts of its rows instead, each
     scored by weights fitted on the others: stratified by class where the targets are class
     indices with that many rows each, else plain (regression values, multi-label rows)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
     y = np.asarray(y_true)
     k = max(2, min(HOLDOUT_PARTS, n))
     stratify = y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and np.unique(y, return_counts=True)[1].min() >= k

@@ -4,11 +4,21 @@ tasks; the GPUs a run gets; and the lock that keeps a second runner off a models
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import queue
+import socket
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+
+import nbformat
+import papermill as pm
+import yaml
 
 from . import artifacts
 from .config import CFG, ROOT
@@ -41,8 +51,6 @@ class NotebookFailed(RuntimeError):
 
 def execute(job: Job) -> float:
     """Run one notebook with papermill; raise NotebookFailed with a clear message on error."""
-    import papermill as pm
-
     job.output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
@@ -58,8 +66,6 @@ def execute(job: Job) -> float:
 
 def _failure(job: Job, fallback: str) -> NotebookFailed:
     """NotebookFailed from the executed copy that a papermill subprocess left behind."""
-    import nbformat
-
     try:
         nb = nbformat.read(job.output, as_version=4)
         for index, cell in enumerate(nb.cells):
@@ -88,12 +94,6 @@ def execute_on_gpus(jobs: list[Job], gpus: list[str]) -> list[float]:
     sees only its GPU (CUDA_VISIBLE_DEVICES) and its share of the CPU cores for DataLoader
     workers. Returns their times; raises on the first failure."""
     jobs = [share_workers(job, min(len(gpus), len(jobs))) for job in jobs]
-    import queue
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
-
-    import yaml
-
     free: queue.Queue = queue.Queue()
     for gpu in gpus:
         free.put(gpu)
@@ -194,10 +194,6 @@ def run_lock(roots: list[Path], config: str):
     """Hold the models folders for this run: a second runner on the same folder stops at once,
     saying which run holds it, instead of repeating its work and failing it. The lock is the
     operating system's (flock): a killed run releases it with its process."""
-    import fcntl
-    import socket
-    from datetime import datetime
-
     held = []
     try:
         for root in sorted(set(roots)):

@@ -245,9 +245,10 @@ def stale(cfg: CFG, kind: str, part: Part = None) -> str | None:
 def _stale(cfg: CFG, kind: str, part: Part) -> str | None:
     folder, name = artifacts.output_folder(cfg, OUTPUTS[kind].folder), output_name(kind, part)
     for pattern in OUTPUTS[kind].files:
-        path = folder / pattern.format(k=part, f="all" if part is None else f"fold{part}")
-        if not path.exists():
-            return f"{path.relative_to(folder.parent)} not made yet"
+        for each in cfg.fold_ids if "{each}" in pattern else [None]:
+            path = folder / pattern.format(k=part, f="all" if part is None else f"fold{part}", each=each)
+            if not path.exists():
+                return f"{path.relative_to(folder.parent)} not made yet"
     path = stamp_path(cfg, kind, part)
     if not path.exists():
         return "not made yet" if not OUTPUTS[kind].files else f"{name} has no record of what it was made from"

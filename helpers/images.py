@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageOps
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")  # tried in this order, any letter case
 
@@ -106,8 +107,6 @@ def read_image(path: str, in_chans: int = 3) -> np.ndarray:
 
 def _pil_read(path: str, in_chans: int) -> np.ndarray | None:
     """An image through PIL (EXIF rotation applied) as 8-bit gray or BGR, or None."""
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -138,8 +137,6 @@ def read_thumbnail(path: str, max_side: int = 256) -> np.ndarray:
     """A small RGB copy of an image for looking at (grids): JPEGs are decoded at reduced size
     (PIL's draft mode), so a 12000 px photo costs a few MB, not gigabytes. 16-bit and float
     images go through read_image. An unreadable file raises ValueError naming it."""
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as im:
             if im.mode in ("RGB", "L", "RGBA", "P", "CMYK", "LA", "1"):
@@ -161,8 +158,6 @@ def read_thumbnail(path: str, max_side: int = 256) -> np.ndarray:
 def image_header(path: str) -> dict:
     """Size, mode and format from an image's header (no decoding; EXIF rotation applied to the
     size), or the reason it cannot be read: for the EDA's look at a competition's images."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             w, h = im.size

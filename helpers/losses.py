@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss
 
 from .config import CFG
 
@@ -97,8 +98,6 @@ class MultiLabelLoss(nn.Module):
         if self.kind == "bce":
             return F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight)
         if self.kind == "focal":
-            from torchvision.ops import sigmoid_focal_loss
-
             return sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="mean")
         return self.asl(logits, target) / len(logits)  # timm sums over the batch: a mean, like the others
 

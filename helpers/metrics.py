@@ -11,6 +11,7 @@ with the thresholds tuned on the other folds.
 from __future__ import annotations
 
 import numpy as np
+from sklearn import metrics
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "roc_auc": True, "rmse": False, "f1_micro": True, "map": True,
                     "f2_ciw": True}
@@ -23,8 +24,6 @@ def get_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresholds: n
     """The competition metric. Classification: `y_true` class indices, `y_pred` probabilities
     [n, n_classes]. Regression: both 1-d values on the original scale. Multi-label: see the
     module docstring (`weights`: f2_ciw's per-label importance)."""
-    from sklearn import metrics
-
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if not np.isfinite(y_pred.astype(float)).all():
@@ -70,8 +69,6 @@ def _f_beta(tp, fp, fn, beta: float = 1.0) -> np.ndarray:
 
 def multilabel_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresholds: np.ndarray | None = None,
                      weights: np.ndarray | None = None) -> float:
-    from sklearn import metrics
-
     y_true, y_pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
     present = (y_true > 0.5).any(0) & (y_true < 0.5).any(0)  # labels with both kinds of row here
     if metric == "map":

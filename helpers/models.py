@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from .config import ARCHS, CFG
@@ -80,8 +81,6 @@ def _check_weights_file(path: Path, backbone: nn.Module, name: str) -> None:
     into resnet34) would load in part, silently. When the file uses the model's key names, every
     backbone key must be in it."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             keys = set(f.keys())
     else:

@@ -49,14 +49,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from . import artifacts, freshness
+from . import artifacts, budget, freshness
 from .config import CFG, ROOT, cfg_from_dict, experiment_names, load_cfg, to_dict
 from .configfile import parse_set
 from .data import read_csv, read_train
-from .ensemble import blend, rank_transform, with_refit
+from .ensemble import blend, rank_transform
 from .images import locate_images
+from .models import TimmModel
+from .predict import Predictor
+from .results import with_refit
 from .stacking import FoldStacker
+from .submission import check_submission, create_submission
 from .tasks import task_of
 from .utils import atomic_to_csv, atomic_write_text, get_logger
 
@@ -66,8 +72,6 @@ TEMPLATE = ROOT / "notebooks" / "kaggle_inference.ipynb"
 # --- packing ------------------------------------------------------------------------------------
 def _save_weights(ckpt: dict, folder: Path, name: str, fp16: bool) -> None:
     """A checkpoint as safetensors weights + the JSON of the config they were trained with."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for key, value in ckpt["model"].items():
         value = value.detach().cpu().contiguous().clone()  # clone: no shared storage, as safetensors wants
@@ -80,8 +84,6 @@ def _save_weights(ckpt: dict, folder: Path, name: str, fp16: bool) -> None:
 
 
 def _load_weights(folder: Path, name: str) -> dict:
-    from safetensors.torch import load_file
-
     meta = json.loads((folder / f"{name}.json").read_text())
     return {**meta, "model": {k: v.float() if v.is_floating_point() else v
                               for k, v in load_file(str(folder / f"{name}.safetensors")).items()}}
@@ -98,8 +100,6 @@ def _pack_cnn(folder: Path, out: Path, folds: list[int | str], fp16: bool) -> No
 
 def _pack_backbone(source_cfg: CFG, out: Path, fp16: bool) -> None:
     """A frozen pretrained backbone, weights included (the kernel has no hub)."""
-    from .models import TimmModel
-
     model = TimmModel(source_cfg, 1)  # a one-output head: only its features are used
     classes = ["_"] if task_of(source_cfg).named_outputs else None
     ckpt = {"model": model.state_dict(), "cfg": to_dict(source_cfg), "classes": classes, "target_range": None}
@@ -110,9 +110,7 @@ def package_ensemble(config: str, out: str | Path, fp16: bool = False, overrides
                      force: bool = False) -> Path:
     """Everything 05_ensemble blended for the competition of `config`: every member with a
     weight (CNN folds, stackers and the CNNs or backbones they read), the blend, the classes."""
-    from .budget import apply_plan
-
-    cfg = apply_plan(load_cfg(config, experiment_names(config)[0], overrides))
+    cfg = budget.apply_plan(load_cfg(config, experiment_names(config)[0], overrides))
     score = artifacts.read_ensemble_score(cfg)
     why = freshness.stale(cfg, "ensemble")
     if score is None or why:
@@ -294,8 +292,6 @@ def _finish(target: Path, out: Path, spec: dict) -> Path:
 def package_problems(package_dir: Path) -> list[str]:
     """Every file the package's package.json names that is missing or incomplete (a weights file
     cut short, a stacker without its model), each named: checked before any prediction."""
-    from safetensors import safe_open
-
     package_dir = Path(package_dir)
     try:
         spec = json.loads((package_dir / "package.json").read_text())
@@ -334,8 +330,6 @@ def package_problems(package_dir: Path) -> list[str]:
 
 # --- running it offline -----------------------------------------------------------------------------
 def _predictor(folder: Path, folds: list[int | str], device: str):
-    from .predict import Predictor
-
     names = [artifacts.fold_name(k) for k in folds]
     ckpts = [_load_weights(folder, name) for name in names]
     return Predictor.from_checkpoints(ckpts, device, [str(folder / name) for name in names])
@@ -369,8 +363,6 @@ def run_package(package_dir: str | Path, competition_dir: str | Path, output_csv
     """The blended submission of a package on the competition's current test set (see the
     module docstring), checked against sample_submission, written to output_csv when given.
     Returns it."""
-    from .submission import check_submission, create_submission
-
     logger = logger or get_logger("kaggle.package")
     cfg, test, blended, classes, seconds = predict_package(package_dir, competition_dir, device, logger)
     spec = json.loads((Path(package_dir) / "package.json").read_text())

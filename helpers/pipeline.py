@@ -30,8 +30,9 @@ from . import artifacts, budget, freshness
 from .config import CFG, ROOT, config_layers, experiment_names, load_cfg
 from .configfile import parse_set
 from .executors import Job, NotebookFailed, RunLocked, choose_gpus, execute, execute_on_gpus, execute_on_ray, gpu_slots, run_lock
-from .stages import NAMES, Stage
+from .stages import FINAL, NAMES, TRAIN, Stage
 from .stages import STAGES as STAGE_GRAPH
+from .utils import version_problems
 
 STAGES = NAMES  # the notebooks, in order (helpers.stages)
 
@@ -95,7 +96,7 @@ def one_kernel(jobs: list[Job], force: bool) -> list[Job]:
     are skipped)."""
     out: list[Job | list[Job]] = []  # a list: a run of folds to merge
     for job in jobs:
-        if job.stage != "02_train" or job.parameters.get("fold") is None or not (force or stale(job)):
+        if job.stage != TRAIN or job.parameters.get("fold") is None or not (force or stale(job)):
             out.append(job)
         elif out and isinstance(out[-1], list) and out[-1][0].cfg.experiment == job.cfg.experiment:
             out[-1].append(job)
@@ -104,7 +105,7 @@ def one_kernel(jobs: list[Job], force: bool) -> list[Job]:
 
     def merge(group: list[Job]) -> Job:
         parts = [j.parameters["fold"] for j in group]
-        name = "02_train_" + "_".join(artifacts.fold_name(k) for k in parts)
+        name = f"{TRAIN}_" + "_".join(artifacts.fold_name(k) for k in parts)
         return Job(group[0].stage, group[0].cfg, {**group[0].parameters, "fold": parts}, artifacts.notebook_path(group[0].cfg, name))
 
     return [j if isinstance(j, Job) else j[0] if len(j) == 1 else merge(j) for j in out]
@@ -161,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="local: this machine (folds in parallel, one per GPU); ray: every notebook as a Ray task")
     parser.add_argument("--address", help="with --executor ray: the cluster to join ('auto', or host:port); default a local Ray")
     args = parser.parse_args(argv)
-    from .utils import version_problems
-
     if version_problems():
         print("\n".join(version_problems()), file=sys.stderr)
         return 2
@@ -239,7 +238,7 @@ def before_work(args: argparse.Namespace, jobs: list[Job], gpus: list[str], star
     if problems:
         raise PermissionError("\n  ".join(dict.fromkeys(problems)))
     run_check(cfgs)
-    if len(gpus) > 1 and any(job.stage == "02_train" and stale(job) for job in jobs):
+    if len(gpus) > 1 and any(job.stage == TRAIN and stale(job) for job in jobs):
         prepare_folds(cfgs)
     if cfgs[0].time_limit:
         jobs = plan_budget(args, cfgs, start, gpus)
@@ -262,10 +261,10 @@ class Runner:
     def run(self) -> None:
         for i, job in enumerate(self.jobs, 1):
             refit = job.parameters.get("fold") == artifacts.REFIT
-            if job.stage != "02_train" or refit:
+            if job.stage != TRAIN or refit:
                 self.flush()  # the folds running side by side finish before anything made from them
             why = "--force" if self.args.force else stale(job)
-            if why is None and job.stage == "05_ensemble" and self.ran and self.args.dry_run:
+            if why is None and job.stage == FINAL and self.ran and self.args.dry_run:
                 why = "experiments will be remade"
             head = f"[{i}/{len(self.jobs)}] {job.label} ..."
             if why is None:
@@ -274,7 +273,7 @@ class Runner:
             self.ran = True
             if self.args.dry_run:
                 print(f"{head} would run ({why})", flush=True)
-            elif job.stage == "02_train" and not refit and (self.ray or len(self.gpus) > 1):
+            elif job.stage == TRAIN and not refit and (self.ray or len(self.gpus) > 1):
                 where = "as a Ray task" if self.ray else f"on GPU {self.gpus[len(self.pending) % len(self.gpus)]}"
                 print(f"{head} {where} (parallel) ({why})", flush=True)
                 self.pending.append(job)
@@ -312,7 +311,7 @@ def report(jobs: list[Job], start: float) -> None:
     """The run's time (against time_limit, when set) and the scores of every stage."""
     cfgs = list({job.cfg.experiment: job.cfg for job in jobs}.values())
     print(f"\nall {len(jobs)} notebooks ran in {time.perf_counter() - start:.0f}s\n")
-    if cfgs[0].time_limit and any(job.stage == "05_ensemble" for job in jobs):  # a run of some stages: not finished
+    if cfgs[0].time_limit and any(job.stage == FINAL for job in jobs):  # a run of some stages: not finished
         ledger = budget.finish(cfgs[0])
         used = budget.spent_s(ledger)
         print(f"time_limit {cfgs[0].time_limit}: {used:.0f}s of {ledger['limit_s']:.0f}s spent "
@@ -379,7 +378,7 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
                       for name in plan["img_size"]), flush=True)
     jobs = globals()["plan"](args.config, overrides, args.experiments, args.stages)
     ledger = budget.read_ledger(cfgs[0])
-    ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == "02_train" and (args.force or stale(j))]  # to train
+    ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == TRAIN and (args.force or stale(j))]  # to train
     budget.write_ledger(cfgs[0], ledger)
     return jobs
 

@@ -29,6 +29,7 @@ from .config import CFG
 from .models import create_model, model_problems
 from .runtime import autocast, channels_last, get_device, precision
 from .stacking import LGBM_DEFAULTS
+from .stages import EMBED, STAGES
 from .tasks import task_of
 
 # fewer epochs per fold than this: one holdout fold and a refit on all rows instead of a fold
@@ -64,18 +65,21 @@ STACK_PROBE_ROWS = 5000  # a bigger fold is timed on this many rows and scaled
 
 
 def after_work(cfgs: list[CFG], rates: dict, rows: tuple[int, int]) -> dict[str, float]:
-    """Estimated seconds of work, a notebook's start aside, of each stage after training, under
-    the ledger's key of its output: each fold model embeds its OOF rows and the test set
-    (03_features), a LightGBM head per fold (04_stacking), the blend (05_ensemble)."""
+    """Estimated seconds of work, a notebook's start aside, of each stage after training (the
+    stage graph's), under the ledger's key of its output: each fold model embeds its OOF rows
+    and the test set (03_features), a LightGBM head per fold (04_stacking), the blend (05_ensemble:
+    too little to count)."""
     n_train, n_test = rows
     work = {}
-    for cfg in cfgs:
-        rate = rates.get(cfg.experiment, {})
-        embed = rate.get("embed_img_s", rate.get("infer_img_s", 500.0))
-        folds = len(cfg.fold_ids)
-        work[f"{cfg.experiment}/03_features"] = (n_train + folds * n_test) / embed
-        work[f"{cfg.experiment}/04_stacking"] = rate.get("stack_fold_s", STACK_FOLD_S) * folds
-    work["05_ensemble"] = 0.0
+    for stage in (s for s in STAGES if s.after_training):
+        if stage.scope == "run":
+            work[stage.name] = 0.0
+            continue
+        for cfg in cfgs:
+            rate = rates.get(cfg.experiment, {})
+            folds = len(cfg.fold_ids)
+            embed = (n_train + folds * n_test) / rate.get("embed_img_s", rate.get("infer_img_s", 500.0))
+            work[f"{cfg.experiment}/{stage.name}"] = embed if stage.name == EMBED else rate.get("stack_fold_s", STACK_FOLD_S) * folds
     return work
 
 
@@ -83,7 +87,7 @@ def after_training_s(cfgs: list[CFG], rates: dict, rows: tuple[int, int], notebo
     """Estimated seconds of 03_features, 04_stacking and 05_ensemble, `notebook` seconds of
     start each included (03_features: and the start-up a training process pays, later_s)."""
     start_up = _start_up(rates)
-    return sum(w + notebook + (start_up if k.endswith("/03_features") else 0.0) for k, w in after_work(cfgs, rates, rows).items())
+    return sum(w + notebook + (start_up if k.endswith(f"/{EMBED}") else 0.0) for k, w in after_work(cfgs, rates, rows).items())
 
 
 def stack_fold_s(cfg: CFG, n_train: int, n_out: int, width: int) -> float:

@@ -41,9 +41,9 @@ from tqdm import tqdm
 from . import artifacts, freshness
 from .config import CFG
 from .engine import load_model, predict_batch, rules_of
-from .ensemble import REFIT_SHARE
 from .images import locate_images, read_image
 from .losses import TargetScale
+from .results import REFIT_SHARE
 from .runtime import amp_context, channels_last, get_device
 from .tasks import task_of
 from .transforms import InputNorm, create_transforms, input_stats

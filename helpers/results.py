@@ -1,6 +1,6 @@
 """An experiment's results: its folds combined into one OOF file, one test prediction and one
 score (score.json: the CV over all OOF rows, mean ± std over folds, what made it), for a CNN
-experiment and a stacker alike."""
+experiment and a stacker alike; its test predictions with its refit's."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +11,14 @@ import pandas as pd
 from . import artifacts, freshness
 from .config import CFG
 from .tasks import task_of
+
+REFIT_SHARE = 0.5  # `refit: blend`: the refit's share of its experiment's test predictions
+
+
+def with_refit(folds_test: np.ndarray, refit_test: np.ndarray, mode: str) -> np.ndarray:
+    """An experiment's test predictions with its refit's: `blend` gives the refit (one model on
+    all rows) REFIT_SHARE and the folds' mean the rest; `alone` keeps the refit's only."""
+    return refit_test if mode == "alone" else (1 - REFIT_SHARE) * folds_test + REFIT_SHARE * refit_test
 
 
 def finalize_experiment(cfg: CFG, logger: logging.Logger | None = None) -> dict | None:

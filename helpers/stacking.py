@@ -21,6 +21,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import skops.io as sio
 import torch
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
@@ -35,13 +36,13 @@ from sklearn.svm import SVC, SVR
 from . import artifacts, freshness, stages
 from .cache import create_cache
 from .config import CFG
+from .data import create_loader
 from .engine import load_model, predict, rules_of
 from .metrics import HIGHER_IS_BETTER
 from .models import TimmModel
 from .results import write_score
 from .runtime import channels_last, get_device
 from .tasks import TASKS, task_of
-from .data import create_loader
 from .transforms import InputNorm, input_stats
 from .utils import atomic_write_text
 
@@ -133,8 +134,6 @@ SKOPS_TRUSTED = ["numpy.dtype", "sklearn.calibration._CalibratedClassifier", "sk
 def _skops_load(path: Path):
     """A scikit-learn object from a skops file (scikit-learn's secure format: a zip of JSON and
     arrays, no pickle), refused when it holds a type outside skops' own list and SKOPS_TRUSTED."""
-    import skops.io as sio
-
     untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in SKOPS_TRUSTED]
     if untrusted:
         raise ValueError(f"{path}: not loaded: it holds types {untrusted[:5]} that a stacker of helpers never has")
@@ -201,8 +200,6 @@ class FoldStacker:
     def save(self, folder: Path) -> None:
         """meta.json, model*.txt (LightGBM) or model*.skops (scikit-learn), pca.skops; written
         beside, then moved in, so a killed save leaves the last complete one."""
-        import skops.io as sio
-
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,7 +61,8 @@ Parts = list[tuple[str, Part]]
 @dataclass(frozen=True)
 class Output:
     """One kind of output: the files that must exist for it (in its folder: the experiment's,
-    its stacker's or the ensemble's; {k} the fold, {f} 'all' or 'fold<k>'), the config keys it
+    its stacker's or the ensemble's; {k} the fold, {f} 'all' or 'fold<k>', {each} every fold of
+    cfg.fold_ids), the config keys it
     is made from, the input files it reads (freshness.INPUTS names them) and the outputs it is
     made from."""
 
@@ -112,7 +113,7 @@ OUTPUTS: dict[str, Output] = {
                  lambda cfg, part: [(s, k) for k in cfg.fold_ids for s in ("train", "test")], needs=("train", "test")),
     "features": Output(("features/train_{f}.npy", "features/test_{f}.npy"), _feature_keys, _feature_inputs,
                        lambda cfg, part: [] if part is None else [("train", part)], needs=("train",)),
-    "stacking": Output(("oof.csv", "test.csv", "score.json"),
+    "stacking": Output(("oof.csv", "test.csv", "score.json", "stacker_fold{each}/meta.json"),
                        lambda cfg, part: {**values(cfg, output_keys(cfg, "stacking")), "folds": cfg.fold_ids},
                        reads("train_csv", "test_csv"), _stacker_sources, folder="stacker", needs=("features",)),
     "ensemble": Output(("score.json",), lambda cfg, part: values(cfg, output_keys(cfg, "ensemble")),
@@ -168,5 +169,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("05_ensemble", "run", ("ensemble",), lambda cfg, part: [("ensemble", None)], after_training=True),
 )
 BY_NAME = {s.name: s for s in STAGES}
+TRAIN = next(s.name for s in STAGES if s.scope == "fold")  # folds side by side (GPUs, Ray), or several in one kernel
+EMBED = next(s.name for s in STAGES if s.after_training)  # the first after training: it starts like a training kernel
+FINAL = STAGES[-1].name  # made from every experiment: once, at the end
+QUICK = ("01_folds",)  # little work beyond a notebook's start: the time budget measures that start on it
 NAMES = [s.name for s in STAGES]
 MAKER = {kind: s.name for s in STAGES for kind in s.kinds}  # the notebook that makes each kind of output

@@ -341,8 +341,8 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
     'history'}."""
     logger = logger or logging.getLogger("kaggle")
     why = "retrain is set" if cfg.retrain else freshness.stale(cfg, "train", fold)
+    best, why = _kept(artifacts.checkpoint_path(cfg, fold), why)
     if why is None:
-        best = artifacts.load_checkpoint(artifacts.checkpoint_path(cfg, fold))
         logger.info(f"fold {fold}: up to date (score {best['score']:.5f}); set retrain=True to train it again")
         if test is not None and (test_why := freshness.stale(cfg, "test", fold)):
             logger.info(f"fold {fold}: predicting the test set again: {test_why}")
@@ -356,6 +356,17 @@ def train_fold(cfg: CFG, folds: pd.DataFrame, fold: int, test: pd.DataFrame | No
         _timed_test(cfg, best, test, fold, logger)
     logger.info(f"fold {fold}: best {cfg.metric} {best['score']:.5f} at epoch {best['epoch']}")
     return {"fold": fold, "score": best["score"], "best_epoch": best["epoch"], "history": best["history"]}
+
+
+def _kept(path, why: str | None) -> tuple[dict | None, str | None]:
+    """(the checkpoint of a model that is up to date, None), or (None, why it is trained again):
+    stale, or a checkpoint this version does not load (an older version's pickled objects)."""
+    if why is not None:
+        return None, why
+    try:
+        return artifacts.load_checkpoint(path), None
+    except ValueError as e:
+        return None, str(e)
 
 
 def _fit(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, logger: logging.Logger, n_test: int) -> None:
@@ -399,8 +410,8 @@ def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
         return None
     why = freshness.todo(cfg, "refit", [None], cfg.retrain).get(None)  # every fold first: it trains for their mean best epoch
     path = artifacts.checkpoint_path(cfg, artifacts.REFIT)
+    best, why = _kept(path, why)
     if why is None:
-        best = artifacts.load_checkpoint(path)
         logger.info(f"refit: up to date ({best['epoch']} epochs on all rows); set retrain=True to train it again")
         if test is not None and (test_why := freshness.stale(cfg, "refit_test")):
             logger.info(f"refit: predicting the test set again: {test_why}")

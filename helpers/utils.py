@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pandas as pd
-
+import pandas as pd
 
 # --- library versions --------------------------------------------------------------------
 # the oldest releases this code works with (Kaggle's image lags PyPI); older ones fail at
@@ -27,8 +26,6 @@ MIN_VERSIONS = {"torch": "2.3", "timm": "1.0", "albumentations": "2.0.0", "light
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     """'2.14.1+cu130' -> (2, 14, 1); '1.0.0rc1' -> (1, 0, 0): the release numbers only."""
-    import re
-
     parts = []
     for piece in text.split("+")[0].split("."):
         match = re.match(r"\d+", piece)
@@ -42,8 +39,6 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def version_problems() -> list[str]:
     """Installed libraries older than MIN_VERSIONS, each with the command that fixes it."""
-    from importlib import metadata
-
     problems = []
     for names, need in MIN_VERSIONS.items():
         for name in names.split("|"):
@@ -78,8 +73,6 @@ def read_table(path: str | Path, id_col: str | None = None, text_cols: tuple | l
     """A CSV with its id column (and `text_cols`: a multi-label column, "0 3" or "None") read as
     text: '0007' stays '0007' (not 7), 'NA' stays 'NA' and a blank is ''. An unreadable file
     (not UTF-8, empty, malformed) raises naming it."""
-    import pandas as pd
-
     try:
         if id_col is None:
             return pd.read_csv(path, encoding="utf-8-sig")
@@ -143,7 +136,7 @@ def atomic_to_csv(df, path: str | Path) -> None:
 def atomic_save(obj, path: str | Path, saver: Callable | None = None) -> None:
     """torch.save (or `saver(obj, tmp)`) through a temp file and a rename."""
     if saver is None:
-        import torch
+        import torch  # here: the runner imports this module before it times its imports of torch
 
         saver = torch.save
     with atomic_path(path) as tmp:

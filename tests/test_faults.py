@@ -357,3 +357,21 @@ def test_solution_labels_the_training_never_saw_give_no_local_lb(comp, tmp_path,
     with caplog.at_level(logging.WARNING):
         assert local_lb(cfg, sub, classes) is None  # was a crash: Input y_true contains NaN
     assert "labels ['eleven'] are not among the training classes" in caplog.text
+
+
+def test_an_older_versions_checkpoint_is_trained_again_saying_why(comp, tmp_path, caplog):
+    """A best.pt of the previous version (pickled numpy objects beside the weights) is not loaded
+    (it could run code): the fold, up to date by its stamp, trains again and says why."""
+    from helpers.train import train_fold
+
+    cfg = cfg_for(comp, tmp_path)
+    folds = get_folds(cfg, read_train(cfg))
+    train_fold(cfg, folds, 0, None)
+    path = artifacts.checkpoint_path(cfg, 0)
+    old = artifacts.load_checkpoint(path)
+    torch.save({**old, "state": {"best_preds": np.zeros((2, 2))}}, path)  # what the previous version wrote
+    assert freshness.stale(cfg, "train", 0) is None  # its stamp still matches: only loading it tells
+    with caplog.at_level(logging.INFO):
+        result = train_fold(cfg, folds, 0, None)
+    assert "skipped" not in result and "holds objects other than weights" in caplog.text
+    assert "state" not in artifacts.load_checkpoint(path)  # a checkpoint of this version now

@@ -250,7 +250,7 @@ def test_ema_warms_up_and_both_scores_are_logged(comp, tmp_path):
     train_fold(cfg, get_folds(cfg, read_train(cfg)), 0, None)
     rows = [json.loads(line) for line in artifacts.metrics_path(cfg, 0).read_text().splitlines()]
     assert {"metric_raw", "metric_ema", "ema_decay"} <= set(rows[0])
-    assert rows[0]["ema_decay"] < rows[1]["ema_decay"] < 0.9998  # a few steps in: far from 0.9998, so the EMA follows
+    assert 0 < rows[0]["ema_decay"] < rows[1]["ema_decay"] < 0.9998  # a few steps in: far from 0.9998, so the EMA follows
     assert rows[0]["metric"] == rows[0]["metric_ema"]
 
 

@@ -427,3 +427,12 @@ def test_allow_empty_redoes_only_the_ensemble(tmp_path):
     assert "label_weights" in keys["train"] and "label_weights" in keys["stacking"] and "metric" in keys["stacking"]
     assert "allow_empty" not in stages.output_keys(CFG(), "ensemble")  # other tasks' outputs keep their keys
     assert other.allow_empty is False
+
+
+def test_numeric_labels_keep_their_natural_order(tmp_path):
+    """Label names that are numbers (protein atlas style) in value order: '2' before '10'."""
+    from helpers.tasks import TASKS
+
+    train = pd.DataFrame({"labels": ["1 2", "10", "2 10", ""]})
+    cfg = CFG(competition_dir=str(tmp_path), task="multilabel", metric="f1_micro", target_col="labels")
+    assert TASKS["multilabel"].classes(train, cfg) == ["1", "2", "10"]

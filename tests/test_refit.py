@@ -11,9 +11,10 @@ import yaml
 from helpers import artifacts, budget, freshness, pipeline, planning, stages
 from helpers.config import CFG, load_cfg
 from helpers.data import read_test, read_train
-from helpers.tools.demo import write_digits
-from helpers.ensemble import REFIT_SHARE, Experiment, run_ensemble, with_refit
+from helpers.ensemble import Experiment, run_ensemble
 from helpers.folds import get_folds
+from helpers.results import REFIT_SHARE, with_refit
+from helpers.tools.demo import write_digits
 from helpers.train import train_fold, train_refit
 
 

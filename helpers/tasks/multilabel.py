@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from ..config import CFG
 from ..losses import MultiLabelLoss
@@ -18,6 +19,7 @@ from ..metrics import THRESHOLD_METRICS, cross_fitted, get_score
 from ..metrics import label_weights as weights_of
 from ..utils import read_csv
 from .base import Task, rows_of
+from .classification import sort_labels
 
 
 def label_sets(column: pd.Series, sep: str) -> list[set[str]]:
@@ -63,10 +65,11 @@ class MultiLabel(Task):
         return list(cfg.label_cols) or [cfg.target_col]
 
     def classes(self, train: pd.DataFrame, cfg: CFG) -> list[str]:
-        """The labels: cfg.label_cols, cfg.labels, or every label train names, sorted."""
+        """The labels: cfg.label_cols, cfg.labels, or every label train names, in their natural
+        order (by value when all are numbers: '2' before '10')."""
         if cfg.label_cols:
             return [str(c) for c in cfg.label_cols]
-        return [str(c) for c in cfg.labels] or sorted(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
+        return [str(c) for c in cfg.labels] or sort_labels(set().union(*label_sets(train[cfg.target_col], cfg.label_sep)))
 
     def matrix(self, cfg: CFG, df: pd.DataFrame, labels: list) -> np.ndarray:
         """Rows x labels, 1.0 where a row has the label: from the 0/1 label_cols, or from target_col."""
@@ -134,8 +137,6 @@ class MultiLabel(Task):
     def assign_folds(self, cfg: CFG, train: pd.DataFrame) -> np.ndarray:
         """Iterative stratification of the label matrix (every label's positives spread over the
         folds); with group_col, of the groups' label matrices (a group's rows stay together)."""
-        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-
         matrix = self.targets(train)
         splitter = MultilabelStratifiedKFold(n_splits=cfg.n_folds, shuffle=True, random_state=cfg.seed)
         if cfg.group_col:
