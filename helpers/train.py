@@ -88,6 +88,16 @@ def param_groups(model: nn.Module, cfg: CFG) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def seed_epoch(cfg: CFG, seed_id: int, epoch: int, rank: int = 0) -> int:
+    """Every epoch's randomness from its own seed (a resumed run matches an uninterrupted one):
+    seeds this process's generators, which draw dropout and drop-path masks, the device-side
+    warp and Mixup, apart from the other processes' (rank 0 as a single process); returns the
+    seed of the rows' order, which every process shares (EpochSampler deals it among them)."""
+    order = (cfg.seed * 1000 + seed_id * 100 + epoch) % 2**32
+    seed_everything((order + rank * 1_000_003) % 2**32)
+    return order
+
+
 def mixup_off(cfg: CFG, epochs: int) -> int:
     """The epoch from which Mixup/CutMix stop: `mixup_off_epoch` when it is an epoch number, or
     under 1 that share of the epochs the schedule runs (a time-limited run plans them, a refit
@@ -151,8 +161,8 @@ class FoldRun:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.procs.world > 1:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.step_model = self.procs.wrap(self.model)  # DistributedDataParallel with several processes
-        self.step_model = torch.compile(self.step_model) if cfg.compile else self.step_model
+        self.trainable = None
+        self._wrap(cfg, trainable=cfg.freeze_epochs == 0)
         # EMA with timm's warm-up: its decay grows with the steps taken, so the EMA that is validated
         # and saved follows the model early on instead of averaging in the untrained weights
         # (power 3/4, for the 10^4-10^5 steps of a Kaggle run; timm's 2/3 suits 10^6)
@@ -161,6 +171,17 @@ class FoldRun:
         self.eval_step = torch.compile(self.eval_model) if cfg.compile else self.eval_model
         self.rules = rules_of(cfg, self.device)
         return cfg
+
+    def _wrap(self, cfg: CFG, trainable: bool) -> None:
+        """The module a step runs: DistributedDataParallel with several processes (compiled as
+        set), built for the parameters that train now: DDP registers its gradient hooks once, so
+        a backbone frozen or unfrozen (freeze_epochs) gets a wrapper built again."""
+        if trainable == self.trainable:
+            return
+        set_backbone_trainable(self.model, trainable)
+        self.trainable = trainable
+        self.step_model = self.procs.wrap(self.model)
+        self.step_model = torch.compile(self.step_model) if cfg.compile else self.step_model
 
     def _build_data(self, folds: pd.DataFrame) -> None:
         """The loaders (built once per fold, over the image cache one process builds) and the
@@ -247,11 +268,10 @@ class FoldRun:
     def run_epoch(self, callbacks: list[Callback]) -> dict:
         """One epoch: train, check it stayed finite, validate; its row of metrics."""
         cfg, epoch, start = self.cfg, self.state["epoch"], time.perf_counter()
-        epoch_seed = (cfg.seed * 1000 + self.seed_id * 100 + epoch) % 2**32
-        seed_everything(epoch_seed)  # every epoch's randomness from its own seed: a resumed run matches
+        order = seed_epoch(cfg, self.seed_id, epoch, self.procs.rank)
         frozen = epoch < cfg.freeze_epochs
-        set_backbone_trainable(self.model, not frozen)
-        self.train_loader.sampler.set_epoch(epoch_seed)
+        self._wrap(cfg, trainable=not frozen)
+        self.train_loader.sampler.set_epoch(order)
         off = mixup_off(cfg, self.epochs)
         health: dict = {}
         train_loss = train_one_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.scheduler, self.scaler,

@@ -150,3 +150,30 @@ def test_a_fold_process_starts_its_dataloader_workers_the_platform_way(tmp_path)
     out = tmp_path / "method.txt"
     distributed.launch(_start_method, 1, str(out))
     assert out.read_text() == multiprocessing.get_context().get_start_method()  # fork on Linux, as under torchrun
+
+
+def test_a_frozen_backbone_trains_over_two_processes_and_then_unfreezes(comp, tmp_path):
+    """freeze_epochs under DDP: the wrapper is built for the parameters that train, and built
+    again when the backbone joins them (DDP registers its gradient hooks once)."""
+    cfg = fold_cfg(comp, tmp_path, ddp=2, epochs=2, freeze_epochs=1)
+    result = train_fold(cfg, get_folds(cfg, read_train(cfg)), 0, None)
+    assert [r["epoch"] for r in result["history"]] == [1, 2] and np.isfinite(result["score"])
+
+
+def test_each_process_draws_its_own_random_numbers_from_the_same_sampler_order():
+    """Dropout and drop-path masks, the device-side warp and Mixup draw from the global
+    generators: each rank seeds them apart; the sampler's shared order stays one seed; rank 0's
+    draws are those of a single process (one process trains as before)."""
+    import torch
+
+    from helpers.train import seed_epoch
+
+    cfg = CFG(seed=7)
+    draws = {}
+    for rank in (0, 1):
+        order = seed_epoch(cfg, seed_id=2, epoch=3, rank=rank)
+        draws[rank] = (order, torch.rand(4).tolist(), np.random.rand(2).tolist())
+    assert draws[0][0] == draws[1][0]  # one permutation of the rows, dealt among the ranks
+    assert draws[0][1] != draws[1][1] and draws[0][2] != draws[1][2]
+    torch.manual_seed(draws[0][0])
+    assert torch.rand(4).tolist() == draws[0][1]  # rank 0: the single-process seed
