@@ -3,7 +3,7 @@
 Classification: the confusion matrix, the classification report, wrong_oof.csv (id, path, true
 class, predicted class, confidence; most confident first) and a grid of the most confident
 wrong images. Regression: residual plots, largest_errors.csv and a grid of the worst images.
-Multi-label: a per-label precision/recall/F1 table at the tuned thresholds, each label's
+Multi-label: a per-label precision/recall/F1 table (cross-fitted, as the CV), each label's
 TP/FP/FN/TN, wrong_oof.csv (the most confident misses and false alarms) and their images.
 Tables go to the experiment's analysis folder (helpers.artifacts); figures are helpers.plots'.
 """
@@ -17,7 +17,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from . import artifacts, plots
 from .config import CFG
-from .metrics import fit_thresholds
+from .metrics import cross_fitted_hits, fit_thresholds
 from .tasks import task_of
 from .utils import atomic_to_csv
 
@@ -63,15 +63,18 @@ def regression_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir:
 
 
 def multilabel_errors(cfg: CFG, oof: pd.DataFrame, folds: pd.DataFrame, out_dir: Path) -> dict:
-    """Per-label report and confusion counts at the experiment's thresholds, and the most
-    confident misses (a label the image has, predicted least likely) and false alarms."""
+    """Per-label report and confusion counts, and the most confident misses (a label the image
+    has, predicted least likely) and false alarms. Each row's labels are decided as the CV
+    decides them, at thresholds tuned on the other folds (cross_fitted_hits), so the report's
+    precision, recall and F1 are not tuned on the rows they count; its `threshold` column is
+    the one the test set gets (tuned on every OOF row, score.json's)."""
     cols = [c for c in oof.columns if c.startswith("prob_")]
     labels = [c[len("prob_"):] for c in cols]
     y_true, probs = task_of(cfg).oof_targets(cfg, oof)
     score = artifacts.read_score(artifacts.exp_dir(cfg), missing_ok=True) or {}
     saved = score.get("thresholds") or {}
     thresholds = np.asarray([saved.get(label, 0.5) for label in labels]) if saved else fit_thresholds(cfg.metric, y_true, probs)
-    hit, truth = probs >= thresholds[None, :], y_true > 0.5
+    hit, truth = cross_fitted_hits(cfg.metric, y_true, probs, oof["fold"].to_numpy()) > 0.5, y_true > 0.5
     tp, fp = (hit & truth).sum(0), (hit & ~truth).sum(0)
     fn, tn = (~hit & truth).sum(0), (~hit & ~truth).sum(0)
     precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedKFold
 
 from . import artifacts, freshness
 from .config import CFG
 from .data import read_train
-from .metrics import HIGHER_IS_BETTER, cross_fitted, fit_thresholds, get_score
+from .metrics import HIGHER_IS_BETTER, THRESHOLD_METRICS, cross_fitted, fit_thresholds, get_score, holdout_parts
 from .results import finalize_experiment, with_refit
 from .submission import classes_of, create_submission, local_lb, write_submission
 from .tasks import task_of
@@ -150,24 +149,6 @@ def normalise_rows(pred: np.ndarray) -> np.ndarray:
     return pred / np.clip(pred.sum(1, keepdims=True), 1e-12, None) if pred.shape[1] > 1 else pred
 
 
-HOLDOUT_PARTS = 5
-
-
-def holdout_parts(y_true: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Where the OOF rows come from one fold (a holdout: `folds: [0]`, or time_limit's holdout
-    plan), hill climbing's weights are judged on HOLDOUT_PARTS parts of its rows instead, each
-    scored by weights fitted on the others: stratified by class where the targets are class
-    indices with that many rows each, else plain (regression values, multi-label rows)."""
-    y = np.asarray(y_true)
-    k = max(2, min(HOLDOUT_PARTS, n))
-    stratify = y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and np.unique(y, return_counts=True)[1].min() >= k
-    splitter = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed)
-    parts = np.zeros(n, dtype=int)
-    for i, (_, val) in enumerate(splitter.split(np.zeros((n, 1)), y if stratify else None)):
-        parts[val] = i
-    return parts
-
-
 def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.ndarray, metric: str,
                  method: str = "hill", iters: int = 50, label_weights: np.ndarray | None = None) -> dict:
     """Blend the experiments' OOF and test predictions.
@@ -299,10 +280,12 @@ def _blend_and_submit(cfg: CFG, refits: set[str], logger: logging.Logger) -> dic
     experiments = collection.experiments
     classes = classes_of(cfg, read_train(cfg))
     method, trained = cfg.ensemble_method, np.unique(collection.oof["fold"]).tolist()
-    one_fold = method == "hill" and len(trained) < 2  # `folds: [0]`, or time_limit's holdout
+    tuned = [what for what, fitted in (("hill climbing's weights", method == "hill"),
+                                        ("the labels' thresholds", task_of(cfg).uses_thresholds and cfg.metric in THRESHOLD_METRICS)) if fitted]
+    one_fold = bool(tuned) and len(trained) < 2  # `folds: [0]`, or time_limit's holdout
     if one_fold:
         parts = len(np.unique(holdout_parts(collection.y_true, len(collection.oof))))
-        logger.info(f"ensemble: the OOF rows come from fold {trained} only: hill climbing's weights are judged on "
+        logger.info(f"ensemble: the OOF rows come from fold {trained} only: {' and '.join(tuned)} are judged on "
                     f"{parts} parts of its {len(collection.oof)} rows")
     result = fit_ensemble(experiments, collection.y_true, collection.oof["fold"].to_numpy(), cfg.metric,
                           method, cfg.ensemble_iters,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn import metrics
+from sklearn.model_selection import KFold, StratifiedKFold
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "roc_auc": True, "rmse": False, "f1_micro": True, "map": True,
                     "f2_ciw": True}
@@ -88,27 +89,57 @@ def multilabel_score(metric: str, y_true: np.ndarray, y_pred: np.ndarray, thresh
 
 
 def fit_thresholds(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """One threshold per label, from GRID, maximising that label's F1 (F2 for f2_ciw) on
-    these rows: the middle of the best stretch when several tie; 0.5 for a label with no
-    positive row; 1.0 (never predicted) when no threshold catches one of its positives."""
+    """One threshold per label, from GRID, tuned for the metric being scored: each label's own
+    F1 (F2 for f2_ciw; the middle of the best stretch when several tie; 0.5 for a label with no
+    positive row; 1.0, never predicted, when no threshold catches one of its positives); for
+    f1_micro, which pools the labels' counts, those thresholds are then moved label by label
+    while the pooled F1 rises (_pool_micro)."""
     y_true, y_pred = np.asarray(y_true) > 0.5, np.asarray(y_pred, dtype=float)
     beta = 2.0 if metric == "f2_ciw" else 1.0
     out = np.full(y_true.shape[1], 0.5)
     for j in range(y_true.shape[1]):
         if not y_true[:, j].any():
             continue
-        hit = y_pred[:, j, None] >= GRID[None, :]  # [n, grid]
-        tp = (hit & y_true[:, j, None]).sum(0)
-        fp = (hit & ~y_true[:, j, None]).sum(0)
-        fn = y_true[:, j].sum() - tp
+        tp, fp, fn = _grid_counts(y_true[:, j], y_pred[:, j], GRID)
         scores = _f_beta(tp, fp, fn, beta)
         if scores.max() <= 0:  # no threshold finds a positive: never predict the label
             out[j] = 1.0
             continue
-        best = np.flatnonzero(scores >= scores.max() - 1e-12)
-        run = best[: 1 + int(np.argmax(np.diff(best) > 1)) if (np.diff(best) > 1).any() else len(best)]
-        out[j] = GRID[run[len(run) // 2]]  # the middle of the best stretch, not its lowest end
-    return out
+        out[j] = GRID[_middle_of_best(scores)]
+    return _pool_micro(y_true, y_pred, out) if metric == "f1_micro" else out
+
+
+def _grid_counts(truth: np.ndarray, pred: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(tp, fp, fn) of one label at each threshold of `grid`."""
+    hit = pred[:, None] >= grid[None, :]  # [n, grid]
+    tp = (hit & truth[:, None]).sum(0)
+    return tp, (hit & ~truth[:, None]).sum(0), truth.sum() - tp
+
+
+def _middle_of_best(scores: np.ndarray) -> int:
+    """The middle of the first stretch of the best score, not its lowest end."""
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    run = best[: 1 + int(np.argmax(np.diff(best) > 1)) if (np.diff(best) > 1).any() else len(best)]
+    return int(run[len(run) // 2])
+
+
+def _pool_micro(y_true: np.ndarray, y_pred: np.ndarray, start: np.ndarray, passes: int = 10) -> np.ndarray:
+    """Micro-F1's thresholds: coordinate ascent from `start` on the pooled TP/FP/FN (a label's
+    best threshold for its own F1 is not the one that best serves the pool: a rare label may
+    pay the pool more by predicting less), each label moved only where the pooled F1 rises."""
+    grid = np.append(GRID, 1.0)
+    counts = np.stack([np.stack(_grid_counts(y_true[:, j], y_pred[:, j], grid)) for j in range(y_true.shape[1])])  # [labels, 3, grid]
+    idx = np.array([int(np.argmin(np.abs(grid - t))) for t in start])
+    for _ in range(passes):
+        moved = False
+        for j in range(len(idx)):
+            now = counts[np.arange(len(idx)), :, idx].sum(0) - counts[j, :, idx[j]]  # the other labels' tp, fp, fn
+            scores = _f_beta(now[0] + counts[j, 0], now[1] + counts[j, 1], now[2] + counts[j, 2])
+            if scores.max() > scores[idx[j]] + 1e-12:
+                idx[j], moved = _middle_of_best(scores), True
+        if not moved:
+            break
+    return grid[idx]
 
 
 def label_weights(weights: dict, labels: list) -> np.ndarray | None:
@@ -119,24 +150,49 @@ def label_weights(weights: dict, labels: list) -> np.ndarray | None:
     return np.asarray([by_name.get(str(label), 1.0) for label in labels])
 
 
+HOLDOUT_PARTS = 5
+
+
+def holdout_parts(y_true: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Where the OOF rows come from one fold (a holdout: `folds: [0]`, or time_limit's holdout
+    plan), what is fitted on OOF rows (hill climbing's weights, multi-label thresholds) is judged
+    on HOLDOUT_PARTS parts of its rows instead, each scored by what was fitted on the others:
+    stratified by class where the targets are class indices with that many rows each, else plain
+    (regression values, multi-label rows)."""
+    y = np.asarray(y_true)
+    k = max(2, min(HOLDOUT_PARTS, n))
+    stratify = y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and np.unique(y, return_counts=True)[1].min() >= k
+    splitter = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed)
+    parts = np.zeros(n, dtype=int)
+    for i, (_, val) in enumerate(splitter.split(np.zeros((n, 1)), y if stratify else None)):
+        parts[val] = i
+    return parts
+
+
+def cross_fitted_hits(metric: str, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Each row's labels (0/1) at thresholds tuned on the other folds' rows; with one fold, on
+    the other parts of it (holdout_parts): no decision is tuned on the row it decides."""
+    y_true, y_pred, folds = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float), np.asarray(folds)
+    if len(np.unique(folds)) < 2:
+        folds = holdout_parts(y_true, len(folds))
+    hits = np.zeros_like(y_pred)
+    for k in np.unique(folds):
+        rows = folds == k
+        hits[rows] = (y_pred[rows] >= fit_thresholds(metric, y_true[~rows], y_pred[~rows])[None, :]).astype(float)
+    return hits
+
+
 def cross_fitted(metric: str, y_true: np.ndarray, y_pred: np.ndarray, folds: np.ndarray,
                  weights: np.ndarray | None = None) -> tuple[float, list[float], np.ndarray]:
     """(score over all rows, score of each fold, thresholds tuned on all rows): every fold's
-    rows judged with thresholds tuned on the other folds, so no score is tuned on the rows it
-    scores. Metrics without thresholds are scored as they are."""
+    rows judged with thresholds tuned on the other folds (one fold: on the other parts of it),
+    so no score is tuned on the rows it scores. Metrics without thresholds are scored as they are."""
     y_true, y_pred, folds = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float), np.asarray(folds)
     ks = sorted(np.unique(folds))
-    if metric not in THRESHOLD_METRICS or len(ks) < 2:
+    if metric not in THRESHOLD_METRICS:
         per_fold = [get_score(metric, y_true[folds == k], y_pred[folds == k], weights=weights) for k in ks]
-        thresholds = fit_thresholds(metric, y_true, y_pred)
-        return get_score(metric, y_true, y_pred, weights=weights), per_fold, thresholds
-    binary = np.zeros_like(y_pred)
-    per_fold = []
-    for k in ks:
-        rows = folds == k
-        t = fit_thresholds(metric, y_true[~rows], y_pred[~rows])
-        binary[rows] = (y_pred[rows] >= t[None, :]).astype(float)
-        per_fold.append(get_score(metric, y_true[rows], y_pred[rows], t, weights))
-    # the thresholded predictions of every fold at once: thresholds of 0.5 on 0/1 keep them
-    score = get_score(metric, y_true, binary, np.full(y_true.shape[1], 0.5), weights)
-    return score, per_fold, fit_thresholds(metric, y_true, y_pred)
+        return get_score(metric, y_true, y_pred, weights=weights), per_fold, fit_thresholds(metric, y_true, y_pred)
+    # the thresholded predictions: thresholds of 0.5 on 0/1 keep them
+    hits, half = cross_fitted_hits(metric, y_true, y_pred, folds), np.full(y_true.shape[1], 0.5)
+    per_fold = [get_score(metric, y_true[folds == k], hits[folds == k], half, weights) for k in ks]
+    return get_score(metric, y_true, hits, half, weights), per_fold, fit_thresholds(metric, y_true, y_pred)

@@ -207,6 +207,48 @@ def test_thresholds_are_tuned_per_label_and_cv_is_cross_fitted():
     assert cross_fitted("f1_micro", y, noise, folds)[0] < get_score("f1_micro", y, noise) - 0.005
 
 
+def _weak_rare_labels(seed: int, n: int = 2000):
+    """Eight labels from common to rare, the rarer the harder to see (as a competition's tail)."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04, 0.02, 0.01])
+    y = (rng.random((n, 8)) < prevalence).astype(float)
+    logit = np.linspace(1.5, 0.3, 8) * (2 * y - 1) + rng.normal(0, 1, (n, 8)) + np.log(prevalence / (1 - prevalence))
+    return y, 1 / (1 + np.exp(-logit))
+
+
+def test_micro_f1_thresholds_are_tuned_on_the_pooled_counts():
+    """micro-F1 pools TP/FP/FN over the labels: a rare, weak label tuned for its own F1 floods the
+    pool with false alarms; thresholds tuned on the pooled F1 score higher, cross-fitted too."""
+    y, p = _weak_rare_labels(0)
+    own, pooled = fit_thresholds("f1_macro", y, p), fit_thresholds("f1_micro", y, p)  # f1_macro: each label's own F1
+    assert get_score("f1_micro", y, p, pooled) > get_score("f1_micro", y, p, own) + 0.02
+    assert (pooled[-2:] > own[-2:]).all()  # the rare labels predicted less
+    folds = np.arange(len(y)) % 5
+    honest_own = np.zeros_like(p)
+    for k in range(5):
+        rows = folds == k
+        honest_own[rows] = p[rows] >= fit_thresholds("f1_macro", y[~rows], p[~rows])
+    assert cross_fitted("f1_micro", y, p, folds)[0] > get_score("f1_micro", y, honest_own, np.full(8, 0.5)) + 0.02
+
+
+@pytest.mark.parametrize("method", ["mean", "hill"])
+def test_one_fold_tunes_thresholds_on_other_parts_of_it(method):
+    """`folds: [0]` or time_limit's holdout plan: the thresholds that score a row are tuned on
+    the other parts of the fold, in the experiment's CV and in every blend's held-out score."""
+    from helpers.ensemble import Experiment, fit_ensemble
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 4)) < [0.4, 0.2, 0.1, 0.05]).astype(float)
+    noise = rng.random((300, 4))  # no skill: tuning thresholds on the rows it scores flatters it
+    one_fold = np.zeros(300, dtype=int)
+    tuned_on_itself = get_score("f1_macro", y, noise)
+    cv, per_fold, _ = cross_fitted("f1_macro", y, noise, one_fold)
+    assert cv < tuned_on_itself - 0.01 and per_fold == [cv]
+    exps = [Experiment(str(i), noise, noise, cv) for i in range(2)]
+    result = fit_ensemble(exps, y, one_fold, "f1_macro", method, iters=5)
+    assert result["held_out"] < result["in_sample"] - 0.01
+
+
 # --- submissions -------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", ["labels", "columns"])
 def test_submission_in_both_shapes(tmp_path, shape):
@@ -337,6 +379,9 @@ def test_error_analysis_per_label(ml_run, one_torch_thread):
     assert {"support", "precision", "recall", "f1", "threshold", "tp", "fp", "fn", "tn"} <= set(report.columns)
     assert (report["tp"] + report["fn"] == report["support"]).all()
     assert (report["tp"] + report["fp"] + report["fn"] + report["tn"] == len(oof)).all()
+    # counted as the CV counts (thresholds tuned on the other fold), not at thresholds tuned on every row
+    tp, fp, fn = report["tp"].sum(), report["fp"].sum(), report["fn"].sum()
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(artifacts.read_score(artifacts.exp_dir(cfg))["cv"])
     wrong = pd.read_csv(out / "wrong_oof.csv")
     assert set(wrong["kind"]) <= {"miss", "false alarm"} and len(wrong) == report["fp"].sum() + report["fn"].sum()
     assert (out / "label_confusion.png").exists() and (out / "wrong_confident.png").exists()

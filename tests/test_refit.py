@@ -277,7 +277,8 @@ def test_one_trained_fold_hill_climbs_on_parts_of_it(refitted, caplog):
 
 
 def test_holdout_parts_are_stratified_and_judge_honestly():
-    from helpers.ensemble import fit_ensemble, holdout_parts
+    from helpers.ensemble import fit_ensemble
+    from helpers.metrics import holdout_parts
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)
