@@ -85,7 +85,7 @@ class EarlyStop(Callback):
 
     def on_epoch_end(self, run: FoldRun, row: dict) -> None:
         state = run.state
-        run.improved = (state["epoch"] >= run.epochs) if run.refit else is_better(run.cfg.metric, run.score, state["best_score"])
+        run.improved = (state["epoch"] >= run.last_epoch) if run.refit else is_better(run.cfg.metric, run.score, state["best_score"])
         if run.improved:
             state.update(best_score=run.score, best_epoch=state["epoch"], bad_epochs=0, best_preds=run.preds,
                          best_logits=run.logits)

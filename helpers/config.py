@@ -118,6 +118,7 @@ class CFG:
     amp_dtype: str = "auto"  # mixed precision: 'auto' (CUDA: bf16 on compute capability >= 8.0, else fp16 + GradScaler; CPU: bf16 where it computes it natively, AVX512-BF16/AMX, else off) | 'bf16' | 'fp16' | 'fp32' (off)
     device: str = "auto"  # 'auto' (cuda, mps, cpu) or an explicit torch device
     retrain: bool = False  # train a fold again even if it finished with this config
+    stop_after: int = 0  # stop after this many epochs of the schedule of `epochs` (0 = at its end): the refit stops where its folds' best epochs were
     time_limit: str = ""  # the whole run's time budget ('20min', '8h', '1h30m'): epochs per fold (at most `epochs`), and if need be fewer folds, one holdout fold + a refit on all rows, a smaller image size, are planned to fit (helpers.budget)
     refit: str = ""  # after the CV: one more model on all rows for the folds' mean best epoch, test predictions only (no CV score): 'blend' (half the experiment's test predictions, the folds' mean the other half) | 'alone' (it replaces the folds') | '' (off); the same for every experiment
     quality: str = ""  # a preset of defaults: 'fast' | 'medium' | 'best' (QUALITY in helpers/presets.py; '' = none, 'medium' when time_limit is set); your keys win
@@ -133,6 +134,8 @@ class CFG:
     ensemble_method: str = "hill"  # 'hill' (hill climbing on OOF) | 'mean' | 'rank' (rank averaging)
     ensemble_iters: int = 50  # hill-climbing steps (forward selection with replacement)
     submission_name: str = ""  # the named copy submissions/<name>.csv ('' = ensemble_<method>_<time>, one per run)
+    blend_others: list = field(default_factory=list)  # other experiments under models_dir to blend with the config's own (by name, '*' = every one of this competition), each only where its test predictions are of today's test files and its OOF rows are the config's
+    members: list = field(default_factory=list)  # set from the config file: its experiments, which the ensemble blends (with their stackers); [] (a CFG made in Python) = every experiment of the competition under models_dir
 
     # --- derived paths (not settings) ---------------------------------------------------
     def path(self, name: str) -> Path:
@@ -185,8 +188,8 @@ def moved_message(key: str) -> str:
 
 
 # keys for the whole run, not one experiment (the ensemble treats every member alike)
-RUN_LEVEL = {"refit": "config key 'refit' applies to every experiment of the run: set it at the top level of the YAML "
-                      "(or --set refit=...), not under experiments"}
+RUN_LEVEL = {key: f"config key '{key}' applies to every experiment of the run: set it at the top level of the YAML "
+                 f"(or --set {key}=...), not under experiments" for key in ("refit", "blend_others")}
 
 
 EPOCH_OR_SHARE = ("mixup_off_epoch",)  # an epoch number, or under 1 a share of the schedule's epochs
@@ -278,15 +281,29 @@ def resolve(path: str | Path | None = None, experiment: str = "", overrides: dic
         prefix = f"experiments.{where.rsplit('experiments.', 1)[1]}." if " experiments." in where else ""
         for key, value in layer.items():
             try:
-                values[key] = check_value(key, value)
+                values[key] = _layer_value(key, value, prefix)
                 origin[key] = prefix
-                if prefix and key in RUN_LEVEL:
-                    raise KeyError(RUN_LEVEL[key])
             except (KeyError, TypeError) as e:
                 problems.append(_qualify(str(e.args[0]), key, prefix))
-    cfg = CFG(**with_quality(values))
+    cfg = CFG(**with_quality(_with_members(values, path)))
     problems += [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
     return cfg, problems
+
+
+def _layer_value(key: str, value: Any, prefix: str) -> Any:
+    """One key of a config layer, checked; a key the config file sets for itself is refused."""
+    if key == "members":
+        raise KeyError("config key 'members' is the config file's experiments (the ensemble blends them): "
+                       "name others to blend in 'blend_others'")
+    value = check_value(key, value)
+    if prefix and key in RUN_LEVEL:
+        raise KeyError(RUN_LEVEL[key])
+    return value
+
+
+def _with_members(values: dict, path: str | Path | None) -> dict:
+    """The config file's experiments, which its ensemble blends (none without a file)."""
+    return {**values, "members": experiment_names(path)} if path else values
 
 
 def _qualify(message: str, key: str, prefix: str) -> str:
@@ -302,13 +319,11 @@ def load_cfg(path: str | Path | None = None, experiment: str = "", overrides: di
         prefix = f"experiments.{where.rsplit('experiments.', 1)[1]}." if " experiments." in where else ""
         for key, value in layer.items():
             try:
-                values[key] = check_value(key, value)
-                if prefix and key in RUN_LEVEL:
-                    raise KeyError(RUN_LEVEL[key])
+                values[key] = _layer_value(key, value, prefix)
             except (KeyError, TypeError) as e:
                 raise type(e)(_qualify(str(e.args[0]), key, prefix)) from None
             origin[key] = prefix
-    cfg = CFG(**with_quality(values))
+    cfg = CFG(**with_quality(_with_members(values, path)))
     problems = [_qualify(p, key, origin.get(key, "")) for key, p in value_problems(cfg)]
     if problems:
         raise ValueError("\n".join(problems))

@@ -36,17 +36,24 @@ class Collection:
 
 
 def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: set[str] | None = None) -> Collection:
-    """Every experiment under models/ of this competition (helpers.freshness.experiment_dirs:
-    CNNs and stackers made from the same data) with OOF and test predictions. Ids are aligned
-    to the first experiment; a mismatch is an error naming the experiment. The experiments
-    named in `refits` have their refit's test predictions in theirs (`cfg.refit`, with_refit);
-    their OOF rows, and so every score, are the folds' alone."""
+    """The experiments the ensemble blends (helpers.freshness.blend_dirs: the config's CNNs and
+    stackers, and the others asked for, made from the same data) with OOF and test predictions.
+    Ids are aligned to the first experiment; a mismatch is an error naming the experiment, or,
+    for one not of the config, a warning that leaves it out. The experiments named in `refits`
+    have their refit's test predictions in theirs (`cfg.refit`, with_refit); their OOF rows,
+    and so every score, are the folds' alone."""
     logger = logger or logging.getLogger("kaggle")
-    found = freshness.experiment_dirs(cfg)
-    if not found:
-        raise FileNotFoundError(f"no experiment with oof.csv and test.csv for {cfg.competition_dir} under "
-                                f"{artifacts.models_root(cfg)}")
+    skipped: dict = {}
+    found = freshness.blend_dirs(cfg, skipped)
+    if not any(freshness.is_member(cfg, d) for d in found):
+        raise FileNotFoundError(f"no experiment {'of ' + ', '.join(cfg.members) + ' ' if cfg.members else ''}with oof.csv "
+                                f"and test.csv for {cfg.competition_dir} under {artifacts.models_root(cfg)}")
     read = {d: artifacts.read_experiment(d, cfg) for d in found}
+    skipped.update(_rows_that_do_not_fit(cfg, read))
+    for name, why in skipped.items():
+        logger.warning(f"experiment '{name}' (blend_others) is not blended: {why}")
+    read = {d: r for d, r in read.items() if d.name not in skipped}
+    found = list(read)
     shared = _shared_folds(cfg, {d.name: oof for d, (oof, _) in read.items()}, logger)
     experiments, ref_oof, ref_test, ref_y = [], None, None, None
     for d, (oof, test) in read.items():
@@ -83,6 +90,24 @@ def collect_experiments(cfg: CFG, logger: logging.Logger | None = None, refits: 
                                       get_score(cfg.metric, y_true, y_pred, weights=weights)))
         ref_y = y_true if ref_y is None else ref_y  # rows are aligned: every experiment's y_true is the same
     return Collection(experiments, ref_oof, ref_y, ref_test[cfg.id_col])
+
+
+def _rows_that_do_not_fit(cfg: CFG, read: dict) -> dict:
+    """{name: why} of the experiments not of the config whose OOF rows (ids and folds) or test
+    ids are not those of the config's first experiment."""
+    def rows(oof: pd.DataFrame, test: pd.DataFrame) -> tuple[set, set]:
+        return set(zip(oof[cfg.id_col].astype(str), oof["fold"])), set(test[cfg.id_col].astype(str))
+
+    members = [d for d in read if freshness.is_member(cfg, d)]
+    ref_oof, ref_test = rows(*read[members[0]])
+    out = {}
+    for d, (oof, test) in read.items():
+        if d not in members:
+            have_oof, have_test = rows(oof, test)
+            if have_oof != ref_oof or have_test != ref_test:
+                out[d.name] = (f"its {'OOF rows (ids and folds)' if have_oof != ref_oof else 'test ids'} are not those of "
+                               f"'{members[0].name}' ({len(have_oof ^ ref_oof) or len(have_test ^ ref_test)} differ)")
+    return out
 
 
 def _shared_folds(cfg: CFG, oofs: dict[str, pd.DataFrame], logger: logging.Logger) -> list | None:
@@ -189,11 +214,11 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
 
 
 def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
-    """Every experiment of this competition under models/ (experiment, model, img_size,
+    """Every experiment the ensemble blends (blend_dirs: experiment, model, img_size,
     epochs, CV, CV mean ± std over folds, wall time), plus the ensemble's in-sample and
     held-out CV; written to models/results.csv."""
     rows = []
-    for d in freshness.experiment_dirs(cfg):
+    for d in freshness.blend_dirs(cfg):
         score = artifacts.read_score(d)
         rows.append({"experiment": d.name, "model": score.get("model"), "img_size": score.get("img_size"),
                      "epochs": score.get("epochs"), "metric": score["metric"], "cv": score["cv"],

@@ -32,6 +32,7 @@ class Job:
     cfg: CFG
     parameters: dict = field(default_factory=dict)
     output: Path = Path()
+    why: str = ""  # a reason to run the runner found beyond freshness (time_limit: a fold it now plans more epochs for)
 
     @property
     def label(self) -> str:

@@ -160,7 +160,7 @@ def _fingerprint(cfg: CFG, kind: str, part: Part) -> dict:
     for name in out.inputs(part):
         files.update(INPUTS[name](cfg))
     if out.experiments:  # the ensemble: every experiment of this competition, by its final build
-        upstream = {f"experiment {d.name}": recorded_id(d, refit=bool(cfg.refit)) for d in experiment_dirs(cfg)}
+        upstream = {f"experiment {d.name}": recorded_id(d, refit=bool(cfg.refit)) for d in blend_dirs(cfg)}
     else:
         upstream = {output_name(k, p): upstream_id(cfg, k, p) for k, p in out.upstream(cfg, part)}
     return {"keys": out.keys(cfg, part), "files": files, "upstream": upstream}
@@ -309,3 +309,38 @@ def experiment_dirs(cfg: CFG) -> list[Path]:
         if all((d / f).exists() for f in ("oof.csv", "test.csv", "score.json")) and artifacts.read_score(d).get("data") == data:
             found.append(d)
     return found
+
+
+def is_member(cfg: CFG, folder: Path) -> bool:
+    """An experiment of the config file (`members`), or a stacker of one; with no members (a CFG
+    made in Python) every experiment is."""
+    manifest = artifacts.read_stacker_manifest(folder)
+    return not cfg.members or (manifest["source"] if manifest else folder.name) in cfg.members
+
+
+def blend_dirs(cfg: CFG, skipped: dict | None = None) -> list[Path]:
+    """The experiments the ensemble blends: the config's own (is_member), then those named in
+    `blend_others` ('*': every other of this competition) whose test predictions were made from
+    today's test files; each one left out goes into `skipped` with the reason."""
+    found = experiment_dirs(cfg)
+    mine = [d for d in found if is_member(cfg, d)]
+    asked = [d for d in found if d not in mine and ("*" in cfg.blend_others or d.name in cfg.blend_others)]
+    others = []
+    for d in asked:
+        why = _other_test_files(cfg, d)
+        if why and skipped is not None:
+            skipped[d.name] = why
+        others += [] if why else [d]
+    return mine + others
+
+
+def _other_test_files(cfg: CFG, folder: Path) -> str | None:
+    """Why an experiment's test predictions are not of today's test files (None when they are),
+    from what its stamps recorded."""
+    today = _test_files(cfg)
+    for path in sorted((folder / "stamps").glob("*.json")):
+        made = json.loads(path.read_text()).get("made_from", {}).get("files", {})
+        changed = [name for name, d in made.items() if name in today and d != today[name]]
+        if changed:
+            return f"its predictions ({path.stem}) were made from another {changed[0]} than today's"
+    return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -82,6 +83,8 @@ def plan(config: str, overrides: dict, experiments: list[str] | None = None, sta
 def stale(job: Job) -> str | None:
     """Why the job's outputs must be (re)made (its stage's outputs, from the stage graph), or None
     when they are up to date."""
+    if job.why:
+        return job.why
     fold = job.parameters.get("fold")
     with freshness.decision():
         return next((why for k in (fold if isinstance(fold, list) else [fold])
@@ -106,7 +109,8 @@ def one_kernel(jobs: list[Job], force: bool) -> list[Job]:
     def merge(group: list[Job]) -> Job:
         parts = [j.parameters["fold"] for j in group]
         name = f"{TRAIN}_" + "_".join(artifacts.fold_name(k) for k in parts)
-        return Job(group[0].stage, group[0].cfg, {**group[0].parameters, "fold": parts}, artifacts.notebook_path(group[0].cfg, name))
+        first = next((j for j in group if j.why), group[0])  # one retrained for more epochs: the kernel retrains (the others are stale)
+        return Job(first.stage, first.cfg, {**first.parameters, "fold": parts}, artifacts.notebook_path(first.cfg, name), first.why)
 
     return [j if isinstance(j, Job) else j[0] if len(j) == 1 else merge(j) for j in out]
 
@@ -376,11 +380,26 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
                       f"{plan['expected_epochs'][name]:.1f} epochs per fold"
                       + (f" and {plan['refit_epochs'][name]:.1f} for its refit" if name in plan.get("refit_epochs", {}) else "")
                       for name in plan["img_size"]), flush=True)
-    jobs = globals()["plan"](args.config, overrides, args.experiments, args.stages)
+    jobs = [more_epochs(job, plan) for job in globals()["plan"](args.config, overrides, args.experiments, args.stages)]
     ledger = budget.read_ledger(cfgs[0])
     ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == TRAIN and (args.force or stale(j))]  # to train
     budget.write_ledger(cfgs[0], ledger)
     return jobs
+
+
+def more_epochs(job: Job, plan: dict) -> Job:
+    """An up-to-date fold (or refit) the plan now gives materially more epochs than it trained
+    (time_limit raised since): trained again, saying why (budget.undertrained); else as it is."""
+    fold = job.parameters.get("fold")
+    if job.stage != TRAIN or fold is None or stale(job):
+        return job
+    name = job.cfg.experiment
+    planned = (plan.get("refit_epochs", {}).get(name) if fold == artifacts.REFIT else None) or plan["expected_epochs"].get(name)
+    why = budget.undertrained(job.cfg, fold, planned) if planned else None
+    if why is None:
+        return job
+    params = {**job.parameters, "overrides": {**job.parameters["overrides"], "retrain": True}}
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, retrain=True), parameters=params, why=why)
 
 
 if __name__ == "__main__":

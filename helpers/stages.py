@@ -21,7 +21,8 @@ from .config import CFG, FIELDS, to_dict
 RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submission", "solution_csv", "image_dir_train",
                       "image_dir_test", "experiment", "models_dir", "submissions_dir", "folds", "retrain", "num_workers",
                       "device", "cache", "cache_dir", "wandb", "wandb_project", "compile", "channels_last",
-                      "submission_name", "keep_last", "ddp", "quality", "time_limit"})
+                      "submission_name", "keep_last", "ddp", "quality", "time_limit",
+                      "members", "blend_others"})  # which experiments the ensemble blends: its upstream says
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
@@ -38,7 +39,7 @@ TASK_KEYS = {"folds": {"regression": ("n_bins",), "multilabel": ("label_cols", "
 # everything else changes what a fold's CNN learns (the metric too: it picks the best epoch)
 _NOT_TRAINING = {k for kind in ("folds", "train", "ensemble") for ks in TASK_KEYS[kind].values() for k in ks}
 TRAIN_KEYS = tuple(k for k in FIELDS if k not in RUN_ONLY | _NOT_TRAINING | set(FOLD_KEYS + FEATURE_KEYS + STACK_KEYS)
-                   | {"n_bins", "ensemble_method", "ensemble_iters", "refit"})
+                   | {"n_bins", "ensemble_method", "ensemble_iters", "refit", "stop_after"})  # the refit's stop: from its folds
 
 
 def output_keys(cfg: CFG, kind: str) -> tuple:

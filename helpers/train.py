@@ -219,6 +219,12 @@ class FoldRun:
                                    warmup_epochs=min(cfg.warmup_epochs, n_epochs - 1), min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01,
                                    step_on_epochs=False, updates_per_epoch=self.steps)[0]
 
+    @property
+    def last_epoch(self) -> int:
+        """Where training stops: the schedule's end, or, for the refit, the epoch its folds chose
+        on the same schedule (`stop_after`)."""
+        return min(self.epochs, self.cfg.stop_after) if self.cfg.stop_after and not self.cfg.debug else self.epochs
+
     def set_epochs(self, n_epochs: int) -> None:
         self.epochs = n_epochs
         self.scheduler = self.schedule(n_epochs)
@@ -343,7 +349,7 @@ def fit_fold(cfg: CFG, folds: pd.DataFrame, fold: int | str, made_from: dict, pr
     callbacks = create_callbacks(run, made_from)
     for cb in callbacks:
         cb.on_fit_start(run)
-    while run.state["epoch"] < run.epochs and run.state["bad_epochs"] < run.cfg.patience:
+    while run.state["epoch"] < run.last_epoch and run.state["bad_epochs"] < run.cfg.patience:
         row = run.run_epoch(callbacks)
         for cb in callbacks:
             cb.on_epoch_end(run, row)
@@ -438,10 +444,14 @@ def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
             predict_test(cfg, best, test, artifacts.REFIT, logger)
         return {"epochs": best["epoch"], "history": best["history"], "skipped": True}
     epochs = budget.refit_epochs(cfg)
+    # the folds' own schedule: with time_limit they ran their planned schedules to the end (the
+    # refit's is as long); else the refit follows the folds' schedule of `epochs` and stops at
+    # their mean best epoch, so its learning rate, Mixup and EMA are those the CV judged
     logger.info(f"refit: training on all {len(folds)} rows for {epochs} epochs (the folds' mean "
-                f"{'planned epochs' if cfg.time_limit else 'best epoch'}"
-                f"{f' x{budget.refit_x(cfg):g}: a holdout plan' if budget.refit_x(cfg) != 1 else ''}): {why}")
-    run = dataclasses.replace(cfg, epochs=epochs, patience=max(cfg.patience, epochs))
+                + (f"planned epochs, their schedule" if cfg.time_limit else
+                   f"best epoch, on their schedule of {cfg.epochs} epochs") + f"): {why}")
+    run = dataclasses.replace(cfg, epochs=epochs, patience=max(cfg.patience, epochs)) if cfg.time_limit else \
+        dataclasses.replace(cfg, stop_after=epochs, patience=max(cfg.patience, cfg.epochs))
     try:
         with freshness.build(cfg, "refit") as made_from:  # of the settings as written, before the epochs are set
             _fit(run, folds, artifacts.REFIT, made_from, logger, 0 if test is None else len(test))

@@ -387,3 +387,20 @@ def test_a_time_limited_run_plans_each_fold_from_the_time_left(timed_run, capsys
         assert 1 <= refit == len((tmp / "models" / "timed" / "refit" / "metrics.jsonl").read_text().splitlines())
     assert pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"]) == 0  # again: nothing to redo
     assert "02_train fold 0 [timed] ... up to date" in capsys.readouterr().out
+
+
+def test_a_longer_time_limit_trains_again_the_folds_it_gives_materially_more_epochs(timed_run):
+    """A run planned for a short time_limit, then run with a longer one: each fold the new plan
+    gives materially more epochs than it trained is trained again, saying why; a fold the plan
+    gives fewer (or about as many) is kept."""
+    tmp, path, _ = timed_run
+    jobs = [j for j in pipeline.plan(str(path), {}, stages=["02_train"]) if j.parameters.get("fold") == 0]
+    ran = len((tmp / "models" / "timed" / "fold0" / "metrics.jsonl").read_text().splitlines())
+    longer = pipeline.more_epochs(jobs[0], {"expected_epochs": {"timed": 10 * ran + 5}})
+    assert longer.why.startswith("time_limit 80s plans about") and f"it trained {ran}" in longer.why
+    assert longer.cfg.retrain and longer.parameters["overrides"]["retrain"] and pipeline.stale(longer) == longer.why
+    assert pipeline.more_epochs(jobs[0], {"expected_epochs": {"timed": ran + 1}}).why == ""  # about as many: kept
+    assert pipeline.more_epochs(jobs[0], {"expected_epochs": {"timed": max(1, ran - 3)}}).why == ""  # fewer: kept
+    merged = pipeline.one_kernel([pipeline.more_epochs(j, {"expected_epochs": {"timed": 10 * ran + 5}})
+                                  for j in pipeline.plan(str(path), {}, stages=["02_train"])], force=False)
+    assert [j.parameters["fold"] for j in merged] == [[0, 1, "refit"]] and merged[0].parameters["overrides"]["retrain"]

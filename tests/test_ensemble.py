@@ -212,6 +212,41 @@ def test_experiments_of_other_folds_are_weighed_on_the_folds_they_share(two_expe
         collect_experiments(cfg)
 
 
+def test_the_ensemble_blends_the_configs_experiments_and_others_only_when_asked_and_fit(two_experiments, tmp_path, caplog):
+    """A second config run into the same models folder (exp_a) beside an earlier run's experiment
+    (exp_b, of a time_limit holdout fold): exp_a alone is blended; exp_b joins when asked, and
+    only while its rows fit and its test predictions are of today's test files."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from helpers import freshness
+    from helpers.config import load_cfg
+
+    cfg, d = two_experiments
+    config = tmp_path / "second.yaml"
+    config.write_text(yaml.safe_dump({"competition_dir": cfg.competition_dir, "models_dir": cfg.models_dir,
+                                      "experiments": {"exp_a": {}}}))
+    mine = load_cfg(config)
+    assert mine.members == ["exp_a"]
+    assert [e.name for e in collect_experiments(mine).experiments] == ["exp_a"]
+    asked = dataclasses.replace(mine, blend_others=["*"])
+    assert [e.name for e in collect_experiments(asked).experiments] == ["exp_a", "exp_b"]
+    exp_b = artifacts.exp_dir(cfg).parent / "exp_b"
+    d["oof_b"][d["oof_b"]["fold"] == 0].to_csv(exp_b / "oof.csv", index=False)  # a holdout fold: other rows
+    assert [e.name for e in collect_experiments(asked).experiments] == ["exp_a"]
+    assert "experiment 'exp_b' (blend_others) is not blended: its OOF rows (ids and folds) are not those of 'exp_a'" in caplog.text
+    d["oof_b"].to_csv(exp_b / "oof.csv", index=False)
+    old = {name: "an older digest" for name in freshness._test_files(cfg)}
+    (exp_b / "stamps").mkdir(exist_ok=True)
+    (exp_b / "stamps" / "test_fold0.json").write_text(json.dumps({"made_from": {"files": old}}))
+    assert [e.name for e in collect_experiments(asked).experiments] == ["exp_a"]
+    assert "were made from another" in caplog.text
+    with pytest.raises(KeyError, match="'members' is the config file's experiments"):
+        load_cfg(config, overrides={"members": ["exp_b"]})
+
+
 def test_collect_experiments_test_ids_differ_names_experiment(two_experiments):
     cfg, d = two_experiments
     d["test_b"].iloc[:-1].to_csv(artifacts.exp_dir(cfg).parent / "exp_b" / "test.csv", index=False)
