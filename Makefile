@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/digits.yaml
 
-.PHONY: setup run test demo notebooks clean
+OLDEST := .venv-oldest
+
+.PHONY: setup run test test-oldest demo notebooks clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +24,17 @@ run: demo  ## the main job: every notebook through the runner on the demo, then 
 	$(PY) -m helpers.pipeline --config $(CONFIG)
 
 test: setup  ## the test suite
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers (the suite fits CI's 10 minutes on 2 cores), each test file in one
+
+$(OLDEST)/.installed: requirements-oldest.txt pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q -r requirements-oldest.txt
+	$(OLDEST)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test-oldest: $(OLDEST)/.installed  ## training, stacking, multi-label and the end-to-end runs (Mixup, EMA, the package) on the oldest library versions helpers declares
+	$(OLDEST)/bin/python -m pytest -q tests/test_training.py tests/test_stacking.py tests/test_multilabel.py tests/test_e2e.py
 
 notebooks: setup  ## sync the paired notebooks (NN_name.py <-> NN_name.ipynb) after editing either
 	$(VENV)/bin/jupytext --sync notebooks/*.py

@@ -126,6 +126,7 @@ class CFG:
     debug_rows: int = 64  # rows kept in debug mode
     # --- stacking ---------------------------------------------------------------------
     features_from: str = "folds"  # embeddings from 'folds' (each fold's CNN) | 'pretrained' (a frozen pretrained backbone)
+    stack_on: str = "oof"  # what a stacker of features_from 'folds' learns from, with the metadata: 'oof' (its CNN's out-of-fold predictions: honest for every row) | 'embeddings' (fold k's CNN's embeddings, of rows that CNN trained on) | 'both'
     stacker: str = "lgbm"  # 'lgbm' | 'svr' (SVR/SVC) | 'logistic' (logistic/ridge regression)
     stack_pca: int = 0  # PCA components of the embeddings (fitted per fold on its training rows); 0 = off
     stack_c: float = 1.0  # regularisation C of the svr / logistic heads
@@ -355,6 +356,7 @@ CHOICES = {
     "class_weights": ("", "balanced"),
     "features_from": ("folds", "pretrained"),
     "stacker": ("lgbm", "svr", "logistic"),
+    "stack_on": ("oof", "embeddings", "both"),
     "ensemble_method": ("hill", "mean", "rank"),
     "quality": ("", "fast", "medium", "best"),
     "refit": ("", "blend", "alone"),

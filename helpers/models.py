@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -257,10 +258,16 @@ def one_pixel_strided_convs(model: nn.Module, img_size: int, in_chans: int) -> l
 @functools.lru_cache(maxsize=32)
 def _timm_pretrained_cfg(name: str) -> dict:
     """A timm model's pretrained_cfg (mean, std, interpolation, input size), from a copy built
-    on the meta device: no weights, no download, deprecated names resolved as timm does."""
-    with torch.device("meta"), warnings.catch_warnings():
+    on the meta device: no weights, no download, deprecated names resolved as timm does (on the
+    CPU where an older timm reads a tensor's values while it builds: ConvNeXt's drop-path rates
+    in timm 1.0.3)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dict(_timm().create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
+        try:
+            with torch.device("meta"):
+                return dict(_timm().create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
+        except (NotImplementedError, RuntimeError):
+            return dict(_timm().create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
 
 
 def pretrained_data_config(cfg: CFG) -> dict | None:
@@ -295,4 +302,15 @@ def model_problems(cfg: CFG) -> list[str]:
         problems.append(f"config key 'pretrained_path': weights file not found: {cfg.pretrained_path}")
     if cfg.arch == "hybrid":
         problems += hybrid_problems(cfg)
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.task == "multilabel" and not _mixes_multi_hot():
+        problems.append(f"config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix of multi-label targets needs timm's "
+                        f"Mixup(multi_label=...), which timm {_timm().__version__} lacks: pip install -U 'timm>=1.0.31' "
+                        f"(on Kaggle, as a dataset of its wheel when the internet is off), or set both to 0")
     return problems
+
+
+def _mixes_multi_hot() -> bool:
+    """Whether this timm's Mixup takes multi-hot targets (its `multi_label`, in timm 1.0.31)."""
+    from timm.data import Mixup
+
+    return "multi_label" in inspect.signature(Mixup).parameters

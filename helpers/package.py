@@ -412,15 +412,18 @@ class _Kernel:
     def __init__(self, package_dir: Path, spec: dict, items: list, device: str, logger: logging.Logger):
         self.package_dir, self.items, self.device, self.logger = package_dir, items, device, logger
         self.outputs, self.errors = {}, {}
-        needs_embeddings = {m["source"] for m in spec["blend"]["members"] if m["kind"] == "stacker"}
+        stackers = [m for m in spec["blend"]["members"] if m["kind"] == "stacker"]
+        needs_embeddings = {m["source"] for m in stackers if m.get("stack_on", "embeddings") != "oof"}
+        needs_each = {m["source"] for m in stackers if m.get("stack_on", "embeddings") != "embeddings"}
         for name, folds in spec["cnn"].items():
-            self.outputs[name] = {**self.run("cnn", name, folds, embeddings=name in needs_embeddings), "folds": folds}
+            self.outputs[name] = {**self.run("cnn", name, folds, embeddings=name in needs_embeddings, each=name in needs_each),
+                                  "folds": folds}
         for name in spec["backbones"]:
             self.outputs[name] = {**self.run("backbones", name, [0], embeddings=True), "folds": [None]}
 
-    def run(self, kind: str, name: str, folds: list, embeddings: bool = False, progress: bool = True) -> dict:
+    def run(self, kind: str, name: str, folds: list, embeddings: bool = False, progress: bool = True, each: bool = False) -> dict:
         out = _predictor(self.package_dir / kind / name, folds, self.device).run(self.items, progress=progress,
-                                                                                embeddings=embeddings, eta=self.logger)
+                                                                                embeddings=embeddings, eta=self.logger, each=each)
         self.errors.update(out["errors"])
         return out
 
@@ -440,11 +443,13 @@ class _Kernel:
                 pred = refit if pred is None else with_refit(pred, refit, m["refit"])
             return pred
         source = self.outputs[m["source"]]
-        fold_preds = []
+        stack_on, fold_preds = m.get("stack_on", "embeddings"), []
         for k in m["folds"]:
-            emb = source["embeddings"][source["folds"].index(None if m["features_from"] == "pretrained" else k)]
+            i = source["folds"].index(None if m["features_from"] == "pretrained" else k)
+            inputs = ([source["each"][i]] if stack_on != "embeddings" else []) + ([source["embeddings"][i]] if stack_on != "oof" else [])
             stacker = FoldStacker.load(self.package_dir / "stackers" / m["name"] / f"stacker_fold{k}")
-            fold_preds.append(np.asarray(stacker.predict(np.nan_to_num(emb.astype(np.float32)), test)).reshape(len(test), -1))
+            x = np.nan_to_num(np.hstack([a.astype(np.float32) for a in inputs]))  # unreadable images' rows: the fallback, later
+            fold_preds.append(np.asarray(stacker.predict(x, test)).reshape(len(test), -1))
         return np.mean(fold_preds, axis=0)
 
 

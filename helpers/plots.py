@@ -137,11 +137,11 @@ def learning_curves(histories: dict[int | str, list[dict]], metric: str, path=No
 
 
 def feature_importance(importance: pd.DataFrame, path=None, top: int = 30):
-    """Top features by gain, metadata and image features told apart by colour."""
+    """Top features by gain, the CNN's predictions, its embeddings and the metadata told apart by colour."""
     top_rows = importance.head(top)
     fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(top_rows))))
     sns.barplot(data=top_rows, y="feature", x="gain", hue="kind", dodge=False, ax=ax,
-                palette={"image": "C0", "metadata": "C3"})
+                palette={"image": "C0", "metadata": "C3", "cnn prediction": "C2"})
     ax.set_title(f"LightGBM feature importance (gain, mean over folds, top {len(top_rows)})")
     return _done(fig, path)
 

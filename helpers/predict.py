@@ -155,13 +155,15 @@ class Predictor:
         return out["preds"], out["errors"]
 
     def run(self, items: list, progress: bool = False, embeddings: bool = False,
-            eta: logging.Logger | None = None) -> dict:
+            eta: logging.Logger | None = None, each: bool = False) -> dict:
         """predictions: fold-averaged [n, classes] (or [n, 1]), NaN for unreadable items;
         embeddings (with embeddings=True): each fold model's [n, width] float16, NaN rows for
-        unreadable items; errors: {index: reason}. With `eta`, logs an estimate of the whole
-        run's time after its first batches."""
+        unreadable items; each (with each=True): each fold model's predictions (a stacker of its
+        out-of-fold predictions reads fold k's); errors: {index: reason}. With `eta`, logs an
+        estimate of the whole run's time after its first batches."""
         width = self.task.n_outputs(self.classes)
         preds = np.full((len(items), width), np.nan)
+        per_model = [np.full((len(items), width), np.nan) for _ in self.models] if each else None
         embs = [np.full((len(items), m.num_features), np.nan, dtype=np.float16) for m in self.models] if embeddings else None
         errors: dict[int, str] = {}
         dataset = _Items(list(items), self.transform, self.cfg.in_chans)
@@ -176,7 +178,10 @@ class Predictor:
                 images = self.norm(images)
                 total = 0
                 for k, (model, weight) in enumerate(zip(self.models, self.weights)):
-                    total = total + weight * predict_batch(model, images, self.device, self.rules, self.scale)[0].float()
+                    one = predict_batch(model, images, self.device, self.rules, self.scale)[0].float()
+                    total = total + weight * one
+                    if each:
+                        per_model[k][index] = one.cpu().numpy().reshape(len(index), width)
                     if embeddings:
                         with torch.no_grad(), amp_context(self.rules.embed_amp, self.device):
                             embs[k][index] = model.features(images).float().cpu().numpy().astype(np.float16)
@@ -187,7 +192,7 @@ class Predictor:
                 seconds = (time.perf_counter() - start) / done * len(items)
                 eta.info(f"about {seconds / 60:.1f} min for {len(items)} images with {len(self.models)} model(s) "
                          f"on {self.device} (Kaggle re-runs stop at 9 h)")
-        return {"preds": preds, "embeddings": embs, "errors": errors, "seconds": time.perf_counter() - start}
+        return {"preds": preds, "embeddings": embs, "each": per_model, "errors": errors, "seconds": time.perf_counter() - start}
 
     def predict(self, items: list, progress: bool = False) -> list[dict]:
         """One result per item, in order (see the module docstring)."""

@@ -1,12 +1,20 @@
-"""CNN embeddings and the stacker (LightGBM, or an SVR / logistic head from scikit-learn).
+"""The stacker (LightGBM, or an SVR / logistic head from scikit-learn) and the CNN embeddings
+it may read.
 
-Leak-free by construction: fold k's CNN embeds every train row and the test set; the fold-k
-stacker is fitted on that CNN's embeddings of the rows it trained on (LightGBM early-stops on a
-held-back share of those rows, then is refitted on all of them), validated on fold k's rows
-(which neither that CNN nor the stacker saw, nor chose anything on), and predicts test from the
-same CNN. No row's stacker prediction comes from a model that saw or was tuned on the row. With features_from
-'pretrained' the embeddings come from a frozen pretrained backbone that never saw a label
-(the Pawpularity "embeddings + SVR" recipe), so one set serves every fold.
+What a stacker of fold CNNs learns from (`stack_on`), with the metadata columns:
+- 'oof' (the default): the CNN's out-of-fold predictions. Every row's came from the fold model
+  that did not train on it, so the fold-k stacker learns from the other folds' OOF rows as
+  honestly as it is scored on fold k's; for the test set it reads fold k's test predictions
+  (one model's, as each OOF row is). On the demo it scores ... (README, "Stacking").
+- 'embeddings': fold k's CNN embeds every train row and the test set; the fold-k stacker is
+  fitted on that CNN's embeddings of the rows it trained on, scored on fold k's rows (which
+  neither saw). No score is flattered, but the embeddings it learns from are of rows the CNN
+  fitted, cleaner than those it is applied to: on the demo the stacker scores below its CNN.
+- 'both': the two side by side.
+LightGBM early-stops on a held-back share of the stacker's training rows, then is refitted on
+all of them. With features_from 'pretrained' the embeddings come from a frozen pretrained
+backbone that never saw a label (the Pawpularity "embeddings + SVR" recipe), so one set serves
+every fold, honest for every row.
 """
 from __future__ import annotations
 
@@ -58,8 +66,11 @@ def extract_features(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: 
     (features_from 'pretrained'). Embeddings that are up to date are kept. Where training runs
     in bf16 they are computed in fp32 (engine.Rules.embed_amp)."""
     logger = logger or logging.getLogger("kaggle")
+    parts = [None] if cfg.features_from == "pretrained" else [] if stages.stack_inputs(cfg) == "oof" else cfg.fold_ids
+    if not parts:
+        logger.info(f"{cfg.experiment}: no embeddings: its stacker learns from its out-of-fold predictions (stack_on: oof)")
+        return
     device = get_device(cfg.device)
-    parts = [None] if cfg.features_from == "pretrained" else cfg.fold_ids
     todo = freshness.todo(cfg, "features", parts, cfg.retrain)  # never embed with a model that is itself out of date
     for k in parts:
         logger.info(f"{stages.output_name('features', k)}: {todo.get(k, 'up to date')}")
@@ -150,29 +161,36 @@ class FoldStacker:
     classes), LightGBM's text models, and skops files (scikit-learn's secure format) for the
     PCA and the scikit-learn heads."""
 
-    def __init__(self, cfg: CFG, n_classes: int):
+    def __init__(self, cfg: CFG, n_classes: int, oof_columns: list[str] | None = None):
         self.task, self.stacker, self.metadata_cols, self.n_classes = cfg.task, cfg.stacker, list(cfg.metadata_cols), n_classes
+        self.oof_columns = list(oof_columns or [])  # the CNN's prediction columns its input starts with (stack_on oof, both)
         self.pca, self.categories, self.model, self.trees, self.importance = None, {}, None, 0, None
 
-    def frame(self, emb: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
-        """The model's input: embeddings (PCA-reduced when fitted so) + metadata columns."""
-        X = pd.DataFrame(np.asarray(emb, dtype=np.float32), columns=[f"emb_{i}" for i in range(emb.shape[1])])
+    def frame(self, inputs: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
+        """The model's input: the CNN's out-of-fold (for the test set: fold k's) predictions, then
+        embeddings (PCA-reduced when fitted so), then the metadata columns."""
+        inputs = np.asarray(inputs, dtype=np.float32).reshape(len(rows), -1)
+        n = len(self.oof_columns)
+        emb = inputs[:, n:]
+        X = pd.DataFrame(emb, columns=[f"emb_{i}" for i in range(emb.shape[1])])
         if self.pca is not None:
-            X = pd.DataFrame(self.pca.transform(X.to_numpy()), columns=[f"pca_{i}" for i in range(self.pca.n_components_)])
+            X = pd.DataFrame(self.pca.transform(emb), columns=[f"pca_{i}" for i in range(self.pca.n_components_)])
+        X = pd.concat([pd.DataFrame(inputs[:, :n], columns=[f"oof_{c}" for c in self.oof_columns]), X], axis=1)
         for col in self.metadata_cols:
             X[col] = rows[col].to_numpy()
         for col, cats in self.categories.items():  # LightGBM: text as categories fixed in training
             X[col] = pd.Categorical(X[col], categories=cats)
         return X
 
-    def fit(self, cfg: CFG, emb: np.ndarray, rows: pd.DataFrame, y: np.ndarray, seed: int) -> "FoldStacker":
-        if cfg.stack_pca:
+    def fit(self, cfg: CFG, inputs: np.ndarray, rows: pd.DataFrame, y: np.ndarray, seed: int) -> "FoldStacker":
+        emb = np.asarray(inputs, dtype=np.float32)[:, len(self.oof_columns):]
+        if cfg.stack_pca and emb.shape[1]:
             n = min(cfg.stack_pca, len(emb), emb.shape[1])
-            self.pca = PCA(n_components=n, random_state=cfg.seed).fit(np.asarray(emb, dtype=np.float32))
-        X = self.frame(emb, rows)
+            self.pca = PCA(n_components=n, random_state=cfg.seed).fit(emb)
+        X = self.frame(inputs, rows)
         if cfg.stacker == "lgbm":
             self.categories = {c: sorted(X[c].dropna().unique().tolist()) for c in _text_columns(X)}
-            X = self.frame(emb, rows)
+            X = self.frame(inputs, rows)
         fit = (lambda c, X_, y_, n: _fit_lgbm(c, X_, y_, n, seed)) if cfg.stacker == "lgbm" else (lambda c, X_, y_, n: _fit_sklearn(c, X_, y_))
         task = task_of(cfg)
         models, importances = [], []
@@ -190,11 +208,11 @@ class FoldStacker:
             self.model, self.importance = models[0], importances[0] if importances else None
         return self
 
-    def predict(self, emb: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
+    def predict(self, inputs: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
         """Regression values, or probabilities with a column for every class (also those absent
         from the fold's training rows), or for every label."""
         models = self.model if isinstance(self.model, list) else [self.model]
-        return TASKS[self.task].stacker_predict(models, self.frame(emb, rows), self.n_classes)
+        return TASKS[self.task].stacker_predict(models, self.frame(inputs, rows), self.n_classes)
 
     # --- a folder that loads without running code ---------------------------------------------
     def save(self, folder: Path) -> None:
@@ -218,6 +236,7 @@ class FoldStacker:
         if self.pca is not None:
             sio.dump(self.pca, tmp / "pca.skops")
         meta = {"task": self.task, "stacker": self.stacker, "metadata_cols": self.metadata_cols, "n_classes": self.n_classes,
+                "oof_columns": self.oof_columns,
                 "categories": self.categories, "trees": self.trees, "pca": self.pca is not None,
                 "list": isinstance(self.model, list), "heads": heads}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
@@ -235,6 +254,7 @@ class FoldStacker:
             raise ValueError(f"{folder / 'meta.json'}: not a saved stacker ({type(e).__name__}: {e})") from None
         self = cls.__new__(cls)
         self.task, self.stacker, self.metadata_cols = meta["task"], meta["stacker"], meta["metadata_cols"]
+        self.oof_columns = meta.get("oof_columns", [])
         self.n_classes, self.categories, self.trees, self.importance = meta["n_classes"], meta["categories"], meta["trees"], None
         self.pca = _skops_load(folder / "pca.skops") if meta["pca"] else None
         heads = []
@@ -318,8 +338,26 @@ def _embeddings(cfg: CFG, split: str, fold: int, rows: int) -> np.ndarray:
     return emb
 
 
+def _inputs(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, k: int, oof_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Fold k's stacker's inputs for every train row (folds.csv order) and the test set: the
+    CNN's out-of-fold predictions (rows of folds not trained: NaN, never learnt from) and fold
+    k's test predictions, then (stack_on embeddings, both) fold k's CNN's embeddings."""
+    train_parts, test_parts = [], []
+    if oof_columns:
+        oof = artifacts.read_predictions(cfg, "oof").set_index(cfg.id_col)
+        test_k = artifacts.read_predictions(cfg, "test", k).set_index(cfg.id_col)
+        train_parts.append(oof.reindex(folds[cfg.id_col])[oof_columns].to_numpy(np.float32))
+        test_parts.append(test_k.reindex(test[cfg.id_col])[oof_columns].to_numpy(np.float32))
+        if np.isnan(test_parts[-1]).any():
+            raise ValueError(f"{artifacts.predictions_path(cfg, 'test', k)}: test ids missing: run 02_train's fold {k} again")
+    if stages.stack_inputs(cfg) != "oof":
+        train_parts.append(_embeddings(cfg, "train", k, len(folds)))
+        test_parts.append(_embeddings(cfg, "test", k, len(test)))
+    return np.hstack(train_parts), np.hstack(test_parts)
+
+
 def run_stacking(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Logger | None = None) -> dict:
-    """The stacker per fold on fold k's embeddings (optionally PCA-reduced) + metadata; its OOF,
+    """The stacker per fold on what stack_on says (optionally PCA-reduced embeddings) + metadata; its OOF,
     test predictions, score (and LightGBM's importance) form the experiment <exp>_<stacker>.
     Returns the score dict, with the fold-averaged importance under 'importance' (None for the
     scikit-learn heads). Kept as it is while up to date."""
@@ -342,12 +380,17 @@ def _stack(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Lo
     classes = task.classes(folds, cfg)
     n_classes = len(classes) if classes else 1
     y = task.targets(folds)
+    inputs = stages.stack_inputs(cfg)
+    oof_columns = task.pred_columns(classes) if inputs != "embeddings" else []
     oof_parts, test_preds, importances = [], [], []
     for k in cfg.fold_ids:
-        emb, emb_test = _embeddings(cfg, "train", k, len(folds)), _embeddings(cfg, "test", k, len(test))
-        trn, val = (folds["fold"] != k).to_numpy(), (folds["fold"] == k).to_numpy()
+        emb, emb_test = _inputs(cfg, folds, test, k, oof_columns)
+        # the rows the stacker learns from: the other trained folds' (their OOF rows, or fold k's
+        # CNN's embeddings of the rows it trained on)
+        trn = (folds["fold"] != k).to_numpy() & (folds["fold"].isin(cfg.fold_ids).to_numpy() if oof_columns else True)
+        val = (folds["fold"] == k).to_numpy()
         rows_trn, rows_val = folds[trn].reset_index(drop=True), folds[val].reset_index(drop=True)
-        stacker = FoldStacker(cfg, n_classes).fit(cfg, emb[trn], rows_trn, y[trn], seed=cfg.seed + k)
+        stacker = FoldStacker(cfg, n_classes, oof_columns).fit(cfg, emb[trn], rows_trn, y[trn], seed=cfg.seed + k)
         stacker.save(artifacts.stacker_path(out_cfg, k))
         if stacker.importance is not None:
             importances.append(stacker.importance)
@@ -367,9 +410,10 @@ def _stack(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Lo
     if importances:
         importance = pd.concat(importances, axis=1).mean(axis=1).sort_values(ascending=False)
         importance = importance.rename("gain").rename_axis("feature").reset_index()
-        importance["kind"] = np.where(importance["feature"].isin(cfg.metadata_cols), "metadata", "image")
+        importance["kind"] = np.where(importance["feature"].isin(cfg.metadata_cols), "metadata",
+                                      np.where(importance["feature"].str.startswith("oof_"), "cnn prediction", "image"))
         artifacts.write_importance(out_cfg, importance)
-    artifacts.write_stacker_manifest(out_cfg, {"source": cfg.experiment, "features_from": cfg.features_from,
+    artifacts.write_stacker_manifest(out_cfg, {"source": cfg.experiment, "features_from": cfg.features_from, "stack_on": inputs,
                                                "folds": cfg.fold_ids, "metadata_cols": cfg.metadata_cols})
     score = write_score(out_cfg, oof, logger, wall_s=time.perf_counter() - start, model=cfg.stacker)
     return {**score, "importance": importance}

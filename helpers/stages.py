@@ -25,7 +25,7 @@ RUN_ONLY = frozenset({"competition_dir", "train_csv", "test_csv", "sample_submis
                       "members", "blend_others"})  # which experiments the ensemble blends: its upstream says
 FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "debug", "debug_rows")
 FEATURE_KEYS = ("features_from",)
-STACK_KEYS = ("metadata_cols", "stacker", "stack_pca", "stack_c", "lgbm_params")
+STACK_KEYS = ("metadata_cols", "stacker", "stack_on", "stack_pca", "stack_c", "lgbm_params")
 ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters", "refit")
 PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
 EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
@@ -90,9 +90,19 @@ def _feature_inputs(part: Part) -> tuple[str, ...]:
     return ("train_csv", "train_images", "test") if part is None else ("test",)  # a fold model's: the test set's
 
 
+def stack_inputs(cfg: CFG) -> str:
+    """What the stacker learns from: `stack_on`, but a frozen backbone's embeddings for
+    features_from 'pretrained', and fold k's embeddings where one fold gives no other fold's
+    OOF rows to learn from (`folds: [0]`, a time_limit holdout)."""
+    return "embeddings" if cfg.features_from == "pretrained" or len(cfg.fold_ids) < 2 else cfg.stack_on
+
+
 def _stacker_sources(cfg: CFG, part: Part) -> Parts:
-    sources = [("features", None)] if cfg.features_from == "pretrained" else [("features", k) for k in cfg.fold_ids]
-    return [("folds", None), *sources]
+    if cfg.features_from == "pretrained":
+        return [("folds", None), ("features", None)]
+    inputs = stack_inputs(cfg)
+    return [("folds", None), *([("cv", None)] if inputs != "embeddings" else []),
+            *([("features", k) for k in cfg.fold_ids] if inputs != "oof" else [])]
 
 
 def reads(*names: str) -> Callable[[Part], tuple[str, ...]]:
@@ -116,7 +126,7 @@ OUTPUTS: dict[str, Output] = {
                        lambda cfg, part: [] if part is None else [("train", part)], needs=("train",)),
     "stacking": Output(("oof.csv", "test.csv", "score.json", "stacker_fold{each}/meta.json"),
                        lambda cfg, part: {**values(cfg, output_keys(cfg, "stacking")), "folds": cfg.fold_ids},
-                       reads("train_csv", "test_csv"), _stacker_sources, folder="stacker", needs=("features",)),
+                       reads("train_csv", "test_csv"), _stacker_sources, folder="stacker", needs=("features", "cv")),
     "ensemble": Output(("score.json",), lambda cfg, part: values(cfg, output_keys(cfg, "ensemble")),
                        reads("train_csv", "sample_submission", "solution"), folder="ensemble", experiments=True),
 }
@@ -158,7 +168,7 @@ def _training(cfg: CFG, part: Part) -> Parts:
 def _features(cfg: CFG, part: Part) -> Parts:
     if cfg.features_from == "pretrained":
         return [("features", None)]
-    return [("cv", None), *[("features", k) for k in cfg.fold_ids]]
+    return [("cv", None), *([("features", k) for k in cfg.fold_ids] if stack_inputs(cfg) != "oof" else [])]
 
 
 STAGES: tuple[Stage, ...] = (

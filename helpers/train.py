@@ -19,7 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import create_optimizer_v2
+
+try:
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+except ImportError:  # timm < 1.0.10 keeps them in optim_factory (Kaggle's and Colab's images lag PyPI)
+    from timm.optim.optim_factory import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -209,7 +214,8 @@ class FoldRun:
         self.mixup = None
         if cfg.mixup_alpha or cfg.cutmix_alpha:
             self.mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mixup_prob,
-                               label_smoothing=cfg.label_smoothing, num_classes=self.n_out, multi_label=self.task.mixup_multi_label)
+                               label_smoothing=cfg.label_smoothing, num_classes=self.n_out,
+                               **({"multi_label": True} if self.task.mixup_multi_label else {}))  # timm < 1.0.31 has no multi_label
 
     def schedule(self, n_epochs: int):
         """timm's schedule over n_epochs: a function of the update count, so one can replace
@@ -448,7 +454,7 @@ def train_refit(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame | None = None,
     # refit's is as long); else the refit follows the folds' schedule of `epochs` and stops at
     # their mean best epoch, so its learning rate, Mixup and EMA are those the CV judged
     logger.info(f"refit: training on all {len(folds)} rows for {epochs} epochs (the folds' mean "
-                + (f"planned epochs, their schedule" if cfg.time_limit else
+                + ("planned epochs, their schedule" if cfg.time_limit else
                    f"best epoch, on their schedule of {cfg.epochs} epochs") + f"): {why}")
     run = dataclasses.replace(cfg, epochs=epochs, patience=max(cfg.patience, epochs)) if cfg.time_limit else \
         dataclasses.replace(cfg, stop_after=epochs, patience=max(cfg.patience, cfg.epochs))

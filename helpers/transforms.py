@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import albumentations as A
+from albumentations.pytorch import ToTensorV2  # not A.ToTensorV2: albumentations < 2.0.5 has it here only
 import cv2
 import numpy as np
 import torch
@@ -184,8 +185,8 @@ def create_transforms(cfg: CFG, train: bool) -> A.Compose:
         ops = [create_resize(cfg), *(augment_preset(cfg) if train else [])]
     if ops and isinstance(ops[-1], A.Normalize):
         ops = ops[:-1]
-    if not any(isinstance(t, A.ToTensorV2) for t in ops):
-        ops.append(A.ToTensorV2())
+    if not any(isinstance(t, ToTensorV2) for t in ops):
+        ops.append(ToTensorV2())
     return A.Compose(ops)
 
 

@@ -19,9 +19,11 @@ import pandas as pd
 
 # --- library versions --------------------------------------------------------------------
 # the oldest releases this code works with (Kaggle's image lags PyPI); older ones fail at
-# start with the version they need, not in the middle of a run
-MIN_VERSIONS = {"torch": "2.3", "timm": "1.0", "albumentations": "2.0.0", "lightgbm": "4.0", "scikit-learn": "1.2",
-                "pandas": "2.0", "numpy": "1.24", "opencv-python-headless|opencv-python|opencv-contrib-python": "4.8"}
+# start with the version they need, not in the middle of a run. `make test-oldest` runs the
+# training, stacking, multi-label and end-to-end tests on them (requirements-oldest.txt: timm
+# 1.0.3 is the oldest 1.0 on PyPI; albumentations 2.0.0 needs OpenCV 4.9 and numpy 1.24.4)
+MIN_VERSIONS = {"torch": "2.3", "timm": "1.0.3", "albumentations": "2.0.0", "lightgbm": "4.0", "scikit-learn": "1.2",
+                "pandas": "2.0", "numpy": "1.24.4", "opencv-python-headless|opencv-python|opencv-contrib-python": "4.9"}
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

@@ -54,6 +54,7 @@ finalize_experiment(cfg, logger)
 extract_features(cfg, folds, test, logger)
 
 # %%
-for k in cfg.fold_ids:
+for k in [k for k in [None, *cfg.fold_ids] if artifacts.feature_path(cfg, "train", k).exists()]:
     emb = artifacts.load_features(cfg, "train", k)
-    print(f"fold {k}: train {emb.shape}, test {artifacts.load_features(cfg, 'test', k).shape}, dtype {emb.dtype}")
+    print(f"{'frozen backbone' if k is None else f'fold {k}'}: train {emb.shape}, "
+          f"test {artifacts.load_features(cfg, 'test', k).shape}, dtype {emb.dtype}")

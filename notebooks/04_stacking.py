@@ -15,13 +15,14 @@
 
 # %% [markdown]
 # # 04 · Stacking
-# LightGBM (or, with `stacker`, an SVR / logistic head) on the CNN embeddings, optionally
-# PCA-reduced (`stack_pca`), plus the metadata columns (numeric or text, NaN allowed), with the
-# same folds as the CNN: the fold-k stacker learns from fold k's CNN embeddings of the other
-# folds' rows (LightGBM early-stops on the competition metric on a held-back 15% of them, then
-# is refitted on all of them) and predicts fold k's rows. Its
-# OOF and test predictions form a new experiment, `models/<experiment>_<stacker>`, for the
-# ensemble.
+# LightGBM (or, with `stacker`, an SVR / logistic head) on the CNN's out-of-fold predictions
+# (`stack_on: oof`, the default), its embeddings (`embeddings`, optionally PCA-reduced with
+# `stack_pca`) or both, plus the metadata columns (numeric or text, NaN allowed), with the
+# same folds as the CNN: the fold-k stacker learns from the other folds' rows (LightGBM
+# early-stops on the competition metric on a held-back 15% of them, then is refitted on all of
+# them) and predicts fold k's rows (and the test set, from fold k's predictions or
+# embeddings). Its OOF and test predictions form a new experiment,
+# `models/<experiment>_<stacker>`, for the ensemble.
 
 # %% tags=["parameters"]
 config_path = "configs/digits.yaml"  # the YAML with the settings (relative to the repository root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def write_config(tmp_path: Path, comp: Path, **extra) -> Path:
         "n_folds": 2, "epochs": 1, "img_size": 32, "batch_size": 32, "num_workers": 0,
         "lgbm_params": {"n_estimators": 30}, "submission_name": "tiny_sub",
         "experiments": {"tiny_cnn": {"model_name": "resnet18"},
-                        "tiny_hybrid": {"arch": "hybrid", "model_kwargs": {"patch_size": 8, "emb_dim": 16, "num_heads": 2}}},
+                        "tiny_hybrid": {"arch": "hybrid", "model_kwargs": {"patch_size": 8, "emb_dim": 16, "num_heads": 2},
+                                        "stack_on": "embeddings"}},  # the CNN's stacker reads its OOF predictions
         **extra,
     }
     path = tmp_path / "tiny.yaml"
@@ -45,8 +47,10 @@ def test_runner_runs_every_notebook(tiny_run):
     assert rc == 0
     models = tmp / "models"
     executed = sorted(p.name for p in (models / "tiny_cnn" / "notebooks").glob("*.ipynb"))
-    # the folds, one after another on one device, in one kernel
-    assert executed == ["00_eda.ipynb", "01_folds.ipynb", "02_train_fold0_fold1.ipynb", "03_features.ipynb", "04_stacking.ipynb"]
+    # the folds, one after another on one device, in one kernel; stack_on oof: no embeddings to
+    # make, and the OOF files 03_features would gather were gathered after the last fold
+    assert executed == ["00_eda.ipynb", "01_folds.ipynb", "02_train_fold0_fold1.ipynb", "04_stacking.ipynb"]
+    assert (models / "tiny_hybrid" / "notebooks" / "03_features.ipynb").exists()  # stack_on embeddings
     assert (models / "ensemble" / "notebooks" / "05_ensemble.ipynb").exists()
     for exp in ("tiny_cnn", "tiny_hybrid"):
         d = models / exp
@@ -60,7 +64,9 @@ def test_runner_runs_every_notebook(tiny_run):
         logits = np.load(d / "oof_logits.npy")  # raw outputs, rows as in oof.csv (no TTA here)
         probs = np.exp(logits - logits.max(1, keepdims=True))
         np.testing.assert_allclose(probs / probs.sum(1, keepdims=True), oof.filter(like="prob_").to_numpy(), atol=1e-5)
-        assert (d / "features" / "train_fold0.npy").exists()
+        assert (d / "features" / "train_fold0.npy").exists() == (exp == "tiny_hybrid")  # stack_on embeddings; oof reads none
+        importance = pd.read_csv(models / f"{exp}_lgbm" / "importance.csv")
+        assert set(importance["kind"]) == {"metadata", "image" if exp == "tiny_hybrid" else "cnn prediction"}
         stack = pd.read_csv(models / f"{exp}_lgbm" / "oof.csv")
         assert len(stack) == len(oof)
         assert "ink" in set(pd.read_csv(models / f"{exp}_lgbm" / "importance.csv")["feature"])
@@ -111,8 +117,8 @@ def test_a_killed_fold_is_redone_and_what_was_made_from_it_too(tiny_run, capsys)
     assert pipeline.main(["--config", str(tmp / "tiny.yaml")]) == 0
     out = capsys.readouterr().out
     # a new build of the fold (on a GPU it need not be bit-exact): what was made from it is redone
-    assert ran(out) == ["02_train fold 1 [tiny_cnn]", "03_features [tiny_cnn]", "04_stacking [tiny_cnn]", "05_ensemble [tiny_cnn]"]
-    assert "oof_fold1.csv not made yet" in out and "train_fold1 was remade" in out
+    assert ran(out) == ["02_train fold 1 [tiny_cnn]", "04_stacking [tiny_cnn]", "05_ensemble [tiny_cnn]"]
+    assert "oof_fold1.csv not made yet" in out and re.search(r"04_stacking \[tiny_cnn\] \.\.\. .*was remade", out), out
     assert (tmp / "models" / "tiny_cnn" / "oof_fold1.csv").exists()
     assert (tmp / "submissions" / "submission.csv").exists()
 
@@ -191,7 +197,7 @@ def test_a_changed_image_retrains_and_a_changed_test_set_only_predicts_again(tin
     try:
         assert freshness.stale(cfg, "train", 0) is None  # the model is made from the training images only
         assert freshness.stale(cfg, "test", 0) == "test/ changed"
-        assert "test/ changed" in freshness.stale(cfg, "features", 0) and freshness.stale(cfg, "folds") is None
+        assert "test/ changed" in freshness.stale(cfg, "stacking") and freshness.stale(cfg, "folds") is None
     finally:
         os.utime(test_image, ns=(before.st_atime_ns, before.st_mtime_ns))
     train_image = sorted((comp / "train").glob("*.png"))[0]

@@ -128,9 +128,24 @@ def test_losses_bce_pos_weight_focal_and_asl():
         create_criterion(CFG(task="multilabel", metric="f1_micro", loss="ce"), targets, 3)
 
 
+def test_mixup_of_multi_hot_targets_is_refused_before_any_work_where_timm_cannot(monkeypatch):
+    """timm's Mixup takes multi-hot targets from 1.0.31 (`multi_label`); on an older timm (Kaggle's
+    and Colab's images lag PyPI) the model check names the keys and the fix, before any work."""
+    from helpers import models
+
+    cfg = CFG(task="multilabel", metric="f1_micro", mixup_alpha=0.2, arch="hybrid")
+    monkeypatch.setattr(models, "_mixes_multi_hot", lambda: False)
+    assert any("Mixup/CutMix of multi-label targets needs timm's Mixup(multi_label=...)" in p for p in models.model_problems(cfg))
+    assert not any("Mixup" in p for p in models.model_problems(CFG(task="classification", mixup_alpha=0.2, arch="hybrid")))
+
+
 def test_mixup_mixes_multi_hot_targets():
     from timm.data import Mixup
 
+    from helpers.models import _mixes_multi_hot
+
+    if not _mixes_multi_hot():
+        pytest.skip("this timm's Mixup has no multi_label (timm < 1.0.31): the model check refuses it, above")
     mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.0, num_classes=3, multi_label=True)
     x = torch.rand(4, 3, 8, 8)
     y = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])

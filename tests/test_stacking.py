@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_cfg(tmp_path, **kw) -> CFG:
     base = dict(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="syn",
-                n_folds=N_FOLDS, lgbm_params=dict(n_estimators=200, learning_rate=0.1, early_stopping_round=30), seed=0)
+                n_folds=N_FOLDS, lgbm_params=dict(n_estimators=200, learning_rate=0.1, early_stopping_round=30), seed=0,
+                stack_on="embeddings")  # the tests of the embeddings' stacker; stack_on oof below
     return CFG(**{**base, **kw})
 
 
@@ -101,6 +102,46 @@ def test_stacking_classification_writes_outputs_and_learns(classification_data):
     assert set(importance["feature"]) == {f"emb_{i}" for i in range(8)}
     # the three signal dimensions matter most
     assert set(importance["feature"][:3]) == {"emb_0", "emb_1", "emb_2"}
+
+
+def test_a_stacker_on_out_of_fold_predictions_learns_from_rows_no_cnn_trained_on(classification_data):
+    """stack_on oof (the default): fold k's stacker learns from the other folds' OOF predictions
+    (each from a CNN that never saw its row) plus the metadata, and predicts the test set from
+    fold k's test predictions; no embeddings are read. Here the CNN's OOF predictions are right
+    on 70% of the rows, which a metadata column flags, and a second column holds the class where
+    the CNN guesses: the stacker learns which to trust from rows whose predictions are as good
+    as those it is applied to."""
+    cfg, folds, test, y_test = classification_data
+    cfg = make_cfg(artifacts.exp_dir(cfg).parent.parent, stack_on="oof", metadata_cols=["sure", "hint"])
+    rng = np.random.default_rng(1)
+    classes = ["ant", "bee", "cow"]
+    sure, y = rng.random(len(folds)) < 0.7, folds["target"].to_numpy()
+    guess = np.where(sure, y, rng.integers(0, 3, len(folds)))
+    probs = 0.1 + 0.7 * np.eye(3)[guess]
+    folds = folds.assign(sure=sure.astype(float), hint=np.where(sure, rng.integers(0, 3, len(folds)), y).astype(float))
+    oof = artifacts.frame_predictions(folds["id"], probs, cfg, [f"prob_{c}" for c in classes])
+    oof.insert(1, "label", folds["label"].to_numpy())
+    oof.insert(2, "fold", folds["fold"].to_numpy())
+    artifacts.write_predictions(cfg, "oof", oof)
+    for k in cfg.fold_ids:  # fold k's test predictions: what its stacker reads for the test set
+        test_probs = 0.1 + 0.7 * np.eye(3)[(y_test + (k == 0)) % 3]  # fold 0's CNN is wrong on every test row
+        artifacts.write_predictions(cfg, "test", artifacts.frame_predictions(test["id"], test_probs, cfg,
+                                                                             [f"prob_{c}" for c in classes]), k)
+    from helpers.results import write_score
+
+    artifacts.write_predictions(cfg, "test", artifacts.frame_predictions(test["id"], 0.1 + 0.7 * np.eye(3)[y_test], cfg,
+                                                                         [f"prob_{c}" for c in classes]))
+    write_score(cfg, oof)
+    freshness.record(cfg, "cv")
+    test = test.assign(sure=1.0, hint=rng.integers(0, 3, len(test)).astype(float))
+    score = run_stacking(cfg, folds, test)
+    assert set(score["importance"]["feature"]) == {"oof_prob_ant", "oof_prob_bee", "oof_prob_cow", "sure", "hint"}
+    assert set(score["importance"]["kind"]) == {"cnn prediction", "metadata"}
+    assert score["cv"] > get_score("accuracy", y, probs) + 0.05  # 0.80 the CNN alone
+    test_pred = pd.read_csv(artifacts.exp_dir(cfg).parent / "syn_lgbm" / "test.csv")
+    assert ((test_pred.filter(like="prob_").to_numpy().argmax(1) == y_test).mean()
+            == pytest.approx(1.0))  # four folds' stackers right, fold 0's wrong: their mean right
+    assert json.loads((artifacts.exp_dir(cfg).parent / "syn_lgbm" / "stacker.json").read_text())["stack_on"] == "oof"
 
 
 def test_stacking_subset_of_folds(classification_data):
