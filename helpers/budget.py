@@ -305,8 +305,17 @@ def refit_epochs(cfg: CFG) -> int:
 def undertrained(cfg: CFG, fold: int | str, planned: float) -> str | None:
     """Why a fold (or the refit) trained under a shorter time_limit trains again: the plan now
     gives it materially more epochs (a quarter more, and two at least) than it ran. None where
-    it keeps: fewer epochs planned, or about as many."""
-    ran, planned = len(artifacts.read_metrics(cfg, fold)), min(float(planned), cfg.epochs)
+    it keeps: fewer epochs planned, about as many, or a fold that stopped early (its best epoch
+    `patience` epochs or more before its last: more epochs would not help it)."""
+    from .metrics import HIGHER_IS_BETTER  # scikit-learn: imported where the runner has timed its imports
+
+    rows = artifacts.read_metrics(cfg, fold)
+    ran, planned = len(rows), min(float(planned), cfg.epochs)
+    scores = [r["metric"] for r in rows if r.get("metric") is not None]
+    if scores:
+        best = 1 + scores.index(max(scores) if HIGHER_IS_BETTER[cfg.metric] else min(scores))
+        if ran - best >= cfg.patience:
+            return None
     if ran and planned >= max(1.25 * ran, ran + 2):
         return f"time_limit {cfg.time_limit} plans about {planned:.0f} epochs for it; it trained {ran}, under a shorter time"
     return None

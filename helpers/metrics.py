@@ -96,24 +96,22 @@ def fit_thresholds(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> np.nd
     while the pooled F1 rises (_pool_micro)."""
     y_true, y_pred = np.asarray(y_true) > 0.5, np.asarray(y_pred, dtype=float)
     beta = 2.0 if metric == "f2_ciw" else 1.0
-    out = np.full(y_true.shape[1], 0.5)
-    for j in range(y_true.shape[1]):
-        if not y_true[:, j].any():
-            continue
-        tp, fp, fn = _grid_counts(y_true[:, j], y_pred[:, j], GRID)
-        scores = _f_beta(tp, fp, fn, beta)
-        if scores.max() <= 0:  # no threshold finds a positive: never predict the label
-            out[j] = 1.0
-            continue
-        out[j] = GRID[_middle_of_best(scores)]
-    return _pool_micro(y_true, y_pred, out) if metric == "f1_micro" else out
+    grid = np.append(GRID, 1.0)  # 1.0: never predicted
+    counts = np.stack([_grid_counts(y_true[:, j], y_pred[:, j], grid) for j in range(y_true.shape[1])])  # [labels, 3, grid]
+    idx = np.full(y_true.shape[1], int(np.flatnonzero(grid == 0.5)[0]))
+    for j in np.flatnonzero(y_true.any(0)):
+        scores = _f_beta(*counts[j, :, :-1], beta)
+        idx[j] = _middle_of_best(scores) if scores.max() > 0 else len(GRID)  # no threshold finds a positive: never
+    if metric == "f1_micro":
+        idx = _pool_micro(counts, idx)
+    return grid[idx]
 
 
-def _grid_counts(truth: np.ndarray, pred: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(tp, fp, fn) of one label at each threshold of `grid`."""
+def _grid_counts(truth: np.ndarray, pred: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """[tp, fp, fn] of one label at each threshold of `grid`."""
     hit = pred[:, None] >= grid[None, :]  # [n, grid]
     tp = (hit & truth[:, None]).sum(0)
-    return tp, (hit & ~truth[:, None]).sum(0), truth.sum() - tp
+    return np.stack([tp, (hit & ~truth[:, None]).sum(0), truth.sum() - tp])
 
 
 def _middle_of_best(scores: np.ndarray) -> int:
@@ -123,23 +121,22 @@ def _middle_of_best(scores: np.ndarray) -> int:
     return int(run[len(run) // 2])
 
 
-def _pool_micro(y_true: np.ndarray, y_pred: np.ndarray, start: np.ndarray, passes: int = 10) -> np.ndarray:
-    """Micro-F1's thresholds: coordinate ascent from `start` on the pooled TP/FP/FN (a label's
-    best threshold for its own F1 is not the one that best serves the pool: a rare label may
-    pay the pool more by predicting less), each label moved only where the pooled F1 rises."""
-    grid = np.append(GRID, 1.0)
-    counts = np.stack([np.stack(_grid_counts(y_true[:, j], y_pred[:, j], grid)) for j in range(y_true.shape[1])])  # [labels, 3, grid]
-    idx = np.array([int(np.argmin(np.abs(grid - t))) for t in start])
+def _pool_micro(counts: np.ndarray, idx: np.ndarray, passes: int = 10) -> np.ndarray:
+    """Micro-F1's thresholds (indices into the grid of `counts`, [labels, 3, grid]): coordinate
+    ascent from `idx` on the pooled TP/FP/FN (a label's best threshold for its own F1 is not the
+    one that best serves the pool: a rare label may pay the pool more by predicting less), each
+    label moved only where the pooled F1 rises."""
+    idx = idx.copy()
     for _ in range(passes):
         moved = False
         for j in range(len(idx)):
-            now = counts[np.arange(len(idx)), :, idx].sum(0) - counts[j, :, idx[j]]  # the other labels' tp, fp, fn
-            scores = _f_beta(now[0] + counts[j, 0], now[1] + counts[j, 1], now[2] + counts[j, 2])
+            others = counts[np.arange(len(idx)), :, idx].sum(0) - counts[j, :, idx[j]]  # the other labels' tp, fp, fn
+            scores = _f_beta(*(others[:, None] + counts[j]))
             if scores.max() > scores[idx[j]] + 1e-12:
                 idx[j], moved = _middle_of_best(scores), True
         if not moved:
             break
-    return grid[idx]
+    return idx
 
 
 def label_weights(weights: dict, labels: list) -> np.ndarray | None:

@@ -302,7 +302,9 @@ def model_problems(cfg: CFG) -> list[str]:
         problems.append(f"config key 'pretrained_path': weights file not found: {cfg.pretrained_path}")
     if cfg.arch == "hybrid":
         problems += hybrid_problems(cfg)
-    if (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.task == "multilabel" and not _mixes_multi_hot():
+    from .tasks import task_of  # the task objects (scikit-learn): imported once a model is checked
+
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and task_of(cfg).mixup_multi_label and not _mixes_multi_hot():
         problems.append(f"config keys 'mixup_alpha'/'cutmix_alpha': Mixup/CutMix of multi-label targets needs timm's "
                         f"Mixup(multi_label=...), which timm {_timm().__version__} lacks: pip install -U 'timm>=1.0.31' "
                         f"(on Kaggle, as a dataset of its wheel when the internet is off), or set both to 0")

@@ -5,7 +5,8 @@ What a stacker of fold CNNs learns from (`stack_on`), with the metadata columns:
 - 'oof' (the default): the CNN's out-of-fold predictions. Every row's came from the fold model
   that did not train on it, so the fold-k stacker learns from the other folds' OOF rows as
   honestly as it is scored on fold k's; for the test set it reads fold k's test predictions
-  (one model's, as each OOF row is). On the demo it scores ... (README, "Stacking").
+  (one model's, as each OOF row is). On the demo (2026-12-05) its stackers scored 0.9812 and
+  0.9610 against 0.9798 and 0.9596 on embeddings, and the blend used one (README, "Stacking").
 - 'embeddings': fold k's CNN embeds every train row and the test set; the fold-k stacker is
   fitted on that CNN's embeddings of the rows it trained on, scored on fold k's rows (which
   neither saw). No score is flattered, but the embeddings it learns from are of rows the CNN
@@ -338,15 +339,24 @@ def _embeddings(cfg: CFG, split: str, fold: int, rows: int) -> np.ndarray:
     return emb
 
 
-def _inputs(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, k: int, oof_columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _oof_inputs(cfg: CFG, folds: pd.DataFrame, oof_columns: list[str]) -> np.ndarray | None:
+    """The CNN's out-of-fold predictions of every train row, in folds.csv order (rows of folds not
+    trained: NaN, never learnt from); None when the stacker reads embeddings alone."""
+    if not oof_columns:
+        return None
+    oof = artifacts.read_predictions(cfg, "oof").set_index(cfg.id_col)
+    return oof.reindex(folds[cfg.id_col])[oof_columns].to_numpy(np.float32)
+
+
+def _inputs(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, k: int, oof_columns: list[str],
+            oof: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Fold k's stacker's inputs for every train row (folds.csv order) and the test set: the
-    CNN's out-of-fold predictions (rows of folds not trained: NaN, never learnt from) and fold
-    k's test predictions, then (stack_on embeddings, both) fold k's CNN's embeddings."""
+    CNN's out-of-fold predictions (`oof`) and fold k's test predictions, then (stack_on
+    embeddings, both) fold k's CNN's embeddings."""
     train_parts, test_parts = [], []
-    if oof_columns:
-        oof = artifacts.read_predictions(cfg, "oof").set_index(cfg.id_col)
+    if oof is not None:
         test_k = artifacts.read_predictions(cfg, "test", k).set_index(cfg.id_col)
-        train_parts.append(oof.reindex(folds[cfg.id_col])[oof_columns].to_numpy(np.float32))
+        train_parts.append(oof)
         test_parts.append(test_k.reindex(test[cfg.id_col])[oof_columns].to_numpy(np.float32))
         if np.isnan(test_parts[-1]).any():
             raise ValueError(f"{artifacts.predictions_path(cfg, 'test', k)}: test ids missing: run 02_train's fold {k} again")
@@ -382,24 +392,25 @@ def _stack(cfg: CFG, folds: pd.DataFrame, test: pd.DataFrame, logger: logging.Lo
     y = task.targets(folds)
     inputs = stages.stack_inputs(cfg)
     oof_columns = task.pred_columns(classes) if inputs != "embeddings" else []
+    oof_inputs = _oof_inputs(cfg, folds, oof_columns)
     oof_parts, test_preds, importances = [], [], []
     for k in cfg.fold_ids:
-        emb, emb_test = _inputs(cfg, folds, test, k, oof_columns)
+        x, x_test = _inputs(cfg, folds, test, k, oof_columns, oof_inputs)
         # the rows the stacker learns from: the other trained folds' (their OOF rows, or fold k's
         # CNN's embeddings of the rows it trained on)
         trn = (folds["fold"] != k).to_numpy() & (folds["fold"].isin(cfg.fold_ids).to_numpy() if oof_columns else True)
         val = (folds["fold"] == k).to_numpy()
         rows_trn, rows_val = folds[trn].reset_index(drop=True), folds[val].reset_index(drop=True)
-        stacker = FoldStacker(cfg, n_classes, oof_columns).fit(cfg, emb[trn], rows_trn, y[trn], seed=cfg.seed + k)
+        stacker = FoldStacker(cfg, n_classes, oof_columns).fit(cfg, x[trn], rows_trn, y[trn], seed=cfg.seed + k)
         stacker.save(artifacts.stacker_path(out_cfg, k))
         if stacker.importance is not None:
             importances.append(stacker.importance)
-        part = artifacts.frame_predictions(rows_val[cfg.id_col], stacker.predict(emb[val], rows_val), cfg, task.pred_columns(classes))
+        part = artifacts.frame_predictions(rows_val[cfg.id_col], stacker.predict(x[val], rows_val), cfg, task.pred_columns(classes))
         part.insert(1, cfg.target_col, rows_val[cfg.target_col].to_numpy())
         part.insert(2, "fold", k)
         oof_parts.append(part)
-        test_preds.append(stacker.predict(emb_test, test))
-        n_features = len(stacker.frame(emb[:1], rows_trn.head(1)).columns)
+        test_preds.append(stacker.predict(x_test, test))
+        n_features = len(stacker.frame(x[:1], rows_trn.head(1)).columns)
         logger.info(f"{cfg.stacker} stacker fold {k}: {n_features} features" + (f", {stacker.trees} trees" if stacker.trees else ""))
     oof = pd.concat(oof_parts, ignore_index=True)
     artifacts.save_config(out_cfg)

@@ -121,10 +121,11 @@ def test_the_stackers_time_is_measured_on_this_machine(tmp_path):
     the embeddings' width (a constant tuned on 2 cores kept 60 s for 8 folds a 16-core machine
     stacked in 10)."""
     cfg = ledger_cfg(tmp_path, n_folds=5)
+    # gaps wide enough that a loaded machine (the suite on two workers) cannot turn them round
     small = planning.stack_fold_s(cfg, 1000, 10, 64)
-    wide = planning.stack_fold_s(cfg, 1000, 10, 512)
+    wide = planning.stack_fold_s(cfg, 1000, 10, 1024)
     assert 0 < small < wide
-    assert planning.stack_fold_s(cfg, 20000, 10, 64) > 2 * small  # more rows than the probe's: scaled
+    assert planning.stack_fold_s(cfg, 100000, 10, 64) > 2 * small  # more rows than the probe's: scaled
     assert planning.stack_fold_s(ledger_cfg(tmp_path, stacker="svr"), 1000, 10, 64) == planning.STACK_FOLD_S
 
 
@@ -407,3 +408,17 @@ def test_a_longer_time_limit_trains_again_the_folds_it_gives_materially_more_epo
     merged = pipeline.one_kernel([pipeline.more_epochs(j, {"expected_epochs": {"timed": 10 * ran + 5}})
                                   for j in pipeline.plan(str(path), {}, stages=["02_train"])], force=False)
     assert [j.parameters["fold"] for j in merged] == [[0, 1, "refit"]] and merged[0].parameters["overrides"]["retrain"]
+
+
+def test_a_fold_that_stopped_early_is_not_trained_again_for_a_longer_time_limit(tmp_path):
+    """A fold whose best epoch came `patience` epochs or more before its last stopped because it
+    had learnt what it could: a longer budget's plan does not retrain it; one cut short does."""
+    cfg = ledger_cfg(tmp_path, patience=3, epochs=40)
+    fold_dir = artifacts.fold_dir(cfg, 0)
+    fold_dir.mkdir(parents=True)
+    stopped = [0.5, 0.8, 0.7, 0.7, 0.6]  # best at epoch 2, three epochs without a better one
+    (fold_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "metric": m}) + "\n" for i, m in enumerate(stopped)))
+    assert budget.undertrained(cfg, 0, planned=30) is None
+    cut_short = [0.5, 0.6, 0.7, 0.75, 0.8]  # still improving at its last epoch
+    (fold_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "metric": m}) + "\n" for i, m in enumerate(cut_short)))
+    assert "plans about 30 epochs for it; it trained 5" in budget.undertrained(cfg, 0, planned=30)
