@@ -73,6 +73,11 @@ def read_ledger(cfg: CFG) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def limit_s(cfg: CFG) -> float:
+    """The run's time_limit in seconds (0 without one)."""
+    return parse_duration(cfg.time_limit) if cfg.time_limit else 0.0
+
+
 def write_ledger(cfg: CFG, ledger: dict) -> None:
     path = ledger_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +316,9 @@ def undertrained(cfg: CFG, fold: int | str, planned: float) -> str | None:
 
     rows = artifacts.read_metrics(cfg, fold)
     ran, planned = len(rows), min(float(planned), cfg.epochs)
+    under = max((float(r.get("time_limit_s") or 0) for r in rows), default=0.0)
+    if under >= limit_s(cfg):  # trained under this time_limit or a longer one: its own plan ran (on a slower
+        return None  # machine it may be fewer epochs than today's estimate, which is no reason to train again)
     scores = [r["metric"] for r in rows if r.get("metric") is not None]
     if scores:
         best = 1 + scores.index(max(scores) if HIGHER_IS_BETTER[cfg.metric] else min(scores))

@@ -295,7 +295,8 @@ class FoldRun:
         self._check(train_loss, health, epoch)
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
                **({} if self.refit else {"valid_loss": round(self.valid_loss, 6), "metric": round(self.score, 6)}),
-               "lr": max(g["lr"] for g in self.optimizer.param_groups), "time_s": 0.0, "mem_MiB": round(_memory_mib(self.device), 1)}
+               "lr": max(g["lr"] for g in self.optimizer.param_groups), "time_s": 0.0, "mem_MiB": round(_memory_mib(self.device), 1),
+               **({"time_limit_s": budget.limit_s(cfg)} if cfg.time_limit else {})}  # what a longer time_limit compares
         for cb in callbacks:
             cb.on_row(self, row)
         row["time_s"] = round(time.perf_counter() - start, 2)

@@ -398,15 +398,17 @@ def test_a_longer_time_limit_trains_again_the_folds_it_gives_materially_more_epo
     gives materially more epochs than it trained is trained again, saying why; a fold the plan
     gives fewer (or about as many) is kept."""
     tmp, path, _ = timed_run
-    jobs = [j for j in pipeline.plan(str(path), {}, stages=["02_train"]) if j.parameters.get("fold") == 0]
+    same = [j for j in pipeline.plan(str(path), {}, stages=["02_train"]) if j.parameters.get("fold") == 0]
     ran = len((tmp / "models" / "timed" / "fold0" / "metrics.jsonl").read_text().splitlines())
+    assert pipeline.more_epochs(same[0], {"expected_epochs": {"timed": 10 * ran + 5}}).why == ""  # 80s planned it already
+    jobs = [j for j in pipeline.plan(str(path), {"time_limit": "8h"}, stages=["02_train"]) if j.parameters.get("fold") == 0]
     longer = pipeline.more_epochs(jobs[0], {"expected_epochs": {"timed": 10 * ran + 5}})
-    assert longer.why.startswith("time_limit 80s plans about") and f"it trained {ran}" in longer.why
+    assert longer.why.startswith("time_limit 8h plans about") and f"it trained {ran}" in longer.why
     assert longer.cfg.retrain and longer.parameters["overrides"]["retrain"] and pipeline.stale(longer) == longer.why
     assert pipeline.more_epochs(jobs[0], {"expected_epochs": {"timed": ran + 1}}).why == ""  # about as many: kept
     assert pipeline.more_epochs(jobs[0], {"expected_epochs": {"timed": max(1, ran - 3)}}).why == ""  # fewer: kept
     merged = pipeline.one_kernel([pipeline.more_epochs(j, {"expected_epochs": {"timed": 10 * ran + 5}})
-                                  for j in pipeline.plan(str(path), {}, stages=["02_train"])], force=False)
+                                  for j in pipeline.plan(str(path), {"time_limit": "8h"}, stages=["02_train"])], force=False)
     assert [j.parameters["fold"] for j in merged] == [[0, 1, "refit"]] and merged[0].parameters["overrides"]["retrain"]
 
 
@@ -422,3 +424,7 @@ def test_a_fold_that_stopped_early_is_not_trained_again_for_a_longer_time_limit(
     cut_short = [0.5, 0.6, 0.7, 0.75, 0.8]  # still improving at its last epoch
     (fold_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "metric": m}) + "\n" for i, m in enumerate(cut_short)))
     assert "plans about 30 epochs for it; it trained 5" in budget.undertrained(cfg, 0, planned=30)
+    for limit, retrained in ((100, False), (3600, False), (50, True)):  # the same time_limit (or a longer one) ran its plan
+        rows = [{"epoch": i + 1, "metric": m, "time_limit_s": limit} for i, m in enumerate(cut_short)]
+        (fold_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert (budget.undertrained(cfg, 0, planned=30) is not None) == retrained
