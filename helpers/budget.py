@@ -336,7 +336,7 @@ def apply_plan(cfg: CFG) -> CFG:
     ledger = read_ledger(cfg)
     plan = (ledger or {}).get("plan") or {}
     changes = {}
-    for key in ("img_size", "batch_size"):
+    for key in ("img_size", "batch_size", "min_feature_map"):
         if cfg.experiment in plan.get(key, {}):
             changes[key] = plan[key][cfg.experiment]
     if cfg.experiment in plan.get("folds", {}) and not cfg.folds:

@@ -31,6 +31,7 @@ from .configfile import parse_set
 from .data import DataError, column_problems, no_test_metadata, test_problems, train_problems
 from .images import locate_images, missing_images, read_image
 from .models import model_problems
+from .weights import weights_problem
 from .submission import submission_format
 from .tasks import task_of
 from .transforms import transform_problems
@@ -173,6 +174,8 @@ def check_all(cfgs: list[CFG], images: bool = True) -> list[str]:
                 problems += image_problems(cfg, frames)
         prefix = f"experiments.{cfg.experiment}: " if len(cfgs) > 1 else ""
         problems += [prefix + p for p in model_problems(cfg) + transform_problems(cfg) + runtime_problems(cfg)]
+        if (weights := weights_problem(cfg)) is not None:
+            problems.append(weights)
     return list(dict.fromkeys(problems + artifacts.name_problems(cfgs)))
 
 

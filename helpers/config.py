@@ -68,8 +68,10 @@ class CFG:
     model_kwargs: dict = field(default_factory=dict)  # the architecture's own settings: timm.create_model kwargs, or the hybrid's patch_size, patch_channels, featured_patch_dim, emb_dim, num_heads
     pretrained: bool = False  # load pretrained weights (hub, or pretrained_path when offline)
     pretrained_path: str = ""  # local .safetensors/.pth/.bin weights for internet-off kernels
+    weights_dir: str = ""  # a folder of weight files (a Kaggle dataset), searched by model name before the Hugging Face cache and the hub (helpers.weights)
     img_size: int = 224  # images are resized to img_size x img_size
     in_chans: int = 3  # 3 = RGB; 1 = grayscale
+    min_feature_map: int = 0  # small images: a timm CNN's stem strides are reduced (max-pool removed, then the first conv at stride 1) until its last map is at least this side (4: CIFAR's ResNet at 32 px); 0 = timm's stem. The quality presets set 4 and time_limit gives strides back where epochs do not fit
     drop_rate: float = 0.1  # dropout before the classifier
     # --- training ---------------------------------------------------------------------
     batch_size: int = 32  # images per step
@@ -369,7 +371,7 @@ RANGES = {
     "label_smoothing": "[0, 1)", "focal_alpha": "(0, inf)", "focal_gamma": "[0, inf)", "layer_decay": "[0, 1]",
     "grad_accum": "[1, inf)", "mixup_alpha": "[0, inf)", "cutmix_alpha": "[0, inf)", "mixup_prob": "[0, 1]",
     "mixup_off_epoch": "[0, inf)", "ema_decay": "[0, 1)", "freeze_epochs": "[0, inf)", "backbone_lr_scale": "[0, inf)",
-    "drop_path": "[0, 1)", "sampling_ratio": "(0, 1]", "num_workers": "[0, inf)", "debug_rows": "[1, inf)", "ddp": "[1, inf)",
+    "drop_path": "[0, 1)", "min_feature_map": "[0, inf)", "sampling_ratio": "(0, 1]", "num_workers": "[0, inf)", "debug_rows": "[1, inf)", "ddp": "[1, inf)",
     "stack_pca": "[0, inf)", "stack_c": "(0, inf)", "ensemble_iters": "[1, inf)",
 }
 
@@ -457,6 +459,7 @@ def cfg_from_dict(data: dict) -> CFG:
     """A CFG from a saved mapping (a checkpoint's or a snapshot's config). Keys that have
     moved since it was saved are carried to their new place."""
     data = dict(data)
+    data.setdefault("min_feature_map", 0)  # saved before the key: trained with timm's own stem
     if "amp" in data:
         data["amp_dtype"] = "auto" if data.pop("amp") else "fp32"
     for key in [k for k in data if k in MOVED]:

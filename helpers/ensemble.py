@@ -3,6 +3,7 @@
 results table and the OOF correlation matrix. The submission itself is helpers.submission's."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -214,15 +215,21 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
 
 
 def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
-    """Every experiment the ensemble blends (blend_dirs: experiment, model, img_size,
-    epochs, CV, CV mean ± std over folds, wall time), plus the ensemble's in-sample and
-    held-out CV; written to models/results.csv."""
+    """Every experiment the ensemble blends (blend_dirs: experiment, model, where its weights came
+    from, img_size, the epochs its folds really trained (mean) and its refit's, CV, CV mean ± std
+    over folds, the training time of folds and refit), plus the ensemble's in-sample and held-out
+    CV; written to models/results.csv."""
     rows = []
     for d in freshness.blend_dirs(cfg):
         score = artifacts.read_score(d)
-        rows.append({"experiment": d.name, "model": score.get("model"), "img_size": score.get("img_size"),
-                     "epochs": score.get("epochs"), "metric": score["metric"], "cv": score["cv"],
-                     "cv_mean": score["cv_mean"], "cv_std": score["cv_std"], "wall_s": score.get("wall_s")})
+        refit = d / artifacts.REFIT / "metrics.jsonl"  # the refit's epochs and time, beside its folds'
+        refit_rows = [json.loads(line) for line in refit.read_text().splitlines()] if refit.exists() else []
+        wall = score.get("wall_s")
+        rows.append({"experiment": d.name, "model": score.get("model"), "weights": score.get("weights"),
+                     "img_size": score.get("img_size"), "epochs": score.get("epochs"),
+                     "refit_epochs": len(refit_rows) or None, "metric": score["metric"], "cv": score["cv"],
+                     "cv_mean": score["cv_mean"], "cv_std": score["cv_std"],
+                     "wall_s": None if wall is None else round(wall + sum(r.get("time_s", 0.0) for r in refit_rows), 1)})
     if ensemble is not None:
         for kind in ("in_sample", "held_out"):
             rows.append({"experiment": f"ensemble ({ensemble['method']}, {kind.replace('_', '-')})", "model": "ensemble",

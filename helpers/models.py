@@ -42,31 +42,38 @@ class TimmModel(nn.Module):
             kwargs.setdefault("img_size", cfg.img_size)  # timm resizes the position embeddings to it
         if cfg.drop_path:
             kwargs["drop_path_rate"] = cfg.drop_path
-        if cfg.pretrained and cfg.pretrained_path:
-            # internet-off kernels: timm loads the local file through its own pretrained mechanism
-            path = Path(cfg.pretrained_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"config key 'pretrained_path': weights file not found: {path}")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        self.weights = ""  # where the weights came from (helpers.weights): said by the fold's log and score.json
+        if cfg.pretrained and cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
+            raise FileNotFoundError(f"config key 'pretrained_path': weights file not found: {Path(cfg.pretrained_path).expanduser()}")
+        if cfg.pretrained and _timm().is_model(cfg.model_name):
+            from .weights import find_weights, weights_problem
+
+            found = find_weights(cfg)
+            if not found.source:  # never a silent run from scratch
+                raise RuntimeError(weights_problem(cfg, online=False))
+            self.weights = str(found)
+            if found.path:  # a local file: timm loads it through its own pretrained mechanism
+                kwargs["pretrained_cfg_overlay"] = dict(file=found.path)
         try:
             self.backbone = _timm().create_model(cfg.model_name, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ValueError(unknown_model(cfg.model_name)) from e
-            if cfg.pretrained and cfg.pretrained_path:  # e.g. weights of another architecture
+            if kwargs.get("pretrained_cfg_overlay"):  # e.g. weights of another architecture
                 first = str(e).strip().splitlines()[0][:300]
-                raise ValueError(f"config key 'pretrained_path': {cfg.pretrained_path} does not fit model "
-                                 f"'{cfg.model_name}': {first}") from e
+                raise ValueError(f"config key '{'pretrained_path' if cfg.pretrained_path else 'weights_dir'}': "
+                                 f"{kwargs['pretrained_cfg_overlay']['file']} does not fit model '{cfg.model_name}': {first}") from e
             raise
         except OSError as e:  # the hub cannot be reached (a Kaggle kernel with internet off) or has no such file
-            if not cfg.pretrained or cfg.pretrained_path:
+            if not cfg.pretrained or kwargs.get("pretrained_cfg_overlay"):
                 raise
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise RuntimeError(f"config key 'pretrained': could not fetch the weights of '{cfg.model_name}' from the "
                                f"Hugging Face hub ({first}). Without internet, add the weights to the kernel as a "
                                f"dataset and set pretrained_path to the file (.safetensors/.pth/.bin)") from e
-        if cfg.pretrained and cfg.pretrained_path:
-            _check_weights_file(Path(cfg.pretrained_path).expanduser(), self.backbone, cfg.model_name)
+        if kwargs.get("pretrained_cfg_overlay"):
+            _check_weights_file(Path(kwargs["pretrained_cfg_overlay"]["file"]), self.backbone, cfg.model_name)
+        self.stem_changes = small_image_stem(self.backbone, cfg.img_size, cfg.min_feature_map)
         self.num_features = self.backbone.num_features
         self.head = nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(self.num_features, num_outputs))
 
@@ -75,6 +82,49 @@ class TimmModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+# Small images: a timm CNN's stem (a stride-2 convolution, then a ResNet's max-pool) divides the
+# side by 4 before the first block, so a 32 px image reaches the last stage at 1x1. The stem's
+# strides are reduced (the max-pool removed first, then the first convolution's stride 2 made 1)
+# until the last stage's map is at least cfg.min_feature_map on a side; the weights keep their
+# shapes, so pretrained weights load as they are. 0 keeps timm's stem.
+def small_image_stem(backbone: nn.Module, img_size: int, min_map: int) -> list[str]:
+    """Reduce a timm backbone's stem strides for img_size (in place); what was changed."""
+    info = getattr(backbone, "feature_info", None)
+    reduction = int(info[-1]["reduction"]) if info and isinstance(info[-1], dict) and info[-1].get("reduction") else 0
+    changed: list[str] = []
+    if not min_map or not reduction:
+        return changed
+    def side() -> int:  # the last map's side (each stride-2 step rounds up: 28 px -> 14, 7, 4, 2, 1)
+        return -(-img_size // reduction)
+
+    if side() < min_map and isinstance(getattr(backbone, "maxpool", None), nn.MaxPool2d):
+        backbone.maxpool, reduction = nn.Identity(), reduction // 2
+        changed.append("maxpool removed")
+    name = backbone.pretrained_cfg.get("first_conv") if hasattr(backbone, "pretrained_cfg") else None
+    conv = backbone.get_submodule(name) if isinstance(name, str) else None
+    if side() < min_map and isinstance(conv, nn.Conv2d) and tuple(conv.stride) == (2, 2):
+        conv.stride, reduction = (1, 1), reduction // 2
+        changed.append(f"{name} stride 2 -> 1")
+    return changed
+
+
+@functools.lru_cache(maxsize=64)
+def _stem_changes(name: str, img_size: int, min_map: int, in_chans: int) -> tuple[str, ...]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            backbone = _timm().create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+    return tuple(small_image_stem(backbone, img_size, min_map))
+
+
+def stem_changes(cfg: CFG) -> tuple[str, ...]:
+    """What small_image_stem changes in cfg's model at its image size (from a copy on the meta
+    device: no weights); () for the hybrid and where timm's stem stays."""
+    if cfg.arch != "timm" or not cfg.min_feature_map or not _timm().is_model(cfg.model_name):
+        return ()
+    return _stem_changes(cfg.model_name, cfg.img_size, cfg.min_feature_map, cfg.in_chans)
 
 
 def _check_weights_file(path: Path, backbone: nn.Module, name: str) -> None:

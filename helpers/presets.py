@@ -25,7 +25,14 @@ QUALITY = {
 QUALITY_CPU = {"fast": {"img_size": 64, "batch_size": 64}, "medium": {"model_name": "resnet18", "img_size": 64, "batch_size": 64, "lr": 2e-3},
                "best": {"model_name": "resnet34", "img_size": 96, "drop_path": 0.1}}
 QUALITY_COMMON = {"warmup_epochs": 1, "scheduler": "cosine", "optimizer": "adamw", "weight_decay": 0.05, "ema": True,
-                  "ema_decay": 0.998}
+                  "ema_decay": 0.998, "min_feature_map": 4}
+# SMALL_IMAGES: the presets give a timm CNN's stem its strides back where the images are small
+# (min_feature_map 4: the max-pool removed, then the first convolution at stride 1, until the last
+# map is 4x4; CIFAR's ResNet). It costs up to 16 times the compute of timm's stem at the same size,
+# so a time_limit plan gives the strides back one at a time (before it halves any image) until
+# the folds get the epochs a model wants, and a CPU without time_limit keeps timm's stem. On the
+# 2-core CPU, 300 s of a plain loop's ResNet-18 on 28 px digits: timm's stem 0.905 (49 epochs),
+# without the max-pool 0.853 (20), CIFAR's stem 0.541 (6) (docs/time_limit.md, "Small images")
 
 
 def with_quality(values: dict) -> dict:
@@ -42,4 +49,6 @@ def with_quality(values: dict) -> dict:
         preset["label_smoothing"] = 0.1
     if values.get("time_limit"):  # the budget sets the epochs (your `epochs`, if any, is the most) and the
         preset.update(epochs=1000, patience=1000)  # cosine schedule runs to its planned end
+    elif not torch.cuda.is_available():  # a CPU without a budget: timm's stem (SMALL_IMAGES)
+        preset["min_feature_map"] = 0
     return {**preset, **values, "quality": quality}

@@ -61,11 +61,15 @@ def write_score(cfg: CFG, oof: pd.DataFrame, logger: logging.Logger | None = Non
     labels = [c[len("prob_"):] for c in oof.columns if c.startswith("prob_")]
     cv, per_fold, extra = task.score(cfg, y_true, y_pred, oof["fold"].to_numpy(), labels)
     cnn = model is None
+    runs = {k: artifacts.read_metrics(cfg, k) for k in cfg.fold_ids} if cnn else {}
+    trained = [len(rows) for rows in runs.values() if rows]  # the epochs each fold really ran (time_limit plans them)
     score = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": cv, **extra,
              "cv_mean": float(np.mean(per_fold)), "cv_std": float(np.std(per_fold)), "folds": per_fold,
              "wall_s": None if wall_s is None else round(wall_s, 1),
              "model": (cfg.model_name if cfg.arch == "timm" else cfg.arch) if cnn else model,
-             "img_size": cfg.img_size if cnn else None, "epochs": cfg.epochs if cnn else None,
+             "img_size": cfg.img_size if cnn else None,
+             "epochs": (round(float(np.mean(trained)), 1) if trained else cfg.epochs) if cnn else None,
+             "weights": next((r[0]["weights"] for r in runs.values() if r and "weights" in r[0]), None) if cnn else None,
              "data": freshness.competition_digest(cfg)}
     artifacts.write_score(cfg, score)
     if logger:

@@ -6,7 +6,7 @@ What a stacker of fold CNNs learns from (`stack_on`), with the metadata columns:
   that did not train on it, so the fold-k stacker learns from the other folds' OOF rows as
   honestly as it is scored on fold k's; for the test set it reads fold k's test predictions
   (one model's, as each OOF row is). On the demo (2026-12-05) its stackers scored 0.9812 and
-  0.9610 against 0.9798 and 0.9596 on embeddings, and the blend used one (README, "Stacking").
+  0.9610 against 0.9798 and 0.9596 on embeddings, and the blend used one (docs/stacking.md).
 - 'embeddings': fold k's CNN embeds every train row and the test set; the fold-k stacker is
   fitted on that CNN's embeddings of the rows it trained on, scored on fold k's rows (which
   neither saw). No score is flattered, but the embeddings it learns from are of rows the CNN

@@ -27,7 +27,8 @@ FOLD_KEYS = ("id_col", "target_col", "task", "n_folds", "seed", "group_col", "de
 FEATURE_KEYS = ("features_from",)
 STACK_KEYS = ("metadata_cols", "stacker", "stack_on", "stack_pca", "stack_c", "lgbm_params")
 ENSEMBLE_KEYS = ("metric", "ensemble_method", "ensemble_iters", "refit")
-PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "img_size", "in_chans", "image_ext")
+PRETRAINED_KEYS = ("arch", "model_name", "model_kwargs", "pretrained", "pretrained_path", "weights_dir", "img_size", "in_chans",
+                   "min_feature_map", "image_ext")
 EDA_KEYS = ("id_col", "target_col", "task", "metadata_cols", "seed", "debug", "debug_rows", "image_ext")
 CHECK_KEYS = FOLD_KEYS + PRETRAINED_KEYS + ("n_bins", "metadata_cols")
 # a task's own keys count only for that task (so they leave other tasks' outputs alone): the

@@ -160,6 +160,12 @@ class FoldRun:
             torch._dynamo.reset()
         self.n_out = self.task.n_outputs(self.classes)
         self.model = create_model(cfg, self.n_out).to(self.device)
+        self.weights_from = getattr(self.model, "weights", "") or "none (from scratch)"
+        if self.procs.main:
+            self.logger.info(f"{self.name}: {cfg.model_name if cfg.arch == 'timm' else cfg.arch} weights: {self.weights_from}")
+        if getattr(self.model, "stem_changes", None) and self.procs.main:
+            self.logger.info(f"{self.name}: {cfg.model_name} at {cfg.img_size} px: {', '.join(self.model.stem_changes)} "
+                             f"(min_feature_map {cfg.min_feature_map}: its last map at least that side)")
         cfg = cpu_precision(cfg, self.model, self.device, self.logger)
         self.nhwc = channels_last(cfg, self.device)
         if self.nhwc:
@@ -296,7 +302,8 @@ class FoldRun:
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
                **({} if self.refit else {"valid_loss": round(self.valid_loss, 6), "metric": round(self.score, 6)}),
                "lr": max(g["lr"] for g in self.optimizer.param_groups), "time_s": 0.0, "mem_MiB": round(_memory_mib(self.device), 1),
-               **({"time_limit_s": budget.limit_s(cfg)} if cfg.time_limit else {})}  # what a longer time_limit compares
+               **({"time_limit_s": budget.limit_s(cfg)} if cfg.time_limit else {}),  # what a longer time_limit compares
+               **({"weights": self.weights_from} if epoch == 0 else {})}  # where they came from: score.json says it
         for cb in callbacks:
             cb.on_row(self, row)
         row["time_s"] = round(time.perf_counter() - start, 2)

@@ -14,6 +14,7 @@ import yaml
 from helpers import artifacts, budget, pipeline, planning, stages
 from helpers.config import CFG, ROOT, load_cfg
 from helpers.configfile import parse_duration
+from helpers.models import stem_changes
 from helpers.tools.demo import write_digits
 
 
@@ -283,11 +284,30 @@ def test_a_restarted_run_continues_its_ledger_a_finished_one_does_not(tmp_path):
 
 
 def fake_probe(calls):
-    def probe(cfg, n_out, steps=3):  # 4x faster per halving of the side
+    def probe(cfg, n_out, steps=3):  # 4x faster per halving of the side, 4x slower per stride the stem gives back
         calls.append(cfg.img_size)
-        return {"train_img_s": 10.0 * (256 / cfg.img_size) ** 2, "infer_img_s": 30.0 * (256 / cfg.img_size) ** 2,
+        cost = 4 ** len(stem_changes(cfg))
+        return {"train_img_s": 10.0 * (256 / cfg.img_size) ** 2 / cost, "infer_img_s": 30.0 * (256 / cfg.img_size) ** 2 / cost,
                 "img_size": cfg.img_size}
     return probe
+
+
+def test_small_images_give_their_stem_back_before_their_pixels(tmp_path, monkeypatch):
+    """At 32 px a small-image stem (4x4 last map) costs what 64 px costs with half of it: a short
+    budget gives the stem's strides back (max-pool first) before it halves any image, and says so;
+    the run builds the model the plan chose."""
+    monkeypatch.setattr(planning, "probe", fake_probe([]))
+    cfg = ledger_cfg(tmp_path, img_size=32, n_folds=5, time_limit="20min", min_feature_map=4)
+    budget.open_ledger([cfg], [])
+    plan = planning.plan_run([cfg], (2000, 500), [10])
+    stems = [n for n in plan["notes"] if "min_feature_map" in n]
+    assert stems and "min_feature_map 4 -> 2 (its stem: maxpool removed)" in stems[0]
+    assert "min_feature_map 2 -> 0 (its stem: timm's own)" in stems[1]  # for good
+    assert plan["img_size"]["e"] == 32 and plan["min_feature_map"]["e"] < 4
+    assert budget.apply_plan(cfg).min_feature_map == plan["min_feature_map"]["e"]
+    roomy = ledger_cfg(tmp_path / "b", img_size=32, n_folds=5, time_limit="9h", min_feature_map=4)
+    budget.open_ledger([roomy], [])
+    assert planning.plan_run([roomy], (2000, 500), [10])["min_feature_map"]["e"] == 4  # time enough: the 4x4 map
 
 
 def test_the_plan_drops_folds_then_holds_out_one_then_shrinks_images_when_the_budget_is_short(tmp_path, monkeypatch):

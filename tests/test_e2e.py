@@ -58,7 +58,7 @@ def test_runner_runs_every_notebook(tiny_run):
         for k in (0, 1):
             assert (d / f"fold{k}" / "best.pt").exists() and not (d / f"fold{k}" / "last.pt").exists()  # best weights only
             lines = (d / f"fold{k}" / "metrics.jsonl").read_text().splitlines()
-            assert set(json.loads(lines[0])) == {"epoch", "train_loss", "valid_loss", "metric", "lr", "time_s", "mem_MiB"}
+            assert set(json.loads(lines[0])) == {"epoch", "train_loss", "valid_loss", "metric", "lr", "time_s", "mem_MiB", "weights"}
         oof = pd.read_csv(d / "oof.csv")
         assert len(oof) == len(pd.read_csv(comp / "train.csv")) and set(oof["fold"]) == {0, 1}
         logits = np.load(d / "oof_logits.npy")  # raw outputs, rows as in oof.csv (no TTA here)
@@ -92,7 +92,8 @@ def test_submission_matches_sample_submission(tiny_run):
     results = pd.read_csv(tmp / "models" / "results.csv")
     assert {"tiny_cnn", "tiny_cnn_lgbm", "tiny_hybrid", "tiny_hybrid_lgbm",
             "ensemble (hill, in-sample)", "ensemble (hill, held-out)"} == set(results["experiment"])
-    assert results.loc[results["experiment"] == "tiny_cnn", "wall_s"].iloc[0] > 0
+    cnn = results.set_index("experiment").loc["tiny_cnn"]
+    assert cnn["wall_s"] > 0 and cnn["epochs"] == 1 and cnn["weights"] == "none (from scratch)"  # what ran, and from where
 
 
 def ran(out: str) -> list[str]:

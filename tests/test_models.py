@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from helpers.config import CFG, ROOT
-from helpers.models import MODELS, HybridModel, TimmModel, create_model
+from helpers.config import CFG, ROOT, cfg_from_dict, to_dict
+from helpers.models import MODELS, HybridModel, TimmModel, create_model, stem_changes
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -154,7 +154,8 @@ def test_timm_pretrained_without_internet_says_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError: config key 'pretrained'") and "'resnet18'" in last and "pretrained_path" in last
+    assert last.startswith("RuntimeError: experiment 'exp': no pretrained weights for model 'resnet18'")
+    assert all(w in last for w in ("HF_HUB_OFFLINE is set", "pretrained_path:", "weights_dir:", "pretrained: false"))
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,32 @@ def test_timm_pretrained_path_of_another_architecture_is_a_clear_error(resnet18_
     with pytest.raises(ValueError) as e:
         TimmModel(CFG(model_name="resnet34", pretrained=True, pretrained_path=str(path)), 2)
     assert "pretrained_path" in str(e.value) and "resnet34" in str(e.value)
+
+
+@pytest.mark.parametrize("name, size, min_map, changes, side", [
+    ("resnet18", 32, 4, ("maxpool removed", "conv1 stride 2 -> 1"), 4),  # CIFAR's ResNet: 4x4 before pooling
+    ("resnet18", 28, 2, ("maxpool removed",), 2),  # 28 -> 14, 14, 7, 4, 2
+    ("resnet18", 64, 4, ("maxpool removed",), 4),
+    ("resnet18", 128, 4, (), 4),  # big enough: timm's stem
+    ("resnet18", 32, 0, (), 1),  # 0: timm's stem at any size
+    ("efficientnet_b0", 32, 4, ("conv_stem stride 2 -> 1",), 2),  # no max-pool to remove
+])
+def test_small_images_get_a_stem_that_keeps_a_map(name, size, min_map, changes, side):
+    """A timm CNN's stem divides the side by 4 before its first block (a ResNet's last stage is
+    1x1 at 32 px): min_feature_map gives strides back, the max-pool first; the weights keep their
+    shapes (pretrained weights load as they are) and stem_changes foretells it without weights."""
+    cfg = CFG(model_name=name, img_size=size, min_feature_map=min_map)
+    model = TimmModel(cfg, 3).eval()
+    assert tuple(model.stem_changes) == changes == stem_changes(cfg)
+    with torch.no_grad():
+        assert model.backbone.forward_features(torch.randn(1, 3, size, size)).shape[-1] == side
+    plain = timm.create_model(name, pretrained=False, num_classes=0)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in model.backbone.state_dict().items()}
+
+
+def test_a_checkpoint_saved_before_min_feature_map_keeps_timms_stem():
+    """A config saved before the key existed was trained with timm's stem: loading it builds that
+    stem, whatever the default now."""
+    saved = {k: v for k, v in to_dict(CFG(img_size=32, min_feature_map=4)).items() if k != "min_feature_map"}
+    assert cfg_from_dict(saved).min_feature_map == 0
+    assert cfg_from_dict(to_dict(CFG(img_size=32, min_feature_map=4))).min_feature_map == 4

@@ -250,17 +250,20 @@ def busy_share(device: torch.device, n_images: int = 2048, batch_size: int = 128
     return steps * batch_size / wall_s, min(compute_s / wall_s, 1.0)
 
 
-def recipe(budget_s: float, out: Path, n_train: int = 3000, n_test: int = 1000) -> dict:
+def recipe(budget_s: float, out: Path, n_train: int = 3000, n_test: int = 1000, competition: str = "digits",
+           size: int | None = None) -> dict:
     """The recipe benchmark (helpers.recipe): the workflow through the runner, given only the
     data's columns and time_limit, against the minimal plain loop, each in budget_s seconds,
-    both scored on the held-back test labels."""
+    both scored on the held-back test labels. competition: 'digits' (64 px RGB) or 'shapes'
+    (28 px grayscale), at their own size unless `size` says."""
     import yaml
 
     from .. import pipeline
     from ..utils import read_table
-    from .recipe import pixel_baseline, plain_loop, write_recipe_competition
+    from .recipe import pixel_baseline, plain_loop, write_recipe_competition, write_shapes_competition
 
-    comp = write_recipe_competition(out / "comp", n_train=n_train, n_test=n_test)
+    write = {"digits": write_recipe_competition, "shapes": write_shapes_competition}[competition]
+    comp = write(out / "comp", n_train=n_train, n_test=n_test, **({"size": size} if size else {}))
     config = {"competition_dir": str(comp), "models_dir": str(out / "models"), "submissions_dir": str(out / "submissions"),
               "id_col": "id", "target_col": "label", "time_limit": f"{budget_s:.0f}s"}
     path = out / "recipe.yaml"
@@ -287,13 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", action="store_true", help="the recipe benchmark: workflow vs a plain loop, same budget")
     parser.add_argument("--budget", default="10min", help="--recipe: each side's wall-clock budget")
     parser.add_argument("--out", help="--recipe: where its competition and outputs go (default: a temporary folder)")
+    parser.add_argument("--competition", choices=("digits", "shapes"), default="digits",
+                        help="--recipe: the 64 px digits (default) or the 28 px grayscale shapes")
+    parser.add_argument("--size", type=int, default=None, help="--recipe: the competition's image side (default: its own)")
     args = parser.parse_args(argv)
     if args.recipe:
         from ..configfile import parse_duration
 
         with tempfile.TemporaryDirectory() as tmp:
-            r = recipe(parse_duration(args.budget, "--budget"), Path(args.out or tmp))
-        print(f"{'recipe benchmark (' + args.budget + ' each)':<52} {'accuracy':>9} {'wall':>9}")
+            r = recipe(parse_duration(args.budget, "--budget"), Path(args.out or tmp), competition=args.competition, size=args.size)
+        print(f"{'recipe benchmark, ' + args.competition + ' (' + args.budget + ' each)':<52} {'accuracy':>9} {'wall':>9}")
         print(f"{'pixel baseline (logistic regression, 32x32 gray)':<52} {r['pixel_baseline']:>9.4f}")
         print(f"{'workflow (data columns + time_limit)':<52} {r['workflow']:>9.4f} {r['workflow_s']:>8.0f}s")
         print(f"{'plain PyTorch loop, all rows (' + str(r['plain_epochs']) + ' epochs)':<52} {r['plain']:>9.4f} {r['plain_s']:>8.0f}s")

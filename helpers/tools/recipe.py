@@ -1,11 +1,14 @@
 """The recipe benchmark: a harder 10-class digit competition, and the minimal plain PyTorch loop
 the workflow is compared against under the same wall-clock budget.
 
-    python -m helpers.recipe [--out /tmp/recipe_comp] [--n-train 3000] [--n-test 1000] [--plain SECONDS]
+    python -m helpers.recipe [--out /tmp/recipe_comp] [--competition digits|shapes] [--size PX]
+                             [--n-train 3000] [--n-test 1000] [--plain SECONDS]
 
 The competition is made from scikit-learn's bundled digits, each drawn scaled, rotated and
 placed at random on a noisy, tinted background with distractor strokes and blobs; train and
-test renderings come from disjoint digit samples. Layout as in helpers.demo: train.csv (id,
+test renderings come from disjoint digit samples. The second competition (--competition shapes)
+is ten classes of shapes as 28 px grayscale images, the size of Digit Recognizer and
+Kannada-MNIST, so that defaults are not fitted to one dataset. Layout as in helpers.demo: train.csv (id,
 label "zero".."nine"), test.csv, sample_submission.csv, solution.csv and train/, test/ PNGs.
 Prints the accuracy of a pixel baseline (logistic regression on 32x32 grayscale), and with
 --plain the accuracy, epochs and time of the plain loop in that many seconds.
@@ -88,6 +91,75 @@ def write_recipe_competition(out_dir: str | Path, n_train: int = 3000, n_test: i
     train, solution = frames["train"], frames["test"]
     for name, df in (("train", train), ("test", solution[["id"]]), ("solution", solution),
                      ("sample_submission", solution[["id"]].assign(label=NAMES[0]))):
+        atomic_to_csv(df, out / f"{name}.csv")
+    return out
+
+
+SHAPES = ["circle", "ring", "square", "frame", "triangle", "cross", "plus", "star", "bar", "crescent"]
+
+
+def _shape(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One size x size grayscale image of a shape (SHAPES): drawn at 4x on a 0..1 mask, scaled to
+    45-85% of the side, rotated up to +-20 degrees, shifted off centre, over noise, a gradient and two
+    distractor strokes, with random contrast: small-image classes told apart by outline and
+    holes, unlike the digits."""
+    big, c = 4 * size, 2.0 * size
+    mask = np.zeros((big, big), np.float32)
+    r, thick = 1.5 * size, max(2, int(0.35 * size))
+    star = [(c + r * (1 if i % 2 == 0 else 0.45) * np.cos(np.pi * i / 5), c + r * (1 if i % 2 == 0 else 0.45) * np.sin(np.pi * i / 5))
+            for i in range(10)]
+    draw = {
+        "circle": lambda: cv2.circle(mask, (int(c), int(c)), int(r), 1.0, -1, cv2.LINE_AA),
+        "ring": lambda: cv2.circle(mask, (int(c), int(c)), int(r * 0.8), 1.0, thick, cv2.LINE_AA),
+        "square": lambda: cv2.rectangle(mask, (int(c - r * 0.8),) * 2, (int(c + r * 0.8),) * 2, 1.0, -1, cv2.LINE_AA),
+        "frame": lambda: cv2.rectangle(mask, (int(c - r * 0.7),) * 2, (int(c + r * 0.7),) * 2, 1.0, thick, cv2.LINE_AA),
+        "triangle": lambda: cv2.fillPoly(mask, [np.array([(c, c - r), (c - r * 0.9, c + r * 0.7), (c + r * 0.9, c + r * 0.7)],
+                                                          np.int32)], 1.0, cv2.LINE_AA),
+        "cross": lambda: [cv2.line(mask, (int(c - r * 0.8), int(c + s_ * r * 0.8)), (int(c + r * 0.8), int(c - s_ * r * 0.8)),
+                                   1.0, thick, cv2.LINE_AA) for s_ in (1, -1)],
+        "plus": lambda: [cv2.line(mask, p1, p2, 1.0, thick, cv2.LINE_AA) for p1, p2 in
+                         (((int(c - r), int(c)), (int(c + r), int(c))), ((int(c), int(c - r)), (int(c), int(c + r))))],
+        "star": lambda: cv2.fillPoly(mask, [np.array(star, np.int32)], 1.0, cv2.LINE_AA),
+        "bar": lambda: cv2.rectangle(mask, (int(c - r), int(c - r * 0.25)), (int(c + r), int(c + r * 0.25)), 1.0, -1, cv2.LINE_AA),
+        "crescent": lambda: (cv2.circle(mask, (int(c), int(c)), int(r * 0.9), 1.0, -1, cv2.LINE_AA),
+                             cv2.circle(mask, (int(c + r * 0.45), int(c - r * 0.2)), int(r * 0.75), 0.0, -1, cv2.LINE_AA)),
+    }
+    draw[kind]()
+    scale = rng.uniform(0.45, 0.85) * size / (2 * r)  # the drawing spans 2r of the 4x canvas
+    shift = rng.uniform(-0.08, 0.08, 2) * size
+    matrix = cv2.getRotationMatrix2D((c, c), rng.uniform(-20, 20), scale)  # plus and cross differ by 45
+    matrix[:, 2] += (size / 2 + shift[0] - c, size / 2 + shift[1] - c)
+    glyph = cv2.warpAffine(mask, matrix, (size, size), flags=cv2.INTER_AREA, borderValue=0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    canvas = rng.uniform(20, 120) + rng.uniform(0, 60) * (np.cos(angle) * xx + np.sin(angle) * yy)
+    for _ in range(2):
+        p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        cv2.line(canvas, (int(p1[0]), int(p1[1])), (int(p2[0]), int(p2[1])), float(rng.uniform(0, 230)), 1, cv2.LINE_AA)
+    canvas = canvas * (1 - glyph) + rng.uniform(140, 255) * glyph
+    canvas += rng.normal(0, rng.uniform(10, 30), canvas.shape)
+    return ((canvas - 128) * rng.uniform(0.6, 1.2) + 128).clip(0, 255).astype(np.uint8)
+
+
+def write_shapes_competition(out_dir: str | Path, n_train: int = 3000, n_test: int = 1000, size: int = 28,
+                             seed: int = 0) -> Path:
+    """The second generated competition: 10 classes of shapes (SHAPES) as single-channel PNGs,
+    28 px by default (the size of Digit Recognizer, Kannada-MNIST, Fashion-MNIST); the same
+    layout as write_recipe_competition, labels balanced."""
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    frames, start = {}, 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        kinds = rng.permutation(np.arange(n) % len(SHAPES))
+        ids = [f"img_{start + i:05d}" for i in range(n)]
+        for image_id, k in zip(ids, kinds):
+            cv2.imwrite(str(out / split / f"{image_id}.png"), _shape(SHAPES[k], size, rng))
+        frames[split] = pd.DataFrame({"id": ids, "label": [SHAPES[k] for k in kinds]})
+        start += n
+    train, solution = frames["train"], frames["test"]
+    for name, df in (("train", train), ("test", solution[["id"]]), ("solution", solution),
+                     ("sample_submission", solution[["id"]].assign(label=SHAPES[0]))):
         atomic_to_csv(df, out / f"{name}.csv")
     return out
 
@@ -214,7 +286,9 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/recipe_comp", help="competition folder to write")
     parser.add_argument("--n-train", type=int, default=3000, help="train images")
     parser.add_argument("--n-test", type=int, default=1000, help="test images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--competition", choices=("digits", "shapes"), default="digits",
+                        help="digits (RGB, 64 px by default) or shapes (grayscale, 28 px by default)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the competition's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain", type=float, default=None, metavar="SECONDS",
                         help="also run the plain PyTorch loop within this budget")
@@ -222,7 +296,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the plain loop")
     args = parser.parse_args()
     with Timer() as made:
-        out = write_recipe_competition(args.out, args.n_train, args.n_test, args.size, args.seed)
+        write = write_shapes_competition if args.competition == "shapes" else write_recipe_competition
+        out = write(args.out, args.n_train, args.n_test, args.size or (28 if args.competition == "shapes" else 64), args.seed)
     print(f"recipe competition written to {out} in {made.seconds:.1f}s: {args.n_train} train, {args.n_test} test images")
     with Timer() as fitted:
         accuracy = pixel_baseline(out)
