@@ -257,7 +257,7 @@ def later_s(ledger: dict, notebook: float, heavy: float | None = None) -> float:
 
 
 def _pretrained(cfg: CFG) -> bool:
-    return bool(cfg.pretrained or cfg.pretrained_path)
+    return cfg.arch == "timm" and bool(cfg.pretrained or cfg.pretrained_path)  # the hybrid has no weights to start from
 
 
 def min_epochs(cfg: CFG) -> int:

@@ -66,7 +66,7 @@ class CFG:
     arch: str = "timm"  # model registry key: 'timm' (any timm backbone) | 'hybrid'
     model_name: str = "resnet18"  # timm backbone name (arch 'timm')
     model_kwargs: dict = field(default_factory=dict)  # the architecture's own settings: timm.create_model kwargs, or the hybrid's patch_size, patch_channels, featured_patch_dim, emb_dim, num_heads
-    pretrained: bool = False  # load pretrained weights (hub, or pretrained_path when offline)
+    pretrained: bool = True  # timm models start from pretrained weights (pretrained_path, weights_dir, the Hugging Face cache, then the hub: helpers.weights); false trains from scratch
     pretrained_path: str = ""  # local .safetensors/.pth/.bin weights for internet-off kernels
     weights_dir: str = ""  # a folder of weight files (a Kaggle dataset), searched by model name before the Hugging Face cache and the hub (helpers.weights)
     img_size: int = 224  # images are resized to img_size x img_size

@@ -31,7 +31,7 @@ def comp(tmp_path):
 
 def cfg_for(comp, tmp_path, **kw) -> CFG:
     return CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), submissions_dir=str(tmp_path / "subs"),
-               cache_dir=str(tmp_path / "cache"), n_folds=2, **kw)
+               cache_dir=str(tmp_path / "cache"), n_folds=2, **{"pretrained": False, **kw})
 
 
 def rename_ids(comp: Path, new_id) -> None:
@@ -183,7 +183,8 @@ def test_a_train_csv_without_rows_is_named(comp, tmp_path):
 
 def runner_config(tmp_path, comp, **extra) -> Path:
     config = {"competition_dir": str(comp), "models_dir": str(tmp_path / "models"), "submissions_dir": str(tmp_path / "subs"),
-              "cache_dir": str(tmp_path / "cache"), "n_folds": 2, "epochs": 1, "img_size": 16, "num_workers": 0, **extra}
+              "cache_dir": str(tmp_path / "cache"), "n_folds": 2, "epochs": 1, "img_size": 16, "num_workers": 0,
+              "pretrained": False, **extra}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -55,7 +55,7 @@ def test_time_limit_is_not_what_a_fold_is_made_from(tmp_path):
 
 def ledger_cfg(tmp_path, **kw) -> CFG:
     return CFG(**{"competition_dir": str(tmp_path), "models_dir": str(tmp_path / "models"), "experiment": "e",
-                  "time_limit": "100s", "epochs": 50, **kw})
+                  "time_limit": "100s", "epochs": 50, "pretrained": False, **kw})
 
 
 def test_each_fold_gets_its_share_of_the_time_left(tmp_path):
@@ -165,7 +165,7 @@ def test_the_runner_times_a_notebooks_imports_before_it_plans(tmp_path):
     import are timed before anything else imports them, booked, and planned with."""
     comp = write_digits(tmp_path / "comp", size=16, n=120)
     config = {"competition_dir": str(comp), "models_dir": str(tmp_path / "models"), "n_folds": 2, "img_size": 16,
-              "num_workers": 0, "time_limit": "5min", "experiments": {"t": {}}}
+              "num_workers": 0, "time_limit": "5min", "pretrained": False, "experiments": {"t": {}}}
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run([sys.executable, "-m", "helpers.pipeline", "--config", str(path), "--stages", "01_folds"],
@@ -246,7 +246,7 @@ def test_a_first_epoch_slowed_by_start_up_is_planned_again_from_the_second(tmp_p
     comp = write_digits(tmp_path / "comp", size=16, n=60)
     cfg = load_cfg(None, overrides=dict(competition_dir=str(comp), models_dir=str(tmp_path / "m"), experiment="w",
                                         n_folds=2, img_size=16, batch_size=16, num_workers=0, cache=False,
-                                        time_limit="600s", epochs=30, ema=False))
+                                        time_limit="600s", epochs=30, ema=False, pretrained=False))
     plain, calls = train.train_one_epoch, []
 
     # the first epoch 12 s slower: planned from it, the fold's share of 600 s (about 300 s) gives
@@ -381,7 +381,7 @@ def timed_run(tmp_path_factory):
     comp = write_digits(tmp / "comp", size=24, n=240, string_labels=True)
     config = {"competition_dir": str(comp), "models_dir": str(tmp / "models"), "submissions_dir": str(tmp / "subs"),
               "n_folds": 2, "time_limit": "80s", "quality": "fast", "img_size": 32, "batch_size": 32,
-              "num_workers": 0, "refit": "blend", "folds": [0, 1], "experiments": {"timed": {}}}  # folds: a fold ensemble, no holdout
+              "num_workers": 0, "refit": "blend", "folds": [0, 1], "pretrained": False, "experiments": {"timed": {}}}  # folds: a fold ensemble, no holdout
     path = tmp / "timed.yaml"
     path.write_text(yaml.safe_dump(config))
     rc = pipeline.main(["--config", str(path), "--stages", "01_folds", "02_train"])  # the stages a budget plans

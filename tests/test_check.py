@@ -76,7 +76,7 @@ def test_cli_reports_config_keys_and_data(bad_comp, tmp_path, capsys):
 
 def test_run_check_raises_then_remembers_a_pass(tmp_path):
     comp = write_digits(tmp_path / "comp", size=16, n=60)
-    cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), n_folds=2)
+    cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), n_folds=2, pretrained=False)
     check.run_check(cfg)
     assert freshness.stale(cfg, "check") is None  # the pass is recorded
     (comp / "test" / sorted(p.name for p in (comp / "test").iterdir())[0]).write_bytes(b"")

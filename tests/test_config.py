@@ -39,7 +39,7 @@ def test_defaults_without_a_file():
     assert cfg == CFG(competition_dir="comp")
     assert cfg.task == "classification" and cfg.metric == "accuracy"
     assert cfg.n_folds == 5 and cfg.epochs == 10 and cfg.lr == pytest.approx(1e-3)
-    assert cfg.arch == "timm" and cfg.pretrained is False
+    assert cfg.arch == "timm" and cfg.pretrained is True  # fine-tuning by default (helpers.weights finds the weights)
     assert cfg.fold_ids == [0, 1, 2, 3, 4]
 
 

@@ -172,7 +172,7 @@ def comp_dir(tmp_path_factory):
 
 
 def comp_cfg(comp, tmp_path, **kw) -> CFG:
-    return CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), **kw)
+    return CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), **{"pretrained": False, **kw})
 
 
 def test_read_train_encodes_string_labels(comp_dir, tmp_path):

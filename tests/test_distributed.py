@@ -27,7 +27,7 @@ def comp(tmp_path_factory):
 def fold_cfg(comp, models, **kw) -> CFG:
     base = dict(competition_dir=str(comp), models_dir=str(models), cache_dir=str(models / "cache"), experiment="d",
                 n_folds=2, epochs=5, img_size=32, batch_size=16, num_workers=0, arch="timm", model_name="resnet18",
-                warmup_epochs=0, lr=3e-3, augment="none")
+                warmup_epochs=0, lr=3e-3, augment="none", pretrained=False)
     return CFG(**{**base, **kw})
 
 
@@ -95,7 +95,7 @@ def test_the_runner_trains_a_fold_over_two_processes_from_its_notebook(comp, tmp
     config.write_text(yaml.safe_dump({
         "competition_dir": str(comp), "models_dir": str(tmp_path / "models"), "cache_dir": str(tmp_path / "cache"),
         "n_folds": 2, "folds": [0], "epochs": 1, "img_size": 32, "batch_size": 16, "num_workers": 0, "ddp": 2,
-        "experiment": "ddp_nb"}))
+        "experiment": "ddp_nb", "pretrained": False}))
     assert pipeline.main(["--config", str(config), "--stages", "01_folds", "02_train"]) == 0
     cfg = CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), experiment="ddp_nb", n_folds=2)
     assert artifacts.checkpoint_path(cfg, 0).exists()

@@ -22,7 +22,7 @@ def write_config(tmp_path: Path, comp: Path, **extra) -> Path:
         "competition_dir": str(comp), "models_dir": str(tmp_path / "models"),
         "submissions_dir": str(tmp_path / "submissions"), "metadata_cols": ["ink"],
         "n_folds": 2, "epochs": 1, "img_size": 32, "batch_size": 32, "num_workers": 0,
-        "lgbm_params": {"n_estimators": 30}, "submission_name": "tiny_sub",
+        "lgbm_params": {"n_estimators": 30}, "submission_name": "tiny_sub", "pretrained": False,
         "experiments": {"tiny_cnn": {"model_name": "resnet18"},
                         "tiny_hybrid": {"arch": "hybrid", "model_kwargs": {"patch_size": 8, "emb_dim": 16, "num_heads": 2},
                                         "stack_on": "embeddings"}},  # the CNN's stacker reads its OOF predictions

@@ -270,7 +270,7 @@ def comp(tmp_path):
 
 
 def sub_cfg(comp, tmp_path, **kw) -> CFG:
-    return CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), **kw)
+    return CFG(competition_dir=str(comp), models_dir=str(tmp_path / "models"), **{"pretrained": False, **kw})
 
 
 def test_make_submission_decodes_string_labels_in_sample_order(comp, tmp_path):

@@ -34,13 +34,15 @@ def comp(tmp_path):
 
 def cfg_for(comp, tmp_path, **kw) -> CFG:
     return CFG(**{**dict(competition_dir=str(comp), models_dir=str(tmp_path / "models"), submissions_dir=str(tmp_path / "subs"),
-                         cache_dir=str(tmp_path / "cache"), n_folds=2, epochs=1, img_size=16, batch_size=16, num_workers=0),
+                         cache_dir=str(tmp_path / "cache"), n_folds=2, epochs=1, img_size=16, batch_size=16, num_workers=0,
+                         pretrained=False),
                   **kw})
 
 
 def write_config(tmp_path, comp, **extra) -> Path:
     config = {"competition_dir": str(comp), "models_dir": str(tmp_path / "models"), "submissions_dir": str(tmp_path / "subs"),
-              "cache_dir": str(tmp_path / "cache"), "n_folds": 2, "epochs": 1, "img_size": 16, "num_workers": 0, **extra}
+              "cache_dir": str(tmp_path / "cache"), "n_folds": 2, "epochs": 1, "img_size": 16, "num_workers": 0,
+              "pretrained": False, **extra}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

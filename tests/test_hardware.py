@@ -111,7 +111,8 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
     of an epoch do not grow with its steps: none is in a step."""
     from timm.scheduler import create_scheduler_v2
 
-    cfg = CFG(arch="timm", model_name="resnet18", img_size=16, batch_size=4, epochs=1, warmup_epochs=0, amp_dtype="fp32")
+    cfg = CFG(arch="timm", model_name="resnet18", img_size=16, batch_size=4, epochs=1, warmup_epochs=0, amp_dtype="fp32",
+              pretrained=False)
     model = create_model(cfg, 3)
     norm = InputNorm(input_stats(cfg), "cpu")
     calls = {"item": 0, "tensor": 0}
@@ -231,7 +232,7 @@ def test_a_pretrained_model_gets_its_own_normalisation_and_interpolation(comp, t
                pretrained=True, pretrained_path=str(vit_weights), epochs=1, augment="none")
     assert input_stats(cfg) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 255.0)  # not ImageNet's
     assert create_resize(cfg).interpolation == cv2.INTER_CUBIC  # its pretrained_cfg says bicubic
-    assert input_stats(CFG(model_name="vit_tiny_patch16_224.augreg_in21k"))[0] == (0.485, 0.456, 0.406)  # from scratch
+    assert input_stats(CFG(model_name="vit_tiny_patch16_224.augreg_in21k", pretrained=False))[0] == (0.485, 0.456, 0.406)  # from scratch
     train_fold(cfg, get_folds(cfg, read_train(cfg)), 0, None)  # a ViT at 32 px: img_size reaches the model
     predictor = Predictor.from_experiment(artifacts.exp_dir(cfg))
     assert predictor.norm.mean.flatten().tolist() == [127.5] * 3  # inference normalises as training did
@@ -255,7 +256,8 @@ def test_ema_warms_up_and_both_scores_are_logged(comp, tmp_path):
 
 
 def test_the_backbone_lr_ramps_up_in_the_epoch_after_unfreezing():
-    cfg = CFG(arch="timm", model_name="resnet18", img_size=16, batch_size=4, lr=0.1, warmup_epochs=0, amp_dtype="fp32")
+    cfg = CFG(arch="timm", model_name="resnet18", img_size=16, batch_size=4, lr=0.1, warmup_epochs=0, amp_dtype="fp32",
+              pretrained=False)
     model = create_model(cfg, 3)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr)
     from timm.scheduler import create_scheduler_v2

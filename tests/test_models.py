@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # small settings per architecture, so every registered model runs in well under a second
 ARCH_KWARGS = {
-    "timm": dict(model_name="resnet18", img_size=32),
+    "timm": dict(model_name="resnet18", img_size=32, pretrained=False),
     "hybrid": dict(img_size=32, model_kwargs={"patch_size": 8}),
 }
 
@@ -204,7 +204,7 @@ def test_timm_unknown_model_name():
 
 
 def test_timm_num_features_from_backbone():
-    cfg = CFG(model_name="resnet18", img_size=32)
+    cfg = CFG(model_name="resnet18", img_size=32, pretrained=False)
     model = TimmModel(cfg, 3).eval()
     assert model.num_features == 512
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_small_images_get_a_stem_that_keeps_a_map(name, size, min_map, changes, 
     """A timm CNN's stem divides the side by 4 before its first block (a ResNet's last stage is
     1x1 at 32 px): min_feature_map gives strides back, the max-pool first; the weights keep their
     shapes (pretrained weights load as they are) and stem_changes foretells it without weights."""
-    cfg = CFG(model_name=name, img_size=size, min_feature_map=min_map)
+    cfg = CFG(model_name=name, img_size=size, min_feature_map=min_map, pretrained=False)
     model = TimmModel(cfg, 3).eval()
     assert tuple(model.stem_changes) == changes == stem_changes(cfg)
     with torch.no_grad():

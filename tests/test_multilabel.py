@@ -352,7 +352,7 @@ def ml_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ml_e2e")
     comp = write_multilabel_digits(tmp / "comp", n=400, size=32, seed=0, n_labels=3)  # learnable in seconds
     config = {"competition_dir": str(comp), "models_dir": str(tmp / "models"), "submissions_dir": str(tmp / "submissions"),
-              "target_col": "labels", "task": "multilabel", "metric": "f1_micro", "n_folds": 2, "epochs": 6,
+              "target_col": "labels", "task": "multilabel", "metric": "f1_micro", "n_folds": 2, "epochs": 6, "pretrained": False,
               "img_size": 32, "batch_size": 32, "lr": 0.005, "num_workers": 0, "lgbm_params": {"n_estimators": 40},
               "experiments": {"ml_cnn": {"arch": "hybrid", "model_kwargs": {"patch_size": 8, "emb_dim": 32, "num_heads": 2}}}}
     path = tmp / "ml.yaml"

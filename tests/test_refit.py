@@ -42,7 +42,7 @@ def test_with_refit_blends_half_or_replaces():
 
 def test_a_budget_keeps_time_for_the_refit(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="e", time_limit="100s",
-              epochs=50, n_folds=2, refit="blend")
+              epochs=50, n_folds=2, refit="blend", pretrained=False)
     budget.open_ledger([cfg], ["e/train_fold0", "e/train_fold1", "e/train_refit"])
     ledger = budget.read_ledger(cfg)
     ledger.update(after_s=10.0)
@@ -62,7 +62,7 @@ def test_a_holdout_plans_refit_gets_twice_the_folds_epochs(tmp_path):
     refit the submission: the refit is planned for HOLDOUT_REFIT times the fold's epochs."""
 
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="e", time_limit="100s",
-              epochs=1000, n_folds=5, folds=[0], refit="alone")
+              epochs=1000, n_folds=5, folds=[0], refit="alone", pretrained=False)
     assert budget.holdout(cfg) and budget.refit_x(cfg) == budget.HOLDOUT_REFIT == 2.0
     assert not budget.holdout(CFG(**{**cfg.__dict__, "time_limit": ""}))  # no budget: the CV's best epoch
     assert not budget.holdout(CFG(**{**cfg.__dict__, "folds": [0, 1]}))
@@ -88,7 +88,7 @@ def test_a_holdout_plans_refit_gets_twice_the_folds_epochs(tmp_path):
 
 def test_a_refit_waiting_with_another_experiments_folds_gets_its_weighted_share(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment="a", time_limit="100s",
-              epochs=50, n_folds=2, refit="blend")
+              epochs=50, n_folds=2, refit="blend", pretrained=False)
     budget.open_ledger([cfg], ["a/train_fold0", "a/train_fold1", "a/train_refit", "b/train_fold0", "b/train_fold1"])
     ledger = budget.read_ledger(cfg)
     ledger.update(after_s=0.0, kernels="per_experiment")  # folds one after another: one kernel per experiment
@@ -102,7 +102,7 @@ def test_the_planner_drops_the_same_fold_from_every_experiment(tmp_path, monkeyp
     monkeypatch.setattr(planning, "probe", lambda cfg, n_out, steps=3: {"train_img_s": 2000.0 / cfg.img_size * (
         0.5 if cfg.experiment == "slow" else 1.0), "infer_img_s": 5000.0, "img_size": cfg.img_size})
     cfgs = [CFG(competition_dir=str(tmp_path), models_dir=str(tmp_path / "models"), experiment=name, time_limit="4min",
-                n_folds=5, img_size=64) for name in ("fast", "slow")]
+                n_folds=5, img_size=64, pretrained=False) for name in ("fast", "slow")]
     budget.open_ledger(cfgs, [])
     plan = planning.plan_run(cfgs, (2000, 500), [10, 10])
     assert plan["folds"]["fast"] == plan["folds"]["slow"] and len(plan["folds"]["slow"]) < 5  # the ensemble needs shared OOF rows
@@ -115,7 +115,7 @@ def refitted(tmp_path_factory, one_torch_thread):
     comp = write_digits(tmp / "comp", size=16, n=90, string_labels=True)
     cfg = CFG(competition_dir=str(comp), models_dir=str(tmp / "models"), submissions_dir=str(tmp / "subs"),
               experiment="r", n_folds=2, img_size=16, batch_size=16, epochs=3, patience=3, num_workers=0,
-              model_name="resnet18", refit="blend", ensemble_method="mean", cache=False)
+              model_name="resnet18", refit="blend", ensemble_method="mean", cache=False, pretrained=False)
     folds, test = get_folds(cfg, read_train(cfg)), read_test(cfg)
     results = [train_fold(cfg, folds, k, test) for k in cfg.fold_ids]
     refit = train_refit(cfg, folds, test)

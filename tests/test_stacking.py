@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def make_cfg(tmp_path, **kw) -> CFG:
     base = dict(models_dir=str(tmp_path / "models"), competition_dir=str(tmp_path / "comp"), experiment="syn",
                 n_folds=N_FOLDS, lgbm_params=dict(n_estimators=200, learning_rate=0.1, early_stopping_round=30), seed=0,
-                stack_on="embeddings")  # the tests of the embeddings' stacker; stack_on oof below
+                stack_on="embeddings", pretrained=False)  # the tests of the embeddings' stacker; stack_on oof below
     return CFG(**{**base, **kw})
 
 

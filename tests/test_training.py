@@ -41,7 +41,8 @@ def comp(tmp_path_factory):
 def tiny_cfg(comp, tmp_path, **kw) -> CFG:
     base = dict(competition_dir=str(comp), models_dir=str(tmp_path / "models"), cache_dir=str(tmp_path / "cache"),
                 experiment="t", n_folds=2, epochs=3, img_size=32, batch_size=16, num_workers=0, lr=3e-3,
-                arch="hybrid", model_kwargs=dict(patch_size=8, emb_dim=16, num_heads=2), patience=10, warmup_epochs=0)
+                arch="hybrid", model_kwargs=dict(patch_size=8, emb_dim=16, num_heads=2), patience=10, warmup_epochs=0,
+                pretrained=False)
     return CFG(**{**base, **kw})
 
 

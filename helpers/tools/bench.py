@@ -66,7 +66,7 @@ def plain_epoch(model, loader, optimizer, device) -> None:
 def train_loop_ratio(repeats: int, device: torch.device) -> tuple[float, float, float]:
     """(ours img/s, plain img/s, ratio): medians over alternating repeats."""
     # grad_clip off: clipping is work the plain loop does not do, not loop overhead
-    cfg = CFG(arch="timm", model_name="resnet18", img_size=64, batch_size=32, epochs=10, warmup_epochs=0, amp_dtype="fp32", grad_clip=0)
+    cfg = CFG(arch="timm", model_name="resnet18", pretrained=False, img_size=64, batch_size=32, epochs=10, warmup_epochs=0, amp_dtype="fp32", grad_clip=0)
     n = cfg.batch_size * 12
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=gen), torch.randint(0, 10, (n,), generator=gen))
@@ -184,7 +184,7 @@ def gpu_throughput(steps: int = 30) -> list[tuple[str, float]]:
     device = torch.device("cuda")
     rows = []
     for amp_dtype, nhwc in (("fp32", False), ("auto", False), ("auto", True)):
-        cfg = CFG(arch="timm", model_name="efficientnet_b0", img_size=224, batch_size=128, amp_dtype=amp_dtype,
+        cfg = CFG(arch="timm", model_name="efficientnet_b0", pretrained=False, img_size=224, batch_size=128, amp_dtype=amp_dtype,
                   channels_last=nhwc, warmup_epochs=0)
         model = create_model(cfg, 1000).to(device)
         fmt = torch.channels_last if nhwc else torch.contiguous_format
@@ -218,7 +218,7 @@ def busy_share(device: torch.device, n_images: int = 2048, batch_size: int = 128
     import os
 
     workers = workers if workers is not None else max((os.cpu_count() or 2) - 1, 1)
-    cfg = CFG(arch="timm", model_name="efficientnet_b0", img_size=img_size, batch_size=batch_size, augment="medium",
+    cfg = CFG(arch="timm", model_name="efficientnet_b0", pretrained=False, img_size=img_size, batch_size=batch_size, augment="medium",
               hflip=True, channels_last=True, warmup_epochs=0, num_workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp) / "jpg", min(n_images, 512), size=img_size)
@@ -265,7 +265,8 @@ def recipe(budget_s: float, out: Path, n_train: int = 3000, n_test: int = 1000, 
     write = {"digits": write_recipe_competition, "shapes": write_shapes_competition}[competition]
     comp = write(out / "comp", n_train=n_train, n_test=n_test, **({"size": size} if size else {}))
     config = {"competition_dir": str(comp), "models_dir": str(out / "models"), "submissions_dir": str(out / "submissions"),
-              "id_col": "id", "target_col": "label", "time_limit": f"{budget_s:.0f}s"}
+              "id_col": "id", "target_col": "label", "time_limit": f"{budget_s:.0f}s",
+              "pretrained": False}  # from scratch, as the plain loop: the benchmark measures the recipe, not weights
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     start = time.perf_counter()
