@@ -214,7 +214,7 @@ def fit_ensemble(experiments: list[Experiment], y_true: np.ndarray, folds: np.nd
     return result
 
 
-def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
+def results_table(cfg: CFG, ensemble: dict | None = None, refits: set | None = None) -> pd.DataFrame:
     """Every experiment the ensemble blends (blend_dirs: experiment, model, where its weights came
     from, img_size, the epochs its folds really trained (mean) and its refit's, CV, CV mean ± std
     over folds, the training time of folds and refit), plus the ensemble's in-sample and held-out
@@ -222,8 +222,9 @@ def results_table(cfg: CFG, ensemble: dict | None = None) -> pd.DataFrame:
     rows = []
     for d in freshness.blend_dirs(cfg):
         score = artifacts.read_score(d)
-        refit = d / artifacts.REFIT / "metrics.jsonl"  # the refit's epochs and time, beside its folds'
-        refit_rows = [json.loads(line) for line in refit.read_text().splitlines()] if refit.exists() else []
+        refit = d / artifacts.REFIT / "metrics.jsonl"  # the blended refit's epochs and time, beside its folds'
+        blended = refit.exists() and (refits is None or d.name in refits)  # not an earlier run's, left on disk
+        refit_rows = [json.loads(line) for line in refit.read_text().splitlines()] if blended else []
         wall = score.get("wall_s")
         rows.append({"experiment": d.name, "model": score.get("model"), "weights": score.get("weights"),
                      "img_size": score.get("img_size"), "epochs": score.get("epochs"),
@@ -324,7 +325,7 @@ def _blend_and_submit(cfg: CFG, refits: set[str], logger: logging.Logger) -> dic
                           task_of(cfg).label_weights(cfg, classes))
     weights = pd.DataFrame({"experiment": [e.name for e in experiments], "cv": [e.score for e in experiments],
                             "weight": result["weights"]})
-    results = results_table(cfg, result)
+    results = results_table(cfg, result, set(refits))
     thresholds = result.get("thresholds")
     submission = create_submission(cfg, collection.test_ids, result["test"], classes, thresholds)
     paths = write_submission(cfg, submission, classes)

@@ -43,8 +43,8 @@ class TimmModel(nn.Module):
         if cfg.drop_path:
             kwargs["drop_path_rate"] = cfg.drop_path
         self.weights = ""  # where the weights came from (helpers.weights): said by the fold's log and score.json
-        if cfg.pretrained and cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
-            raise FileNotFoundError(f"config key 'pretrained_path': weights file not found: {Path(cfg.pretrained_path).expanduser()}")
+        if cfg.pretrained and cfg.pretrained_path and not _local(cfg.pretrained_path).is_file():
+            raise FileNotFoundError(f"config key 'pretrained_path': weights file not found: {_local(cfg.pretrained_path)}")
         if cfg.pretrained and _timm().is_model(cfg.model_name):
             from .weights import find_weights, weights_problem
 
@@ -103,7 +103,10 @@ def small_image_stem(backbone: nn.Module, img_size: int, min_map: int) -> list[s
         backbone.maxpool, reduction = nn.Identity(), reduction // 2
         changed.append("maxpool removed")
     name = backbone.pretrained_cfg.get("first_conv") if hasattr(backbone, "pretrained_cfg") else None
-    conv = backbone.get_submodule(name) if isinstance(name, str) else None
+    try:
+        conv = backbone.get_submodule(name) if isinstance(name, str) else None
+    except AttributeError:  # a stem model_kwargs changed (resnet50d with stem_type ''): no such module
+        conv = None
     if side() < min_map and isinstance(conv, nn.Conv2d) and tuple(conv.stride) == (2, 2):
         conv.stride, reduction = (1, 1), reduction // 2
         changed.append(f"{name} stride 2 -> 1")
@@ -111,11 +114,17 @@ def small_image_stem(backbone: nn.Module, img_size: int, min_map: int) -> list[s
 
 
 @functools.lru_cache(maxsize=64)
-def _stem_changes(name: str, img_size: int, min_map: int, in_chans: int) -> tuple[str, ...]:
+def _stem_changes(name: str, img_size: int, min_map: int, in_chans: int, kwargs: str) -> tuple[str, ...]:
+    import json
+
+    build = dict(json.loads(kwargs), pretrained=False, num_classes=0, in_chans=in_chans)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            backbone = _timm().create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        try:
+            with torch.device("meta"):
+                backbone = _timm().create_model(name, **build)
+        except (NotImplementedError, RuntimeError):  # older timm reads tensor values while it builds
+            backbone = _timm().create_model(name, **build)
     return tuple(small_image_stem(backbone, img_size, min_map))
 
 
@@ -124,7 +133,15 @@ def stem_changes(cfg: CFG) -> tuple[str, ...]:
     device: no weights); () for the hybrid and where timm's stem stays."""
     if cfg.arch != "timm" or not cfg.min_feature_map or not _timm().is_model(cfg.model_name):
         return ()
-    return _stem_changes(cfg.model_name, cfg.img_size, cfg.min_feature_map, cfg.in_chans)
+    import json
+
+    return _stem_changes(cfg.model_name, cfg.img_size, cfg.min_feature_map, cfg.in_chans, json.dumps(cfg.model_kwargs, sort_keys=True))
+
+
+def _local(path: str) -> Path:
+    from .weights import local_path
+
+    return local_path(path)
 
 
 def _check_weights_file(path: Path, backbone: nn.Module, name: str) -> None:
@@ -140,7 +157,11 @@ def _check_weights_file(path: Path, backbone: nn.Module, name: str) -> None:
         keys = {k.removeprefix("module.") for k in state}
     wanted = [k for k in backbone.state_dict() if not k.endswith("num_batches_tracked")]
     missing = [k for k in wanted if k not in keys]
-    if missing and len(missing) < len(wanted):  # same naming, but parts absent: another architecture
+    if len(missing) == len(wanted):  # timm would load none of them (non-strictly) and train from scratch
+        raise ValueError(f"the weights file {path} names none of model '{name}''s {len(wanted)} weights (e.g. {wanted[:2]}; "
+                         f"the file has e.g. {sorted(keys)[:2]}): a file of another layout; if its tensors follow timm's "
+                         f"in order, convert it: python -m helpers.weights convert {path} {name} <out>.safetensors")
+    if missing:  # same naming, but parts absent: another architecture
         raise ValueError(f"config key 'pretrained_path': {path} does not fit model '{name}': "
                          f"{len(missing)} of its {len(wanted)} weights are not in the file (e.g. {missing[:3]})")
 
@@ -348,7 +369,7 @@ def model_problems(cfg: CFG) -> list[str]:
     problems = []
     if cfg.arch == "timm" and not _timm().is_model(cfg.model_name):
         problems.append(unknown_model(cfg.model_name))
-    if cfg.pretrained and cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
+    if cfg.pretrained and cfg.pretrained_path and not _local(cfg.pretrained_path).is_file():
         problems.append(f"config key 'pretrained_path': weights file not found: {cfg.pretrained_path}")
     if cfg.arch == "hybrid":
         problems += hybrid_problems(cfg)

