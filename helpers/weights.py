@@ -6,8 +6,10 @@ The lookup, in order (`find_weights`):
 2. `weights_dir`: a folder (on Kaggle, a dataset of weight files) searched by the model's name
    (`convnext_tiny.fb_in22k_ft_in1k`, its architecture `convnext_tiny`, or its Hugging Face repo
    name): `<name>.safetensors` (or .pth, .bin, .pt) anywhere up to three folders down,
-   `<name>/model.safetensors` (a Hugging Face download), or the Hugging Face cache layout
-   `models--timm--<name>/snapshots/*/model.safetensors` (a copied ~/.cache/huggingface);
+   `<name>/model.safetensors` (a Hugging Face download), the Hugging Face cache layout
+   `models--timm--<name>/snapshots/*/model.safetensors` (a copied ~/.cache/huggingface), or,
+   under any folder name, a model.safetensors beside a config.json naming the model (a Hugging
+   Face download uploaded as a Kaggle dataset);
 3. the Hugging Face cache of this machine (what timm downloaded before; HF_HUB_OFFLINE is
    respected, the cache is still read);
 4. the hub (timm downloads), where it can be reached.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import socket
 import warnings
@@ -104,6 +107,25 @@ def in_folder(folder: Path, model_name: str) -> Path | None:
                 found = sorted(folder.glob(f"{depth}{name}/{f}"))
                 if found:
                     return found[0]
+    return _by_hf_config(folder, wanted)
+
+
+def _by_hf_config(folder: Path, wanted: list[str]) -> Path | None:
+    """A Hugging Face download kept as it is, under any folder name (a Kaggle dataset's name
+    cannot hold '_' or '.'): model.safetensors beside a config.json whose timm architecture and
+    tag are the model's (resnet18.a1_in1k; the architecture alone only for an untagged name)."""
+    for depth in ("", "*/", "*/*/", "*/*/*/"):
+        for config in sorted(folder.glob(f"{depth}config.json")):
+            try:
+                data = json.loads(config.read_text())
+            except (OSError, ValueError):
+                continue
+            arch = str(data.get("architecture") or "") if isinstance(data, dict) else ""
+            tag = str((data.get("pretrained_cfg") or {}).get("tag") or "") if arch else ""
+            if arch and (f"{arch}.{tag}" if tag else arch) in wanted:
+                for f in HF_FILES:
+                    if (config.parent / f).is_file():
+                        return config.parent / f
     return None
 
 

@@ -135,3 +135,19 @@ def test_weights_paths_are_the_projects_a_file_of_other_names_is_refused_and_a_m
     assert problem.startswith("experiment 'big': timm has no pretrained weights for model 'efficientnet_b6'")
     save_file({"x": torch.zeros(1)}, str(folder / "convnext_base.safetensors"))
     assert weights.in_folder(folder, "convnext_base.clip_laion2b_augreg_ft_in12k") is None
+
+
+def test_a_hugging_face_download_uploaded_as_a_dataset_is_found_by_its_config(tmp_path, resnet18_state):
+    """Kaggle dataset names hold no '_' or '.': a timm download (model.safetensors + config.json)
+    under a folder of any name is found by the config's architecture and tag, and only for that
+    model."""
+    import json
+
+    snap = tmp_path / "input" / "resnet18-weights"
+    snap.mkdir(parents=True)
+    save_file(resnet18_state, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text(json.dumps({"architecture": "resnet18", "pretrained_cfg": {"tag": "a1_in1k"}}))
+    assert weights.in_folder(tmp_path / "input", "resnet18") == snap / "model.safetensors"
+    assert weights.in_folder(tmp_path / "input", "resnet18.a1_in1k") == snap / "model.safetensors"
+    assert weights.in_folder(tmp_path / "input", "resnet18.tv_in1k") is None  # another tag: other weights
+    assert weights.in_folder(tmp_path / "input", "resnet34") is None
