@@ -52,6 +52,9 @@ class Pacer(Callback):
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.process_start
 
+    def on_row(self, run: FoldRun, row: dict) -> None:
+        row["time_limit_s"] = budget.limit_s(run.cfg)  # what a longer time_limit compares (budget.undertrained)
+
     def on_epoch_end(self, run: FoldRun, row: dict) -> None:
         state, done = run.state, run.state["epoch"]
         if run.procs.main:

@@ -302,7 +302,6 @@ class FoldRun:
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6),
                **({} if self.refit else {"valid_loss": round(self.valid_loss, 6), "metric": round(self.score, 6)}),
                "lr": max(g["lr"] for g in self.optimizer.param_groups), "time_s": 0.0, "mem_MiB": round(_memory_mib(self.device), 1),
-               **({"time_limit_s": budget.limit_s(cfg)} if cfg.time_limit else {}),  # what a longer time_limit compares
                **({"weights": self.weights_from} if epoch == 0 else {})}  # where they came from: score.json says it
         for cb in callbacks:
             cb.on_row(self, row)

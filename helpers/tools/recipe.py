@@ -69,6 +69,14 @@ def _render(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
     return (canvas[..., None] * (tint / tint.max())).clip(0, 255).astype(np.uint8)
 
 
+def _write_tables(out: Path, train: pd.DataFrame, solution: pd.DataFrame, placeholder: str) -> Path:
+    """train.csv, test.csv (ids), solution.csv and sample_submission.csv (every row `placeholder`)."""
+    for name, df in (("train", train), ("test", solution[["id"]]), ("solution", solution),
+                     ("sample_submission", solution[["id"]].assign(label=placeholder))):
+        atomic_to_csv(df, out / f"{name}.csv")
+    return out
+
+
 def write_recipe_competition(out_dir: str | Path, n_train: int = 3000, n_test: int = 1000, size: int = 64,
                              seed: int = 0) -> Path:
     """Write the recipe competition to out_dir: n_train and n_test renderings of the 1797 digits,
@@ -88,11 +96,7 @@ def write_recipe_competition(out_dir: str | Path, n_train: int = 3000, n_test: i
             cv2.imwrite(str(out / split / f"{image_id}.png"), _render(digits.images[k], size, rng))
         frames[split] = pd.DataFrame({"id": ids, "label": [NAMES[y] for y in digits.target[picks]]})
         start += n
-    train, solution = frames["train"], frames["test"]
-    for name, df in (("train", train), ("test", solution[["id"]]), ("solution", solution),
-                     ("sample_submission", solution[["id"]].assign(label=NAMES[0]))):
-        atomic_to_csv(df, out / f"{name}.csv")
-    return out
+    return _write_tables(out, frames["train"], frames["test"], NAMES[0])
 
 
 SHAPES = ["circle", "ring", "square", "frame", "triangle", "cross", "plus", "star", "bar", "crescent"]
@@ -157,11 +161,7 @@ def write_shapes_competition(out_dir: str | Path, n_train: int = 3000, n_test: i
             cv2.imwrite(str(out / split / f"{image_id}.png"), _shape(SHAPES[k], size, rng))
         frames[split] = pd.DataFrame({"id": ids, "label": [SHAPES[k] for k in kinds]})
         start += n
-    train, solution = frames["train"], frames["test"]
-    for name, df in (("train", train), ("test", solution[["id"]]), ("solution", solution),
-                     ("sample_submission", solution[["id"]].assign(label=SHAPES[0]))):
-        atomic_to_csv(df, out / f"{name}.csv")
-    return out
+    return _write_tables(out, frames["train"], frames["test"], SHAPES[0])
 
 
 def _read_images(folder: Path, ids, size: int | None = None, gray: bool = False) -> np.ndarray:
