@@ -6,7 +6,7 @@ CONFIG ?= configs/digits.yaml
 
 OLDEST := .venv-oldest
 
-.PHONY: setup run test test-oldest demo notebooks clean
+.PHONY: setup run test test-oldest demo notebooks clean browser
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ demo: setup  ## build the demo competition inputs/digits/ from scikit-learn's di
 run: demo  ## the main job: every notebook through the runner on the demo, then the scores
 	$(PY) -m helpers.pipeline --config $(CONFIG)
 
-test: setup  ## the test suite
+browser:  ## Debian's headless Chromium for the report's browser test, where it can be installed (else that check is skipped)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium ) >/dev/null 2>&1 \
+	  || echo "chromium could not be installed: the report's browser check will be skipped"; }
+
+test: setup browser  ## the test suite
 	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers (the suite fits CI's 10 minutes on 2 cores), each test file in one
 
 $(OLDEST)/.installed: requirements-oldest.txt pyproject.toml

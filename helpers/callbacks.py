@@ -143,12 +143,15 @@ class MetricsLog(Callback):
     """metrics.jsonl (one line per epoch, rewritten whole: atomic) and the fold's log line."""
 
     def on_epoch_end(self, run: FoldRun, row: dict) -> None:
+        row["epochs"] = run.epochs  # what the fold is planned for by now (time_limit plans it): the runner's progress
         if run.procs.main:
             artifacts.write_metrics(run.cfg, run.fold, run.state["history"])
         metric = "" if run.refit else (f"valid_loss {row['valid_loss']:.4f} {run.cfg.metric} {run.score:.5f}"
                                        f"{' *' if run.improved else ''} ")
+        pace = [r["time_s"] for r in run.state["history"][1:]] or [row["time_s"]]  # the first pays for start-up
+        left = (run.epochs - run.state["epoch"]) * sum(pace) / len(pace)
         run.logger.info(f"{run.name} epoch {run.state['epoch']}/{run.epochs}: train_loss {row['train_loss']:.4f} {metric}"
-                        f"({row['time_s']:.1f}s)")
+                        f"({row['time_s']:.1f}s" + (f", {run.name} ~{left:.0f}s left)" if left > 0 else ")"))
 
 
 class WandbLog(Callback):

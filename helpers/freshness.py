@@ -276,7 +276,10 @@ def explain(cfg: CFG, old: dict, new: dict) -> str:
     for f in sorted(set(old.get("files", {})) | set(new["files"])):
         if old.get("files", {}).get(f) != new["files"].get(f):
             changes.append(f"{f} changed")
-    for u in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
+    gone = sorted(set(old.get("upstream", {})) - set(new["upstream"]))
+    if gone and not changes:  # the outputs of another run (another competition's, in a shared models folder) are not named
+        changes.append(f"{', '.join(gone)} no longer among its inputs")
+    for u in sorted(new["upstream"]):
         if old.get("upstream", {}).get(u) != new["upstream"].get(u):
             kind, part = parse_name(u)
             pending = str(new["upstream"].get(u, "")).startswith("pending")

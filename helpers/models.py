@@ -12,7 +12,6 @@ import difflib
 import functools
 import inspect
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -117,14 +116,9 @@ def small_image_stem(backbone: nn.Module, img_size: int, min_map: int) -> list[s
 def _stem_changes(name: str, img_size: int, min_map: int, in_chans: int, kwargs: str) -> tuple[str, ...]:
     import json
 
-    build = dict(json.loads(kwargs), pretrained=False, num_classes=0, in_chans=in_chans)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.device("meta"):
-                backbone = _timm().create_model(name, **build)
-        except (NotImplementedError, RuntimeError):  # older timm reads tensor values while it builds
-            backbone = _timm().create_model(name, **build)
+    from .timmlib import bare_model
+
+    backbone = bare_model(name, **dict(json.loads(kwargs), num_classes=0, in_chans=in_chans))
     return tuple(small_image_stem(backbone, img_size, min_map))
 
 
@@ -332,13 +326,9 @@ def _timm_pretrained_cfg(name: str) -> dict:
     on the meta device: no weights, no download, deprecated names resolved as timm does (on the
     CPU where an older timm reads a tensor's values while it builds: ConvNeXt's drop-path rates
     in timm 1.0.3)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.device("meta"):
-                return dict(_timm().create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
-        except (NotImplementedError, RuntimeError):
-            return dict(_timm().create_model(name, pretrained=False, num_classes=0).pretrained_cfg)
+    from .timmlib import bare_model
+
+    return dict(bare_model(name, num_classes=0).pretrained_cfg)
 
 
 def pretrained_data_config(cfg: CFG) -> dict | None:

@@ -23,11 +23,12 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from . import artifacts, budget, freshness
+from . import artifacts, budget, freshness, progress
 from .config import CFG, ROOT, config_layers, experiment_names, load_cfg
 from .configfile import parse_set
 from .executors import Job, NotebookFailed, RunLocked, choose_gpus, execute, execute_on_gpus, execute_on_ray, gpu_slots, run_lock
@@ -150,6 +151,9 @@ def summary(cfgs: list[CFG]) -> str:
         if s.get("local_lb") is not None:
             lines.append(f"{'local leaderboard (solution.csv)':<34} {s['metric']:<9} {s['local_lb']:>9.5f}")
         lines.append(f"submission: {s['submission']}; all results: {artifacts.results_path(cfgs[0])}")
+        report = Path(s["submission"]).parent / "report.html"
+        if report.is_file():
+            lines.append(f"the run's report (open it in a browser): {report}")
     return "\n".join(lines)
 
 
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="local: this machine (folds in parallel, one per GPU); ray: every notebook as a Ray task")
     parser.add_argument("--address", help="with --executor ray: the cluster to join ('auto', or host:port); default a local Ray")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command that goes on after Ctrl-C
     if version_problems():
         print("\n".join(version_problems()), file=sys.stderr)
         return 2
@@ -222,13 +227,26 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
             return 2
     try:
         Runner(args, jobs, gpus).run()
+    except KeyboardInterrupt:
+        return stopped(args)
     except NotebookFailed as e:
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C reached the notebook's kernel first
+            return stopped(args)
         print("FAILED")
         print(str(e), file=sys.stderr)
         return 1
     if not args.dry_run:
         report(jobs, start)
     return 0
+
+
+def stopped(args: argparse.Namespace) -> int:
+    """Ctrl-C: what finished is kept (every stage's outputs, each epoch's last.pt); the same
+    command goes on from there."""
+    again = shlex.join(["python", "-m", "helpers.pipeline", *(args.argv or [])])
+    print(f"\nstopped (Ctrl-C). Nothing finished is lost: each finished stage is kept, and a fold stopped mid-way "
+          f"resumes from its last finished epoch (last.pt). To go on: {again}", file=sys.stderr, flush=True)
+    return 130
 
 
 def before_work(args: argparse.Namespace, jobs: list[Job], gpus: list[str], start: float) -> list[Job]:
@@ -282,17 +300,27 @@ class Runner:
                 print(f"{head} {where} (parallel) ({why})", flush=True)
                 self.pending.append(job)
             else:
-                print(f"{head} ({why})", end=" ", flush=True)
-                self.one(job)
+                print(f"{head} ({why})", end="\n" if job.stage == TRAIN else " ", flush=True)
+                self.one(job, i)
         self.flush()
 
-    def one(self, job: Job) -> None:
-        """A job alone; a kernel of several folds marks its start in the ledger (its folds count it)."""
+    def later_epochs(self, i: int) -> float:
+        """The epochs of the training jobs after the i-th (1-based) that are not up to date: the
+        run's time left without time_limit, at this job's pace."""
+        return sum(p.planned for job in self.jobs[i:] if job.stage == TRAIN and (self.args.force or stale(job))
+                   for p in progress.parts_of(job.cfg, job.parameters.get("fold")))
+
+    def one(self, job: Job, i: int) -> None:
+        """A job alone, a training job with its progress shown (helpers.progress); a kernel of
+        several folds marks its start in the ledger (its folds count it)."""
         merged = isinstance(job.parameters.get("fold"), list)
         if job.cfg.time_limit and merged:  # its folds count its start, spent before they record a second
             budget.kernel_started(job.cfg, budget_keys(job))
-        seconds = execute_on_ray([job], self.args.address)[0] if self.ray else execute(job)
-        print(f"{seconds:.1f}s", flush=True)
+        watch = progress.Watch(progress.parts_of(job.cfg, job.parameters.get("fold")), self.later_epochs(i)) \
+            if job.stage == TRAIN else contextlib.nullcontext()
+        with watch:
+            seconds = execute_on_ray([job], self.args.address)[0] if self.ray else execute(job)
+        print(f"    {job.label} took {seconds:.1f}s" if job.stage == TRAIN else f"{seconds:.1f}s", flush=True)
         if job.cfg.time_limit and merged:  # the folds recorded their own time: the kernel's start is the rest
             budget.kernel_ended(job.cfg, seconds)
         elif job.cfg.time_limit:
@@ -303,7 +331,10 @@ class Runner:
         if not self.pending:
             return
         batch, self.pending = self.pending, []
-        seconds = execute_on_ray(batch, self.args.address) if self.ray else execute_on_gpus(batch, self.gpus)
+        with contextlib.ExitStack() as watching:  # each fold's progress, as lines (several bars would fight)
+            for job in batch:
+                watching.enter_context(progress.Watch(progress.parts_of(job.cfg, job.parameters.get("fold")), tty=False))
+            seconds = execute_on_ray(batch, self.args.address) if self.ray else execute_on_gpus(batch, self.gpus)
         if batch[0].cfg.time_limit:
             for job, s in zip(batch, seconds):
                 budget.spend(job.cfg, budget_key(job), s)
@@ -373,6 +404,7 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
         ledger["spent"]["runner/imports"] = round(ledger["spent"].get("runner/imports", 0.0) + imports_s, 2)  # before the clock
     budget.write_ledger(cfgs[0], ledger)
     budget.add(cfgs[0], "runner/checks", time.perf_counter() - start)
+    planning = time.perf_counter()
     plan = plan_run(cfgs, rows, n_outs)  # logs each change it makes
     print(f"time_limit {cfgs[0].time_limit}: {budget.spent_s(budget.read_ledger(cfgs[0])):.0f}s of "
           f"{ledger['limit_s']:.0f}s spent; "
@@ -383,6 +415,9 @@ def plan_budget(args: argparse.Namespace, cfgs: list[CFG], start: float, gpus: l
     jobs = [more_epochs(job, plan) for job in globals()["plan"](args.config, overrides, args.experiments, args.stages)]
     ledger = budget.read_ledger(cfgs[0])
     ledger["train_jobs"] = [budget_key(j) for j in jobs if j.stage == TRAIN and (args.force or stale(j))]  # to train
+    # the plan's own probes (each cut probes again) and LightGBM timing: spent before the first notebook, so the
+    # folds' epochs, planned from the time left, leave room for it (on the fine-tuning benchmark, 15 s of 300)
+    ledger["spent"]["runner/plan"] = round(ledger["spent"].get("runner/plan", 0.0) + time.perf_counter() - planning, 2)
     budget.write_ledger(cfgs[0], ledger)
     return jobs
 

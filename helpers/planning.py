@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import artifacts
-from .budget import (HOLDOUT_REFIT, MIN_EPOCHS, NOTEBOOK_S, _epoch_s, _pretrained, _start_up, holdout, min_epochs, notebook_s,
+from .budget import (HOLDOUT_REFIT, NOTEBOOK_S, _epoch_s, _pretrained, _start_up, holdout, min_epochs, notebook_s,
                      read_ledger, refit_cost, refit_weight, spent_s, write_ledger)
 from .config import CFG
 from .models import create_model, model_problems, stem_changes
@@ -35,9 +35,9 @@ from .tasks import task_of
 # fewer epochs per fold than this: one holdout fold and a refit on all rows instead of a fold
 # ensemble (on the recipe benchmark, 3 folds of 23 epochs scored 0.963 on its test set, one
 # model of 31 epochs on every row 0.978: a model from scratch gains from rows and epochs up to
-# 40-50 epochs, more than from an ensemble of undertrained folds). Fine-tuning pretrained weights
-# is not measured here: its folds are kept whenever they get MIN_EPOCHS
-WELL_TRAINED = {"pretrained": MIN_EPOCHS["pretrained"], "scratch": 40}
+# 40-50 epochs, more than from an ensemble of undertrained folds). Fine-tuned pretrained weights
+# are near their best after 6 (budget.MIN_EPOCHS); from 3 to 6 a holdout and a refit
+WELL_TRAINED = {"pretrained": 6, "scratch": 40}
 
 
 MIN_IMG_SIZE = 32
@@ -228,12 +228,18 @@ def plan_run(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int], logger: 
                   after_work={k: round(v, 2) for k, v in after_work(trials, planner.rates, rows).items()})
     write_ledger(cfgs[0], ledger)
     logger.info(f"time_limit {cfgs[0].time_limit} ({ledger['limit_s']:.0f}s, {planner.left:.0f}s left): "
-                + "; ".join(f"{c.experiment}: {c.img_size} px, folds {c.fold_ids}, about "
+                + "; ".join(f"{c.experiment} ({_wants(c)}): {c.img_size} px, folds {c.fold_ids}, about "
                             f"{min(splits[c.experiment][0], c.epochs):.1f} epochs per fold"
                             + (f" and {min(plan['refit_epochs'][c.experiment], c.epochs):.1f} for its refit" if holdout(c) else "")
                             for c in trials)
                 + f"; {ledger['after_s']:.0f}s kept for features, stacking and the ensemble")
     return plan
+
+
+def _wants(cfg: CFG) -> str:
+    """What the plan gave the model's epochs for: fine-tuning wants far fewer than from scratch."""
+    return (f"{'fine-tuning pretrained weights' if _pretrained(cfg) else 'from scratch'}: {min_epochs(cfg)} epochs at least, "
+            f"{well_trained(cfg)} for a fold ensemble")
 
 
 def _probe_all(cfgs: list[CFG], rows: tuple[int, int], n_outs: list[int]) -> dict:

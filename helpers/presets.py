@@ -2,6 +2,8 @@
 ('medium' when only time_limit is set)."""
 from __future__ import annotations
 
+import functools
+
 
 # AutoGluon-style presets: defaults under the user's own keys. What each picks, and why:
 # - fast: resnet18 at 128 px, 3 folds, 12 epochs: a strong, cheap CNN; 3 folds leave most of
@@ -35,6 +37,62 @@ QUALITY_COMMON = {"warmup_epochs": 1, "scheduler": "cosine", "optimizer": "adamw
 # without the max-pool 0.853 (20), CIFAR's stem 0.541 (6) (docs/time_limit.md, "Small images")
 
 
+# FINETUNE: a pretrained timm model (pretrained: true, the default) is fine-tuned under any preset:
+# the head at `lr`, the backbone at backbone_lr_scale of it, one warm-up epoch, stochastic depth 0.1,
+# fewer epochs. A CNN's BatchNorm trains with the batch (it adapts to the new images; the presets'
+# batches are 32-64). What the rates are from: tf_efficientnet_lite1 fine-tuned on the recipe
+# benchmark's 64 px digits (docs/training.md, "Fine-tuning recipe"): one fold of 8 epochs scored
+# 0.975 on the test set at 1e-2 for every weight, 0.970 at 1e-2 for the head and 3e-3 for the
+# backbone, 0.973 at 3e-3 for every weight; the plain loop at one rate, 300 s: 0.530 at 1e-3, 0.793
+# at 3e-3, 0.943 at 1e-2. Images unlike ImageNet's want rates near from-scratch ones (Li et al.,
+# "Rethinking the hyperparameters for fine-tuning", 2020); the backbone's lower rate keeps what
+# it knows where the images are like ImageNet's.
+FINETUNE = {"lr": 1e-2, "backbone_lr_scale": 0.3, "warmup_epochs": 1, "drop_path": 0.1}
+# the layer-decay models (ViT, Swin, ConvNeXt, below): AdamW at timm's fine-tuning rates, the decay
+# lowering the backbone's (their rates at the head: 1e-3 and less in timm's and the papers' recipes)
+FINETUNE_LAYER_DECAY = {"lr": 1e-3, "backbone_lr_scale": 1.0}
+FINETUNE_EPOCHS = {"fast": 8, "medium": 12, "best": 20}  # without time_limit: fine-tuning converges in few epochs
+# layer-wise LR decay (timm's param_groups_layer_decay) for the models whose recipes use it: ViT,
+# DeiT, BEiT, EVA, Swin, ConvNeXt and their kin. The decay per layer is the one that takes the first
+# layer to LAYER_DECAY_FLOOR of the last, whatever the depth: ConvNeXt's paper fine-tunes at 0.8 over
+# 12 layer groups (0.8^11 = 0.086), but timm counts 30 layers in convnext_small (0.8^29 = 0.0016)
+LAYER_DECAY_FLOOR, LAYER_DECAY_MODULES = 0.8 ** 11, ("vision_transformer", "vision_transformer_hybrid", "deit", "beit", "eva", "cait",
+                                         "xcit", "swin_transformer", "swin_transformer_v2", "convnext", "hiera", "maxxvit",
+                                         "davit", "focalnet", "efficientformer", "efficientformer_v2", "tiny_vit", "mvitv2")
+
+
+def finetune_preset(values: dict, quality: str, model_name: str, gpu: bool) -> dict:
+    """What a pretrained timm model's preset changes: FINETUNE, FINETUNE_EPOCHS[quality], layer
+    decay for the families above, and on a GPU the model's own input size (timm's pretrained_cfg)
+    where the model is yours and the size is not; {} for a model from scratch or the hybrid."""
+    if values.get("arch", "timm") != "timm" or not values.get("pretrained", True):
+        return {}
+    import timm
+
+    if not timm.is_model(model_name):  # models.model_problems names it
+        return {}
+    recipe = {**FINETUNE, "epochs": FINETUNE_EPOCHS[quality]}
+    if timm.models.is_model_in_modules(model_name.split(".")[0], LAYER_DECAY_MODULES):  # the architecture, not its tag
+        recipe.update(FINETUNE_LAYER_DECAY, layer_decay=layer_decay(model_name))
+    if gpu and "model_name" in values:
+        recipe["img_size"] = int(timm.models.get_pretrained_cfg(model_name).input_size[-1])
+    return recipe
+
+
+@functools.lru_cache(maxsize=16)
+def layer_decay(model_name: str) -> float:
+    """The decay per layer that gives timm's first layer group LAYER_DECAY_FLOOR of the last's LR
+    (the layers counted by timm's own param_groups_layer_decay, on a model without memory)."""
+    import math
+
+    from .timmlib import bare_model, param_groups_layer_decay
+
+    model = bare_model(model_name)
+    lowest = min(g["lr_scale"] for g in param_groups_layer_decay(model, 0.0, layer_decay=0.5))
+    layers = round(math.log(lowest, 0.5)) + 1
+    return round(LAYER_DECAY_FLOOR ** (1 / max(layers - 1, 1)), 3)
+
+
 def with_quality(values: dict) -> dict:
     """The settings with their quality preset's defaults under them ('medium' when only
     time_limit is set); label smoothing for classification only; with time_limit, the epochs
@@ -44,7 +102,9 @@ def with_quality(values: dict) -> dict:
         return values
     import torch  # imported here: reading a config with no preset needs no torch (the runner times its imports)
 
-    preset = {**QUALITY_COMMON, **QUALITY[quality], **({} if torch.cuda.is_available() else QUALITY_CPU[quality])}
+    gpu = torch.cuda.is_available()
+    preset = {**QUALITY_COMMON, **QUALITY[quality], **(QUALITY_CPU[quality] if not gpu else {})}
+    preset.update(finetune_preset(values, quality, values.get("model_name", preset["model_name"]), gpu))
     if values.get("task", "classification") == "classification":
         preset["label_smoothing"] = 0.1
     if values.get("time_limit"):  # the budget sets the epochs (your `epochs`, if any, is the most) and the

@@ -21,10 +21,6 @@ import torch
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
-try:
-    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-except ImportError:  # timm < 1.0.10 keeps them in optim_factory (Kaggle's and Colab's images lag PyPI)
-    from timm.optim.optim_factory import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -59,6 +55,7 @@ from .runtime import (
     setup_device,
 )
 from .tasks import task_of
+from .timmlib import param_groups_layer_decay, param_groups_weight_decay
 from .transforms import InputNorm, device_augment, input_stats
 from .utils import get_logger
 

@@ -41,6 +41,7 @@ from helpers import artifacts, plots, setup
 from helpers.budget import apply_plan
 from helpers.config import experiment_names, load_cfg
 from helpers.ensemble import run_ensemble
+from helpers.report import write_report
 
 cfg, logger = setup(config_path, experiment, overrides)
 out = artifacts.ensemble_dir(cfg)
@@ -69,3 +70,12 @@ plots.correlation_heatmap(ensemble["correlation"], out / "correlation.png");
 display(ensemble["submission"].head())
 lb = ensemble["local_lb"]
 print(f"wrote {', '.join(map(str, ensemble['paths']))}" + (f"; local LB {cfg.metric}: {lb:.5f}" if lb is not None else ""))
+
+# %% [markdown]
+# ## The run's report
+# One HTML file beside the submission, images inline: the results, the blend, the time each
+# stage took, and per experiment its weights, its settings that differ from the defaults, its
+# learning curves and its error analysis.
+
+# %%
+print(f"the run's report: {write_report(cfg, members, ensemble)}")

@@ -4,6 +4,7 @@ the runner that stays within its limit."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -44,6 +45,30 @@ def test_quality_presets_sit_under_the_users_keys(tmp_path):
     plain = load_cfg(path, overrides={"quality": ""})
     assert (plain.model_name, plain.ema, plain.label_smoothing) == (CFG().model_name, False, 0.0)  # no preset: the defaults
 
+
+
+def test_a_pretrained_model_gets_the_fine_tuning_recipe(tmp_path):
+    """Under a preset, pretrained weights are fine-tuned (presets.FINETUNE): the backbone below
+    the head's LR, stochastic depth, fewer epochs; layer decay for ConvNeXt and ViT-style models,
+    taking timm's first layer to the same floor whatever their depth; on a GPU, a model you name
+    at its own input size. A model from scratch keeps the preset as it was."""
+    from helpers import presets
+
+    base = {"competition_dir": str(tmp_path), "quality": "medium"}
+    cnn = load_cfg(None, overrides={**base, "model_name": "resnet50d"})
+    assert (cnn.lr, cnn.backbone_lr_scale, cnn.drop_path, cnn.epochs, cnn.layer_decay) == (
+        presets.FINETUNE["lr"], presets.FINETUNE["backbone_lr_scale"], presets.FINETUNE["drop_path"], presets.FINETUNE_EPOCHS["medium"], 0.0)
+    assert cnn.lr * cnn.backbone_lr_scale < cnn.lr  # the backbone below the head
+    tuned = load_cfg(None, overrides={**base, "model_name": "convnext_tiny"})
+    assert (tuned.lr, tuned.backbone_lr_scale) == (presets.FINETUNE_LAYER_DECAY["lr"], 1.0)  # the layer decay lowers the backbone
+    for name in ("convnext_tiny", "convnext_small", "vit_small_patch16_224"):  # 16, 30 and 14 layers in timm's count
+        decay = load_cfg(None, overrides={**base, "model_name": name}).layer_decay
+        assert 0.8 < decay < 0.95 and abs(decay ** round(math.log(presets.LAYER_DECAY_FLOOR, decay)) - presets.LAYER_DECAY_FLOOR) < 0.01
+    assert load_cfg(None, overrides={**base, "model_name": "convnext_small"}).layer_decay > tuned.layer_decay  # deeper: less per layer
+    own = load_cfg(None, overrides={**base, "model_name": "tf_efficientnet_lite1", "lr": 5e-3})
+    assert own.lr == 5e-3 and own.img_size == (240 if torch.cuda.is_available() else 64)  # your keys win; its own size on a GPU
+    scratch = load_cfg(None, overrides={**base, "model_name": "convnext_tiny", "pretrained": False})
+    assert (scratch.backbone_lr_scale, scratch.layer_decay, scratch.epochs) == (1.0, 0.0, presets.QUALITY["medium"]["epochs"])
 
 def test_time_limit_is_not_what_a_fold_is_made_from(tmp_path):
     cfg = CFG(competition_dir=str(tmp_path), time_limit="1h")

@@ -2,16 +2,20 @@
 with string labels and a metadata column, 2 folds, 1 epoch, two models."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from helpers import executors, freshness, pipeline
 from helpers.tools.demo import write_digits
@@ -58,7 +62,8 @@ def test_runner_runs_every_notebook(tiny_run):
         for k in (0, 1):
             assert (d / f"fold{k}" / "best.pt").exists() and not (d / f"fold{k}" / "last.pt").exists()  # best weights only
             lines = (d / f"fold{k}" / "metrics.jsonl").read_text().splitlines()
-            assert set(json.loads(lines[0])) == {"epoch", "train_loss", "valid_loss", "metric", "lr", "time_s", "mem_MiB", "weights"}
+            assert set(json.loads(lines[0])) == {"epoch", "train_loss", "valid_loss", "metric", "lr", "time_s", "mem_MiB", "weights",
+                                               "epochs"}  # epochs: the fold's plan, for the runner's progress
         oof = pd.read_csv(d / "oof.csv")
         assert len(oof) == len(pd.read_csv(comp / "train.csv")) and set(oof["fold"]) == {0, 1}
         logits = np.load(d / "oof_logits.npy")  # raw outputs, rows as in oof.csv (no TTA here)
@@ -544,3 +549,85 @@ def test_one_experiment_can_still_be_packaged_alone(tiny_run, tmp_path):
     names = [c[len("prob_"):] for c in direct.columns if c.startswith("prob_")]
     expected = np.asarray(names)[direct.set_index("id").loc[sub["id"]].filter(like="prob_").to_numpy().argmax(1)]
     assert (expected == sub["label"].to_numpy()).mean() >= 0.95  # fp16 weights: the same labels, a tie aside
+
+
+def test_the_ensembles_reasons_concern_this_run(tiny_run):
+    """A models folder shared by two competitions: the ensemble's stamp of the other one's run
+    names its own changed data, not the other competition's experiments (issue 29 item 3)."""
+    from helpers.config import load_cfg
+
+    tmp, comp, _ = tiny_run
+    cfg = load_cfg(tmp / "tiny.yaml")
+    now = {"keys": {"metric": "accuracy"}, "files": {"train.csv": "b"}, "upstream": {"experiment_mine": "1"}}
+    other = {"keys": {"metric": "accuracy"}, "files": {"train.csv": "a"}, "upstream": {"experiment_digits_hybrid": "9"}}
+    why = freshness.explain(cfg, other, now)
+    assert "digits_hybrid" not in why and "train.csv changed" in why and "experiment_mine was remade" in why
+    dropped = freshness.explain(cfg, {**now, "upstream": {**now["upstream"], "experiment_gone": "2"}}, now)
+    assert dropped == "experiment_gone no longer among its inputs"  # same data: an experiment dropped is said
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_go_on(tiny_run, capsys, monkeypatch):
+    tmp, comp, _ = tiny_run
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "execute", interrupted)
+    capsys.readouterr()
+    rc = pipeline.main(["--config", str(tmp / "tiny.yaml"), "--force", "--stages", "00_eda"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "stopped (Ctrl-C)" in err and "resumes from its last finished epoch" in err
+    assert f"To go on: python -m helpers.pipeline --config {tmp / 'tiny.yaml'} --force --stages 00_eda" in err
+    monkeypatch.undo()
+    assert pipeline.main(["--config", str(tmp / "tiny.yaml"), "--stages", "00_eda"]) == 0  # the lock was let go; nothing lost
+    assert "00_eda [tiny_cnn] ... up to date" in capsys.readouterr().out
+
+
+class _Tags(HTMLParser):
+    """Well-formedness: every element that must be closed is, in order; the images' sources."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.open, self.errors, self.images = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.open[-1] if self.open else None}>")
+        else:
+            self.open.pop()
+
+
+def test_the_run_writes_a_self_contained_report(tiny_run, tmp_path):
+    """05_ensemble writes report.html beside the submission: valid HTML, every image inline, the
+    results table with every experiment, the blend, the time per stage, where weights came from
+    and the settings that differ from the defaults; a real browser draws it (issue 29 item 2)."""
+    tmp, comp, _ = tiny_run
+    report = tmp / "submissions" / "report.html"
+    page = report.read_text()
+    tags = _Tags()
+    tags.feed(page)
+    assert page.startswith("<!DOCTYPE html>") and not tags.errors and not tags.open, (tags.errors, tags.open)
+    assert tags.images and all(src.startswith("data:image/png;base64,") for src in tags.images)  # nothing outside the file
+    assert len(tags.images) >= 2 + 2 * 2  # the blend's two figures, each CNN's learning curves per fold
+    for name in ("tiny_cnn", "tiny_hybrid", "ensemble (hill, held-out)", "folds mean ± std", "Time per stage"):
+        assert html.escape(name) in page, name
+    assert "confusion matrix" in page and "pretrained" in page  # the error analysis; a setting not the default
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here (make test installs Debian's chromium where it can): the browser check is skipped")
+    shot = tmp_path / "report.png"
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600"]
+    dom = subprocess.run(args + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and 'id="results-table"' in dom.stdout and "tiny_cnn" in dom.stdout, dom.stderr[-2000:]
+    drawn = subprocess.run(args + [f"--screenshot={shot}", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert drawn.returncode == 0 and shot.is_file(), drawn.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1600, 1200) and pixels.std() > 10  # the page drew text, tables and figures, not a blank

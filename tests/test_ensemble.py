@@ -391,3 +391,18 @@ def test_a_binary_column_named_after_a_class_gets_that_class_probability(comp, t
     sub = create_submission(cfg, pd.Series(["a", "b"]), np.array([[0.9, 0.1], [0.3, 0.7]]), ["cat", "dog"])
     np.testing.assert_allclose(sub["cat"], [0.9, 0.3])
     assert local_lb(cfg, sub, ["cat", "dog"]) == pytest.approx(1.0)
+
+
+def test_a_stacker_is_not_blended_while_its_cnn_submits_its_refit_alone(tmp_path):
+    """Fold 0's OOF rows would weigh the refit as if it were the fold model: on the fine-tuning
+    benchmark the blend that gave the stacker half the weight scored 0.922, the refit alone 0.969."""
+    from helpers import ensemble
+
+    stacker = tmp_path / "exp_lgbm"
+    stacker.mkdir()
+    (stacker / "stacker.json").write_text('{"source": "exp", "features_from": "folds", "stack_on": "embeddings"}')
+    alone, blended = CFG(competition_dir=str(tmp_path), refit="alone"), CFG(competition_dir=str(tmp_path), refit="blend")
+    why = ensemble._judged_on_other_models(alone, [stacker, tmp_path / "exp"], {"exp"})
+    assert list(why) == [stacker] and "refit: alone" in why[stacker]
+    assert ensemble._judged_on_other_models(alone, [stacker], set()) == {}  # the refit is not blended: the folds' are
+    assert ensemble._judged_on_other_models(blended, [stacker], {"exp"}) == {}  # half the CNN's test predictions are the folds'

@@ -190,22 +190,27 @@ def pixel_baseline(out_dir: str | Path) -> float:
 
 
 class _PlainLoop:
-    """The plain loop's data (all of it on the device), model, optimizer and steps."""
+    """The plain loop's data (all of it on the device), model, optimizer and steps: timm's
+    resnet18 from scratch at lr 2e-3, or `model_name` with the weights file `weights` (timm's
+    pretrained_cfg file overlay, the model's own mean and std) at `lr`."""
 
-    lr, batch_size, div_factor = 2e-3, 64, 25.0
+    batch_size, div_factor = 64, 25.0
 
-    def __init__(self, comp: Path, img_size: int | None, seed: int):
+    def __init__(self, comp: Path, img_size: int | None, seed: int, model_name: str = "resnet18", weights: str = "",
+                 lr: float = 2e-3):
         train, self.solution = read_table(comp / "train.csv", "id"), read_table(comp / "solution.csv", "id")
         self.classes = sorted(train["label"].astype(str).unique())
         x_train = _read_images(comp / "train", train["id"], img_size)
         x_test = _read_images(comp / "test", self.solution["id"], img_size)
-        self.img_size = x_train.shape[1]
+        self.img_size, self.lr = x_train.shape[1], lr
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}} if weights else {"pretrained": False}
+        self.model = timm.create_model(model_name, num_classes=len(self.classes), **kwargs).to(self.device)
+        data = timm.data.resolve_model_data_config(self.model) if weights else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.mean = torch.tensor(data["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(data["std"], device=self.device).view(1, 3, 1, 1)
         self.x_train, self.x_test = self.to_tensor(x_train), self.to_tensor(x_test)
         self.y_train = torch.tensor([self.classes.index(y) for y in train["label"].astype(str)], device=self.device)
-        self.model = timm.create_model("resnet18", pretrained=False, num_classes=len(self.classes)).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr / self.div_factor, weight_decay=0.05)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
         self.steps = max(1, len(self.x_train) // self.batch_size)  # drop the last partial batch (BatchNorm)
@@ -242,9 +247,10 @@ class _PlainLoop:
 
 
 def plain_loop(comp_dir: str | Path, budget_s: float, img_size: int | None = None, seed: int = 0,
-               threads: int | None = None) -> dict:
-    """The minimal plain PyTorch loop: timm resnet18 from scratch on all of train (in memory),
-    AdamW + OneCycleLR, label smoothing, flips and 4px-padded random crops, batch 64. Epoch 1
+               threads: int | None = None, model_name: str = "resnet18", weights: str = "", lr: float = 2e-3) -> dict:
+    """The minimal plain PyTorch loop: timm resnet18 from scratch (or `model_name` fine-tuned
+    from the weights file `weights`, at `lr`) on all of train (in memory), AdamW + OneCycleLR,
+    label smoothing, flips and 4px-padded random crops, batch 64. Epoch 1
     runs at OneCycleLR's starting rate and is timed; the schedule then covers as many more
     epochs as fit, so that training and predicting test end within budget_s (loading included;
     should epochs slow down, it stops before one that would not fit, its schedule unfinished).
@@ -253,7 +259,7 @@ def plain_loop(comp_dir: str | Path, budget_s: float, img_size: int | None = Non
     if threads is not None:
         torch.set_num_threads(threads)
     seed_everything(seed)
-    loop = _PlainLoop(Path(comp_dir), img_size, seed)
+    loop = _PlainLoop(Path(comp_dir), img_size, seed, model_name, weights, lr)
     bar = tqdm(total=1, desc="plain loop", unit="epoch")
     with Timer() as first:
         loop.run_epoch()  # the warm-up epoch, at the schedule's starting rate
