@@ -219,13 +219,13 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    if not args.dry_run:
-        try:
-            jobs = before_work(args, jobs, gpus, start)
-        except (PermissionError, ValueError, KeyError, FileNotFoundError) as e:  # DataError is a ValueError
-            print(f"nothing ran: {e.args[0] if e.args else e}", file=sys.stderr)
-            return 2
     try:
+        if not args.dry_run:
+            try:
+                jobs = before_work(args, jobs, gpus, start)  # the checks, the cache, time_limit's probes: minutes, maybe
+            except (PermissionError, ValueError, KeyError, FileNotFoundError) as e:  # DataError is a ValueError
+                print(f"nothing ran: {e.args[0] if e.args else e}", file=sys.stderr)
+                return 2
         Runner(args, jobs, gpus).run()
     except KeyboardInterrupt:
         return stopped(args)
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, jobs: list[Job]) -> int:
 def stopped(args: argparse.Namespace) -> int:
     """Ctrl-C: what finished is kept (every stage's outputs, each epoch's last.pt); the same
     command goes on from there."""
-    again = shlex.join(["python", "-m", "helpers.pipeline", *(args.argv or [])])
+    again = shlex.join(["python", "-m", "helpers.pipeline", *(a for a in args.argv or [] if a != "--force")])  # not redone
     print(f"\nstopped (Ctrl-C). Nothing finished is lost: each finished stage is kept, and a fold stopped mid-way "
           f"resumes from its last finished epoch (last.pt). To go on: {again}", file=sys.stderr, flush=True)
     return 130

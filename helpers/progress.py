@@ -130,13 +130,22 @@ class Watch:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        self.update(final=True)
+        self._safely(final=True)
         if self.bar is not None:
             self.bar.close()
 
     def _loop(self) -> None:
         while not self.stop.wait(self.poll_s):
-            self.update()
+            self._safely()
+
+    def _safely(self, final: bool = False) -> None:
+        """update(), whose failure is said once and never stops the job or hides its own error."""
+        try:
+            self.update(final)
+        except Exception as e:  # noqa: BLE001 - progress is a view: the notebook's result is what counts
+            if not getattr(self, "failed", False):
+                self.failed = True
+                print(f"    (progress not shown: {type(e).__name__}: {e})", file=self.stream, flush=True)
 
     def left(self, s: State) -> tuple[float | None, float | None]:
         """Seconds left for the stage and for the run."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from . import artifacts, budget
+from . import artifacts, budget, freshness
 from .config import CFG, to_dict
 from .utils import atomic_write_text
 
@@ -65,8 +65,9 @@ def changed_settings(cfg: CFG) -> list[tuple[str, str, str]]:
 
 
 def _experiment(folder: Path, cfg: CFG | None) -> dict:
-    score = artifacts.read_score(folder)
-    figures = [image(p, f"{p.parent.name}: learning curves") for p in sorted(folder.glob("fold*/learning_curves.png"))]
+    score = artifacts.read_score(folder, missing_ok=True) or {}
+    figures = [image(folder / f"fold{k}" / "learning_curves.png", f"fold {k}: learning curves")
+               for k in freshness.trained_folds(folder)]  # this run's folds, not an earlier run's left on disk
     figures += [image(folder / artifacts.REFIT / "learning_curves.png", "the refit on all rows: its loss and learning rate")]
     figures += [image(folder / "analysis" / name, f"out-of-fold: {name[:-4].replace('_', ' ')}") for name in ANALYSIS]
     figures += [image(folder / "importance.png", "the stacker's feature importance")]

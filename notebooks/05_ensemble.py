@@ -78,4 +78,7 @@ print(f"wrote {', '.join(map(str, ensemble['paths']))}" + (f"; local LB {cfg.met
 # learning curves and its error analysis.
 
 # %%
-print(f"the run's report: {write_report(cfg, members, ensemble)}")
+try:  # the submission is written: a report that fails is said, and the run goes on
+    print(f"the run's report: {write_report(cfg, members, ensemble)}")
+except Exception as e:  # noqa: BLE001
+    logger.warning(f"the run's report was not written: {type(e).__name__}: {e}")

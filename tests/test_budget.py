@@ -56,12 +56,15 @@ def test_a_pretrained_model_gets_the_fine_tuning_recipe(tmp_path):
 
     base = {"competition_dir": str(tmp_path), "quality": "medium"}
     cnn = load_cfg(None, overrides={**base, "model_name": "resnet50d"})
+    rates = {**presets.FINETUNE, **({} if torch.cuda.is_available() else presets.FINETUNE_CPU)}  # small CPU images: higher
     assert (cnn.lr, cnn.backbone_lr_scale, cnn.drop_path, cnn.epochs, cnn.layer_decay) == (
-        presets.FINETUNE["lr"], presets.FINETUNE["backbone_lr_scale"], presets.FINETUNE["drop_path"], presets.FINETUNE_EPOCHS["medium"], 0.0)
+        rates["lr"], rates["backbone_lr_scale"], presets.FINETUNE["drop_path"], presets.FINETUNE_EPOCHS["medium"], 0.0)
     assert cnn.lr * cnn.backbone_lr_scale < cnn.lr  # the backbone below the head
+    assert load_cfg(None, overrides={**base, "quality": "best", "model_name": "densenet121"}).drop_path == 0.0  # takes none
+    assert presets.timm_facts("resnet50.no_such_tag") is None  # model_problems names it; the preset does not crash
     tuned = load_cfg(None, overrides={**base, "model_name": "convnext_tiny"})
     assert (tuned.lr, tuned.backbone_lr_scale) == (presets.FINETUNE_LAYER_DECAY["lr"], 1.0)  # the layer decay lowers the backbone
-    for name in ("convnext_tiny", "convnext_small", "vit_small_patch16_224"):  # 16, 30 and 14 layers in timm's count
+    for name in ("convnext_tiny", "convnext_small", "vit_small_patch16_224"):  # 16, 38 and 14 layer groups in timm's count
         decay = load_cfg(None, overrides={**base, "model_name": name}).layer_decay
         assert 0.8 < decay < 0.95 and abs(decay ** round(math.log(presets.LAYER_DECAY_FLOOR, decay)) - presets.LAYER_DECAY_FLOOR) < 0.01
     assert load_cfg(None, overrides={**base, "model_name": "convnext_small"}).layer_decay > tuned.layer_decay  # deeper: less per layer

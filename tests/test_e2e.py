@@ -577,7 +577,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_go_on(tiny_run, capsys, monkeypatc
     rc = pipeline.main(["--config", str(tmp / "tiny.yaml"), "--force", "--stages", "00_eda"])
     err = capsys.readouterr().err
     assert rc == 130 and "stopped (Ctrl-C)" in err and "resumes from its last finished epoch" in err
-    assert f"To go on: python -m helpers.pipeline --config {tmp / 'tiny.yaml'} --force --stages 00_eda" in err
+    assert f"To go on: python -m helpers.pipeline --config {tmp / 'tiny.yaml'} --stages 00_eda" in err  # not --force: kept
     monkeypatch.undo()
     assert pipeline.main(["--config", str(tmp / "tiny.yaml"), "--stages", "00_eda"]) == 0  # the lock was let go; nothing lost
     assert "00_eda [tiny_cnn] ... up to date" in capsys.readouterr().out
