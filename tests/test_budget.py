@@ -150,11 +150,19 @@ def test_the_stackers_time_is_measured_on_this_machine(tmp_path):
     the embeddings' width (a constant tuned on 2 cores kept 60 s for 8 folds a 16-core machine
     stacked in 10)."""
     cfg = ledger_cfg(tmp_path, n_folds=5)
-    # gaps wide enough that a loaded machine (the suite on two workers) cannot turn them round
-    small = planning.stack_fold_s(cfg, 1000, 10, 64)
-    wide = planning.stack_fold_s(cfg, 1000, 10, 1024)
+    # gaps wide enough that a loaded machine (the suite on two workers) cannot turn them round; one
+    # thread (LightGBM takes torch's count): two OpenMP threads spin-waiting beside the other worker's
+    # training took 23 s for the small fit and 11 s for the wide one in a CI run
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        small = planning.stack_fold_s(cfg, 1000, 10, 64)
+        wide = planning.stack_fold_s(cfg, 1000, 10, 1024)
+        scaled = planning.stack_fold_s(cfg, 100000, 10, 64)
+    finally:
+        torch.set_num_threads(before)
     assert 0 < small < wide
-    assert planning.stack_fold_s(cfg, 100000, 10, 64) > 2 * small  # more rows than the probe's: scaled
+    assert scaled > 2 * small  # more rows than the probe's: scaled
     assert planning.stack_fold_s(ledger_cfg(tmp_path, stacker="svr"), 1000, 10, 64) == planning.STACK_FOLD_S
 
 
